@@ -1,0 +1,179 @@
+"""Command line: ``dtg synth | train | eval | demo`` (also ``python -m dtg``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from dtg.config import Config, ConfigError, load_config
+
+EMBEDDED_CONFIG = "configs/embedded.yaml"
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", default=default, help="YAML file overriding the defaults" + (f" (default: {default})" if default else ""))
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set solver.max_iter=200 (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    return load_config(path, args.overrides)
+
+
+def _err(msg: str) -> None:
+    print(f"dtg: error: {msg}", file=sys.stderr)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dtg.data.synth import generate
+
+    cfg = _config(args)
+    if args.out:
+        cfg.synth.out_dir = args.out
+    paths = generate(cfg.synth, progress=not args.no_progress)
+    print(f"embedded dataset in {paths.root}: labeled {paths.train_labeled}, unlabeled {paths.train_unlabeled}, val {paths.val}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dtg.engine.trainer import Trainer
+    from dtg.evaluation.coco_eval import format_table
+
+    cfg = _config(args)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    trainer = Trainer(cfg, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
+    if args.resume:
+        path = Path(cfg.output_dir) / "checkpoints" / "last.pth" if args.resume == "auto" else Path(args.resume)
+        if args.resume == "auto" and not path.is_file():
+            print(f"no checkpoint at {path}; starting from scratch", file=sys.stderr)
+        else:
+            trainer.resume(path)
+    summary = trainer.train()
+    rows = {f"{cfg.method} ({name})": summary[name] for name in ("teacher", "student") if name in summary}
+    if rows:
+        print(format_table(rows))
+    print(f"outputs in {cfg.output_dir} (metrics.json, checkpoints/, tb/)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from dtg.config import from_dict
+    from dtg.data.coco import load_labeled
+    from dtg.data.dataset import LabelMap
+    from dtg.engine.checkpoint import load_checkpoint
+    from dtg.engine.trainer import resolve_device
+    from dtg.evaluation.coco_eval import format_table, write_results
+    from dtg.evaluation.inference import evaluate_model
+    from dtg.models.detector import Detector
+
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = from_dict(ckpt["config"])
+    which = args.model or ("teacher" if "teacher" in ckpt else "student")
+    if which not in ckpt:
+        raise ConfigError(f"{args.checkpoint}: has no '{which}' model")
+    val_json = args.val_json or cfg.data.val_json
+    val_images = args.val_images or cfg.data.val_images
+    source = load_labeled(val_json, val_images, skip_bad=args.skip_bad, log=lambda m: print(m, file=sys.stderr))
+    labels = LabelMap(ckpt["categories"])
+    device = resolve_device(args.device)
+    model = Detector.from_config(cfg.model, labels.num_classes, cfg.data.test_size, cfg.data.test_max_size)
+    model.net.load_state_dict(ckpt[which])
+    model.to(device)
+    with torch.inference_mode():
+        metrics, results = evaluate_model(
+            model, source, labels, cfg.data.test_size, cfg.data.test_max_size, device, progress=not args.no_progress
+        )
+    out = Path(args.out or Path(args.checkpoint).parent.parent / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out / f"results_{which}.json", results)
+    (out / f"metrics_{which}.json").write_text(json.dumps(metrics, indent=2))
+    print(format_table({f"{cfg.method} ({which})": metrics}))
+    print(f"results and metrics in {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: generate the embedded dataset, train, evaluate, print the table."""
+    from dtg.data.synth import generate
+    from dtg.engine.trainer import Trainer
+    from dtg.evaluation.coco_eval import format_table
+
+    cfg = _config(args)
+    generate(cfg.synth, progress=not args.no_progress)
+    rows = {}
+    for method in args.methods:
+        run = load_config(args.config, args.overrides + [f"method={method}"])
+        run.output_dir = str(Path(cfg.output_dir) / method)
+        summary = Trainer(run, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress).train()
+        reported = summary["reported"]
+        rows[f"{method} ({reported})"] = summary[reported]
+        print(f"{method}: {summary['iterations']} iterations in {summary['train_seconds']} s", file=sys.stderr)
+    print(format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtg", description="Semi-supervised object detection with Dense Teacher Guidance")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="generate the embedded default dataset (COCO json + images)")
+    _add_config_args(p)
+    p.add_argument("--out", help="output folder (default: synth.out_dir of the config)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a detector (method from the config)")
+    _add_config_args(p, EMBEDDED_CONFIG)
+    p.add_argument("--output-dir", help="where checkpoints, logs and metrics go (default: output_dir of the config)")
+    p.add_argument(
+        "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+        help="continue from a checkpoint (default: OUTPUT_DIR/checkpoints/last.pth)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="COCO bbox metrics of a checkpoint on a COCO val set")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dtg train")
+    p.add_argument("--model", choices=["teacher", "student"], help="which model (default: teacher if present)")
+    p.add_argument("--val-json", help="COCO json with annotations (default: the training config's data.val_json)")
+    p.add_argument("--val-images", help="image folder of the val json (default: data.val_images)")
+    p.add_argument("--out", help="folder for results and metrics json (default: beside the checkpoints)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--skip-bad", action="store_true", help="drop invalid images/boxes (reported) instead of failing")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job: synth + train + eval on the embedded default, print a table")
+    _add_config_args(p, EMBEDDED_CONFIG)
+    p.add_argument("--methods", nargs="+", default=["supervised"], choices=["supervised"], help="methods to run")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dtg.data.coco import DatasetError
+    from dtg.engine.checkpoint import CheckpointError
+    from dtg.engine.trainer import TrainingError
+    from dtg.models.backbones import ModelError
+
+    user_errors = (ConfigError, DatasetError, ModelError, CheckpointError, TrainingError, OSError)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _err("interrupted; the last complete checkpoint is intact")
+        return 130
+    except user_errors as e:
+        # Errors of ours carry one line naming the file and the problem.
+        _err(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return 2

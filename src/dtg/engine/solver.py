@@ -1,0 +1,32 @@
+"""SGD and its learning-rate schedule: linear warm-up, then step decay (detectron2's WarmupMultiStepLR)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dtg.config import SolverConfig
+
+
+def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.SGD:
+    """SGD with momentum and weight decay over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(iteration: int, cfg: SolverConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``iteration`` (0-based).
+
+    Linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, times
+    ``gamma ** (number of steps <= iteration)``.
+    """
+    decay = cfg.gamma ** sum(1 for s in cfg.steps if iteration >= s)
+    if iteration < cfg.warmup_iters:
+        alpha = iteration / cfg.warmup_iters
+        return decay * (cfg.warmup_factor * (1 - alpha) + alpha)
+    return decay
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SolverConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration scheduler: call ``step()`` after every optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))

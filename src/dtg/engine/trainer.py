@@ -1,0 +1,284 @@
+"""One explicit, iteration-based training loop. Methods differ only in how they compute losses.
+
+Per iteration: draw a mixed batch, ask the method for named losses, combine them
+as ``L = sum(sup_*) + alpha(t) * sum(unsup_*)``, step SGD and the LR schedule,
+then the after-step hooks (logging, checkpoint, evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from dtg.config import Config, save_config, to_dict
+from dtg.data.coco import CocoSource, load_labeled, load_unlabeled
+from dtg.data.dataset import LabelMap, TrainData, collate
+from dtg.data.sampler import MixedBatchSampler
+from dtg.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
+from dtg.engine.methods import build_method
+from dtg.engine.solver import build_optimizer, build_scheduler
+from dtg.evaluation.coco_eval import write_results
+from dtg.evaluation.inference import evaluate_model
+from dtg.models.detector import Detector
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on (one-line message)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def check_output_dir(path: Path, need_bytes: int) -> None:
+    """Fail before training if ``path`` is not writable or lacks space for a checkpoint."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"{path}: output directory is not writable ({e.strerror})") from None
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise TrainingError(f"{path}: only {free / 2**20:.0f} MiB free, a checkpoint needs ~{need_bytes / 2**20:.0f} MiB")
+
+
+def model_state(model: Detector) -> dict[str, torch.Tensor]:
+    """The plain torchvision ``FasterRCNN`` state dict of a wrapped model."""
+    return model.net.state_dict()
+
+
+class Trainer:
+    """Builds data, model and optimiser from a :class:`Config` and runs the loop.
+
+    Args:
+        cfg: the resolved configuration.
+        log: where one-line messages go (validation problems, summaries).
+        progress: show tqdm bars.
+    """
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print, progress: bool = True) -> None:
+        self.cfg, self.log, self.progress = cfg, log, progress
+        self.out = Path(cfg.output_dir)
+        self.device = resolve_device(cfg.device)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.method = build_method(cfg.method, self.device)
+        self._load_data()
+        self.model = Detector.from_config(cfg.model, self.labels.num_classes, cfg.data.test_size, cfg.data.test_max_size)
+        self.model.to(self.device).train()
+        self.teacher: Detector | None = None
+        self.optimizer = build_optimizer(self.model, cfg.solver)
+        self.scheduler = build_scheduler(self.optimizer, cfg.solver)
+        self.use_amp = cfg.solver.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.iteration = 0
+        self.best_ap = -1.0
+        self.history: list[dict[str, Any]] = []
+        params = sum(p.numel() for p in self.model.parameters())
+        check_output_dir(self.out, need_bytes=params * 4 * 4 + (64 << 20))
+        save_config(cfg, self.out / "config.yaml")
+
+    # ------------------------------------------------------------------ setup
+    def _load_data(self) -> None:
+        d, kw = self.cfg.data, {"skip_bad": self.cfg.data.skip_bad, "log": self.log}
+        self.labeled = load_labeled(d.train_json, d.train_images, **kw)
+        self.labels = LabelMap(self.labeled.categories)
+        if self.cfg.model.num_classes not in (None, self.labels.num_classes):
+            raise TrainingError(
+                f"{d.train_json}: declares {self.labels.num_classes} categories but model.num_classes is "
+                f"{self.cfg.model.num_classes}"
+            )
+        self.unlabeled: CocoSource | None = None
+        if self.method.uses_unlabeled:
+            self.unlabeled = load_unlabeled(d.unlabeled, d.unlabeled_images, **kw)
+        self.val = load_labeled(d.val_json, d.val_images, **kw) if d.val_json else None
+        self.log(
+            f"data: {len(self.labeled.records)} labeled, "
+            f"{len(self.unlabeled.records) if self.unlabeled else 0} unlabeled, "
+            f"{len(self.val.records) if self.val else 0} val images; {self.labels.num_classes} classes"
+        )
+
+    def _loader(self, start_batch: int) -> DataLoader:
+        d = self.cfg.data
+        n_u = d.batch_unlabeled if self.method.uses_unlabeled else 0
+        sampler = MixedBatchSampler(
+            len(self.labeled.records),
+            len(self.unlabeled.records) if self.unlabeled else 0,
+            d.batch_labeled,
+            n_u,
+            seed=self.cfg.seed,
+            start_batch=start_batch,
+        )
+        data = TrainData(self.labeled, self.unlabeled, self.labels, d.labeled_view, d.weak_view, d.strong_view)
+        workers = d.num_workers
+        return DataLoader(
+            data,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "student": model_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "sampler": {"batches_drawn": self.iteration, "seed": self.cfg.seed},
+            "rng": rng_state(),
+            "config": to_dict(self.cfg),
+            "categories": self.labels.categories,
+            "best_ap": self.best_ap,
+            "history": self.history,
+        }
+        if self.teacher is not None:
+            state["teacher"] = model_state(self.teacher)
+        return state
+
+    def save(self, name: str) -> Path:
+        path = self.out / "checkpoints" / name
+        atomic_save(self.state_dict(), path)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Continue exactly where the checkpoint at ``path`` stopped."""
+        ckpt = load_checkpoint(path)
+        if ckpt.get("categories") != self.labels.categories:
+            raise CheckpointError(f"{path}: checkpoint categories differ from {self.cfg.data.train_json}")
+        self.model.net.load_state_dict(ckpt["student"])
+        if self.teacher is not None and "teacher" in ckpt:
+            self.teacher.net.load_state_dict(ckpt["teacher"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        if ckpt["sampler"]["seed"] != self.cfg.seed:
+            raise CheckpointError(f"{path}: saved with seed {ckpt['sampler']['seed']}, this run uses {self.cfg.seed}")
+        self.best_ap = float(ckpt.get("best_ap", -1.0))
+        self.history = list(ckpt.get("history", []))
+        set_rng_state(ckpt["rng"])
+        self.log(f"resumed from {path} at iteration {self.iteration}")
+
+    # ------------------------------------------------------------------ loop
+    def step(self, batch: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+        """One optimisation step; returns the logged scalars."""
+        autocast = torch.autocast("cuda", enabled=True) if self.use_amp else nullcontext()
+        with autocast:
+            losses, stats = self.method.losses(self.model, self.teacher, batch, self.iteration)
+        sup = sum((v for k, v in losses.items() if k.startswith("sup_")), torch.zeros((), device=self.device))
+        unsup = sum((v for k, v in losses.items() if k.startswith("unsup_")), torch.zeros((), device=self.device))
+        total = sup + self.unsup_weight() * unsup
+        if not torch.isfinite(total):
+            raise TrainingError(f"non-finite loss at iteration {self.iteration}: "
+                                + ", ".join(f"{k}={v.item():.3g}" for k, v in losses.items()))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.solver.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.solver.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        scalars = {k: float(v.detach()) for k, v in losses.items()}
+        scalars.update(stats)
+        scalars["loss"] = float(total.detach())
+        scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+        return scalars
+
+    def unsup_weight(self) -> float:
+        """alpha(t); zero for methods without an unlabeled branch."""
+        return 0.0
+
+    def train(self) -> dict[str, Any]:
+        """Run from ``self.iteration`` to ``solver.max_iter``; return the final metrics."""
+        cfg = self.cfg
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=self.iteration or None)
+        loader = iter(self._loader(start_batch=self.iteration))
+        bar = tqdm(
+            total=cfg.solver.max_iter, initial=self.iteration, desc=f"train {cfg.method}",
+            disable=not self.progress, dynamic_ncols=True, file=sys.stderr,
+        )
+        t0 = time.perf_counter()
+        while self.iteration < cfg.solver.max_iter:
+            scalars = self.step(next(loader))
+            self.iteration += 1
+            bar.update(1)
+            if self.iteration % cfg.log_period == 0 or self.iteration == cfg.solver.max_iter:
+                for k, v in scalars.items():
+                    writer.add_scalar(f"train/{k}", v, self.iteration)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.endswith(("cls", "reg")) or k == "loss"})
+            if cfg.eval_period > 0 and self.iteration % cfg.eval_period == 0 and self.iteration < cfg.solver.max_iter:
+                self.evaluate(writer)
+            if self.iteration % cfg.checkpoint_period == 0 or self.iteration == cfg.solver.max_iter:
+                self.save("last.pth")
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        metrics = self.evaluate(writer, final=True)
+        self.save("last.pth")
+        writer.close()
+        summary = {"method": cfg.method, "iterations": self.iteration, "train_seconds": round(elapsed, 1), **metrics}
+        (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def evaluate(self, writer: SummaryWriter | None = None, final: bool = False) -> dict[str, Any]:
+        """COCO metrics of the student (and teacher, when there is one) on the val set."""
+        if self.val is None:
+            return {}
+        models = {"student": self.model}
+        if self.teacher is not None:
+            models["teacher"] = self.teacher
+        out: dict[str, Any] = {}
+        d = self.cfg.data
+        for name, model in models.items():
+            metrics, results = evaluate_model(
+                model, self.val, self.labels, d.test_size, d.test_max_size, self.device,
+                progress=self.progress, desc=f"eval {name}",
+            )
+            out[name] = metrics
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"{name}/{k}", v, self.iteration)
+            if final:
+                write_results(self.out / f"results_{name}.json", results)
+        reported = "teacher" if "teacher" in out else "student"
+        out["reported"] = reported
+        ap = out[reported]["AP"]
+        self.history.append({"iteration": self.iteration, **{k: out[k]["AP"] for k in models}})
+        if ap > self.best_ap and not math.isnan(ap):
+            self.best_ap = ap
+            self.save("best.pth")
+        return out
+

@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.detection import FasterRCNN
+
+from dtg.config import ModelConfig
+from dtg.losses.detection import rcnn_losses
+from dtg.losses.focal import softmax_focal_loss
+from dtg.models.backbones import ModelError, build_backbone
+from dtg.models.detector import Detector, build_faster_rcnn
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Detector.from_config(ModelConfig(), num_classes=3)
+
+
+def targets():
+    return [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [80.0, 20.0, 120.0, 50.0]]), "labels": torch.tensor([1, 3])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # background-only image
+    ]
+
+
+def test_dense_outputs_cover_every_anchor_with_its_level(model):
+    model.eval()
+    imgs = [torch.rand(3, 128, 160), torch.rand(3, 100, 150)]
+    with torch.no_grad():
+        out = model.forward_dense(imgs)
+    b, a = out.rpn.objectness.shape
+    assert b == 2 and out.rpn.deltas.shape == (2, a, 4) and out.rpn.anchors.shape == (a, 4)
+    # padded batch 128 x 160: level l has (128/2^(l+2)) * (160/2^(l+2)) cells x 3 ratios (P6 = P5 / 2)
+    cells = [(32 * 40), (16 * 20), (8 * 10), (4 * 5), (2 * 3)]
+    assert out.rpn.num_anchors_per_level == [3 * c for c in cells]
+    assert torch.equal(out.rpn.levels.bincount(), torch.tensor([3 * c for c in cells]))
+    # anchors of level l have the configured size (sqrt(area) == size)
+    sizes = (out.rpn.anchors[:, 2:] - out.rpn.anchors[:, :2]).prod(1).sqrt()
+    for lvl, s in enumerate(ModelConfig().anchor_sizes):
+        assert torch.allclose(sizes[out.rpn.levels == lvl], torch.tensor(float(s)), rtol=0.02)
+    # images keep their own size: no resize inside the model
+    assert out.images.image_sizes == [(128, 160), (100, 150)]
+    for p, (h, w) in zip(out.proposals, out.images.image_sizes):
+        assert p.shape[1] == 4 and (p[:, 2] <= w).all() and (p[:, 3] <= h).all()
+
+
+def test_roi_forward_scores_any_given_boxes(model):
+    model.eval()
+    with torch.no_grad():
+        out = model.forward_dense([torch.rand(3, 96, 96)])
+        boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [10.0, 30.0, 90.0, 60.0], [5.0, 5.0, 6.0, 6.0]])]
+        logits, deltas = model.roi_forward(out.features, boxes, out.images.image_sizes)
+    assert logits.shape == (3, 4) and deltas.shape == (3, 16)
+
+
+def test_supervised_losses_are_finite_and_reach_all_heads(model):
+    model.train()
+    model.zero_grad()
+    losses = model.supervised_losses([torch.rand(3, 128, 128), torch.rand(3, 96, 128)], targets())
+    assert set(losses) == {"rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for name in ["net.rpn.head.cls_logits.weight", "net.roi_heads.box_predictor.cls_score.weight", "net.backbone.body.stem.0.weight"]:
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_predictions_are_in_input_pixels(model):
+    model.eval()
+    dets = model.predict([torch.rand(3, 80, 200)])
+    assert len(dets) == 1 and set(dets[0]) == {"boxes", "scores", "labels"}
+    b = dets[0]["boxes"]
+    if len(b):
+        assert (b[:, 2] <= 200).all() and (b[:, 3] <= 80).all()
+        assert dets[0]["labels"].min() >= 1 and dets[0]["labels"].max() <= 3
+
+
+def test_state_dict_loads_into_plain_torchvision_faster_rcnn(model):
+    plain = build_faster_rcnn(ModelConfig(), num_classes=3)
+    assert isinstance(plain, FasterRCNN)
+    plain.load_state_dict(model.net.state_dict())  # strict
+    plain.eval()
+    model.eval()
+    img = torch.rand(3, 192, 192)
+    with torch.no_grad():
+        ours = model.predict([img])[0]
+        theirs = plain([img])[0]  # torchvision's own forward (its resize: 192 -> test size 800 by default)
+    assert set(theirs) == {"boxes", "scores", "labels"}
+    assert ours["boxes"].shape[1] == 4
+
+
+def test_focal_loss_hand_values():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    labels = torch.tensor([0, 2])
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    p = torch.softmax(logits, -1)[torch.arange(2), labels]
+    expected = (1 - p) ** 2 * ce
+    assert torch.allclose(softmax_focal_loss(logits, labels, 2.0, "none"), expected)
+    assert torch.allclose(softmax_focal_loss(logits, labels, 0.0, "mean"), ce.mean())
+    assert softmax_focal_loss(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)) == 0
+    assert math.isclose(float(softmax_focal_loss(logits, labels, 2.0, "mean")), float(expected.mean()), rel_tol=1e-6)
+
+
+def test_rcnn_losses_ce_matches_torchvision_and_focal_differs():
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+    torch.manual_seed(1)
+    logits, deltas = torch.randn(6, 4), torch.randn(6, 16)
+    labels, reg = torch.tensor([0, 1, 3, 0, 2, 0]), torch.randn(6, 4)
+    ours = rcnn_losses(logits, deltas, labels, reg, "ce")
+    ref = fastrcnn_loss(logits, deltas, [labels], [reg])
+    assert torch.allclose(ours[0], ref[0]) and torch.allclose(ours[1], ref[1])
+    focal = rcnn_losses(logits, deltas, labels, reg, "focal")
+    assert focal[0] < ours[0] and torch.allclose(focal[1], ours[1])
+
+
+def test_local_weight_files(tmp_path):
+    path = tmp_path / "mobilenet_v2.pth"
+    ref = torchvision.models.mobilenet_v2()
+    torch.save(ref.state_dict(), path)  # torchvision's file format
+    bb = build_backbone(ModelConfig(backbone="mobilenet_v2", pretrained=str(path)))
+    got = dict(bb.body.named_parameters())["0.0.weight"]
+    assert torch.equal(got, ref.features[0][0].weight)
+    with pytest.raises(ModelError, match="missing.pth: pretrained weight file not found"):
+        build_backbone(ModelConfig(backbone="resnet18", pretrained=str(tmp_path / "missing.pth")))
+    with pytest.raises(ModelError, match="mobilenet_v2.pth: weights do not fit the backbone"):
+        build_backbone(ModelConfig(backbone="resnet18", pretrained=str(path)))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="junk.pth: cannot read weight file"):
+        build_backbone(ModelConfig(backbone="resnet18", pretrained=str(junk)))
