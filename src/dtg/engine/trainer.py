@@ -147,6 +147,8 @@ class Trainer:
             num_workers=workers,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            # Its own generator: creating the loader must not consume the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     # ------------------------------------------------------------------ checkpoints

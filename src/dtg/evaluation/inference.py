@@ -54,7 +54,11 @@ def predict_source(
     was_training = model.training
     model.eval()
     loader = DataLoader(
-        TestData(source, short_edge, max_size), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_list
+        TestData(source, short_edge, max_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_list,
+        generator=torch.Generator(),  # leave the global RNG untouched (exact resume of training)
     )
     results: list[dict] = []
     for items in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
