@@ -1,0 +1,496 @@
+"""COCO-format image sources, validated in full before training starts.
+
+Labeled data is a COCO json plus an image folder; unlabeled data is a COCO json whose
+annotations are absent/empty (any present are ignored) or a plain folder of images.
+Every problem (malformed entries, duplicate ids, missing/corrupt files, sizes that do
+not match the file, bad boxes) is collected as one line naming the json file and the
+image/annotation id. Without ``skip_bad`` all lines are logged and one
+:class:`DatasetError` is raised; with ``skip_bad`` the bad images/boxes are dropped,
+each line is logged, and a summary line is logged. A json that cannot be parsed, or
+lacks the ``images``/``categories`` lists, is always an error.
+
+Boxes: COCO ``[x, y, w, h]`` in the json; :class:`ImageRecord` holds ``(n, 4)`` float32
+``xyxy`` in original (EXIF-transposed, as displayed) pixels, clipped to the image.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+BOX_TOLERANCE = 1.0  # px a box may extend beyond the image border
+ALPHA_BACKGROUND = (128, 128, 128)  # transparent pixels are composited over mid-gray
+_INT64 = 1 << 63
+_MAX_SIDE = 1 << 31
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used; the message is one line naming the file."""
+
+
+@dataclass
+class ImageRecord:
+    """One image: ``boxes`` (n, 4) float32 xyxy in original pixels, ``category_ids`` (n,) int64 COCO ids."""
+
+    id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    category_ids: np.ndarray
+
+
+@dataclass
+class CocoSource:
+    """A validated source: records sorted by image id, categories ``[{"id", "name"}]`` sorted by id.
+
+    ``num_skipped_boxes`` counts invalid annotations dropped under ``skip_bad`` (not the
+    annotations of skipped images); ``num_crowd`` counts iscrowd=1 annotations, which are
+    kept out of the targets.
+    """
+
+    json_path: Path | None
+    image_dir: Path
+    records: list[ImageRecord]
+    categories: list[dict]
+    num_skipped_images: int = 0
+    num_skipped_boxes: int = 0
+    num_crowd: int = 0
+
+
+class _Bad(Exception):
+    """Internal: one problem with one file, carrying the reason text."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _one_line(text: Any, limit: int = 160) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A short one-line rendering of a json value (NaN shown as NaN, strings quoted)."""
+    try:
+        s = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        s = repr(value)
+    return _one_line(s, limit)
+
+
+def _name(file_name: Any) -> str:
+    return file_name if isinstance(file_name, str) and file_name.isprintable() and len(file_name) < 80 else _show(file_name)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -_INT64 <= v < _INT64
+
+
+def _as_side(v: Any) -> int | None:
+    """A positive image side (int or integral float) as int, else None."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    return v if _is_int(v) and 0 < v < _MAX_SIDE else None
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not a recognised image format"
+    return _one_line(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, 100)
+
+
+# ----------------------------------------------------------------------------- image files
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation 1..8 (1 when absent or unreadable)."""
+    try:
+        o = im.getexif().get(0x0112, 1)
+    except Exception:
+        return 1
+    return o if o in (1, 2, 3, 4, 5, 6, 7, 8) else 1
+
+
+def _probe_image(path: Path) -> tuple[int, int, bool]:
+    """Displayed ``(width, height)`` of an image file and whether EXIF swaps its sides, after a cheap integrity check.
+
+    PNG: header + CRC check of every chunk; JPEG: reduced-size decode (reads all entropy
+    data, so truncation is caught); other formats: full decode. Raises ``_Bad``.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _Bad("file not found") from None
+    except IsADirectoryError:
+        raise _Bad("is a directory, not an image file") from None
+    except (OSError, ValueError) as e:
+        raise _Bad(f"file cannot be read ({_reason(e)})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h, fmt = im.width, im.height, im.format
+            if fmt == "PNG":
+                im.verify()
+                orient = 1
+            else:
+                orient = _orientation(im)
+                if fmt == "JPEG":
+                    im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                im.load()
+        if fmt == "PNG" and (b"eXIf" in data or b"Raw profile type exif" in data):
+            with Image.open(io.BytesIO(data)) as im:  # EXIF may sit after the image data
+                im.load()
+                orient = _orientation(im)
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise _Bad(f"cannot be decoded ({_reason(e)})") from None
+    return (h, w, True) if orient in (5, 6, 7, 8) else (w, h, False)
+
+
+def _gray_to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit (I;16*) scaled by 1/257; I: as 8-bit if max <= 255 else as 16-bit; F: [0,1] x255, else clipped."""
+    a = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16"):
+        a = a / 257.0
+    elif im.mode == "I":
+        a = a / 257.0 if a.size and a.max() > 255 else a
+    elif a.size and a.min() >= 0.0 and a.max() <= 1.0:  # F
+        a = a * 255.0
+    a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; alpha (RGBA/LA/PA, P or L with transparency) composited over mid-gray."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _gray_to_8bit(im)
+    has_alpha = im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image as RGB, as displayed (EXIF orientation applied). Raises :class:`DatasetError`."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            try:
+                im2 = ImageOps.exif_transpose(im)
+            except Exception:  # unreadable EXIF: keep the stored orientation (as the validator does)
+                im2 = im
+            return to_rgb(im2)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file not found") from None
+    except Exception as e:
+        raise DatasetError(f"{path}: cannot decode image ({_reason(e)})") from None
+
+
+# ----------------------------------------------------------------------------- json structure
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, bad path
+        raise DatasetError(f"{path}: cannot read a json file ({_reason(e)})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (RecursionError, ValueError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({_reason(e)})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: not a COCO json (top level is a {type(data).__name__}, expected an object)")
+    return data
+
+
+def _lists(data: dict, path: Path, required: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, list]:
+    """The top-level lists; a missing required key or a non-list is a fatal, one-line error."""
+    out, errors = {}, []
+    for key in required + optional:
+        value = data.get(key)
+        if key not in data or (value is None and key in optional):
+            if key in required:
+                errors.append(f"missing key '{key}'")
+            out[key] = []
+        elif not isinstance(value, list):
+            errors.append(f"'{key}' must be a list, got {type(value).__name__}")
+        else:
+            out[key] = value
+    if errors:
+        raise DatasetError(f"{path}: not a valid COCO json: {'; '.join(errors)}")
+    return out
+
+
+def _categories(entries: list, problems: list[str], prefix: str, strict: bool = True) -> list[dict]:
+    """Valid ``{"id", "name"}`` categories sorted by id; problems recorded when ``strict``."""
+    out: dict[int, dict] = {}
+    for i, c in enumerate(entries):
+        cid = c.get("id") if isinstance(c, dict) else None
+        if not isinstance(c, dict) or not _is_int(cid):
+            msg = f"category #{i}: id {_show(cid)} is not an integer" if isinstance(c, dict) else f"category #{i}: entry {_show(c)} is not an object"
+        elif cid in out:
+            msg = f"category {cid}: duplicate category id"
+        elif not isinstance(c.get("name"), str):
+            msg = f"category {cid}: name {_show(c.get('name'))} is not a string"
+        else:
+            out[cid] = {"id": cid, "name": c["name"]}
+            continue
+        if strict:
+            problems.append(prefix + msg)
+    return [out[k] for k in sorted(out)]
+
+
+@dataclass
+class _Img:
+    id: int
+    file_name: str
+    width: int | None
+    height: int | None
+    ok: bool = True
+
+
+def _images(entries: list, problems: list[str], prefix: str) -> tuple[dict[int, _Img], set[int], int]:
+    """Image entries by id (bad ones with ``ok=False``), all declared ids, and the number of entries."""
+    imgs: dict[int, _Img] = {}
+    declared: set[int] = set()
+    for i, e in enumerate(entries):
+        iid = e.get("id") if isinstance(e, dict) else None
+        if not isinstance(e, dict):
+            problems.append(f"{prefix}image #{i}: entry {_show(e)} is not an object")
+            continue
+        if not _is_int(iid):
+            problems.append(f"{prefix}image #{i}: id {_show(iid)} is not an integer")
+            continue
+        fn = e.get("file_name")
+        label = f"{prefix}image {iid} ({_name(fn)})"
+        if iid in declared:
+            problems.append(f"{label}: duplicate image id (also used by {_name(imgs[iid].file_name)})")
+            imgs[iid].ok = False
+            continue
+        declared.add(iid)
+        img = _Img(iid, fn if isinstance(fn, str) else "", None, None)
+        imgs[iid] = img
+        if not isinstance(fn, str) or not fn.strip():
+            problems.append(f"{label}: file_name {_show(fn)} is not a non-empty string")
+            img.ok = False
+            continue
+        for key in ("width", "height"):
+            if key in e:
+                side = _as_side(e[key])
+                if side is None:
+                    problems.append(f"{label}: {key} {_show(e[key])} is not a positive integer")
+                    img.ok = False
+                setattr(img, key, side)
+    return imgs, declared, len(entries)
+
+
+def _check_files(imgs: dict[int, _Img], image_dir: Path, problems: list[str], prefix: str, check: bool) -> None:
+    """Open each usable image; mark missing/corrupt files and declared sizes that differ from the file."""
+    for img in imgs.values():
+        if not img.ok:
+            continue
+        label = f"{prefix}image {img.id} ({_name(img.file_name)})"
+        if not check:
+            if img.width is None or img.height is None:
+                problems.append(f"{label}: width/height missing (and file checks are off)")
+                img.ok = False
+            continue
+        try:
+            w, h, rotated = _probe_image(image_dir / img.file_name)
+        except _Bad as e:
+            where = f" in {image_dir}" if str(e) == "file not found" else ""
+            problems.append(f"{label}: {e}{where}")
+            img.ok = False
+            continue
+        if img.width is None or img.height is None:
+            img.width, img.height = w, h
+        elif (img.width, img.height) != (w, h):
+            hint = "; the file has an EXIF rotation and COCO sizes are after rotation" if rotated and (img.width, img.height) == (h, w) else ""
+            problems.append(f"{label}: declared size {img.width}x{img.height} does not match the file ({w}x{h} as displayed{hint})")
+            img.ok = False
+
+
+# ----------------------------------------------------------------------------- annotations
+
+
+def _box(bbox: Any, width: int | None, height: int | None) -> tuple[list[float] | None, str]:
+    """COCO xywh -> clipped xyxy, or ``(None, reason)``."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return None, f"bbox {_show(bbox)} is not a list of 4 numbers"
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except OverflowError:
+        return None, f"box {_show(bbox)} has non-finite values"
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return None, f"box {_show(bbox)} has non-finite values"
+    if w <= 0 or h <= 0:
+        which = "width and height" if w <= 0 and h <= 0 else "width" if w <= 0 else "height"
+        return None, f"box {_show(bbox)} has non-positive {which}"
+    if width is None or height is None:
+        return [x, y, x + w, y + h], ""
+    t = BOX_TOLERANCE
+    if x < -t or y < -t or x + w > width + t or y + h > height + t:
+        return None, f"box {_show(bbox)} lies outside the {width}x{height} image"
+    x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
+    if x2 <= x1 or y2 <= y1:
+        return None, f"box {_show(bbox)} has no area inside the {width}x{height} image"
+    return [x1, y1, x2, y2], ""
+
+
+def _annotations(
+    entries: list, imgs: dict[int, _Img], declared: set[int], cat_ids: set[int], problems: list[str], prefix: str
+) -> tuple[dict[int, list[tuple[list[float], int]]], int, int, int]:
+    """Valid (xyxy, category) per image id, plus counts: bad annotations, crowd, on dropped images."""
+    out: dict[int, list[tuple[list[float], int]]] = {}
+    bad = crowd = orphaned = 0
+    for i, a in enumerate(entries):
+        if not isinstance(a, dict):
+            problems.append(f"{prefix}annotation #{i}: entry {_show(a)} is not an object")
+            bad += 1
+            continue
+        aid, iid = a.get("id"), a.get("image_id")
+        label = f"{prefix}annotation {aid}" if _is_int(aid) else f"{prefix}annotation #{i}"
+        if not _is_int(iid) or iid not in declared:
+            problems.append(f"{label}: image_id {_show(iid)} is not a declared image")
+            bad += 1
+            continue
+        label = f"{label} (image {iid})"
+        iscrowd, cid = a.get("iscrowd", 0), a.get("category_id")
+        img = imgs[iid]
+        if iscrowd not in (0, 1):
+            reason = f"iscrowd {_show(iscrowd)} is not 0 or 1"
+        elif iscrowd == 1:
+            crowd += 1
+            continue
+        elif not _is_int(cid) or cid not in cat_ids:
+            reason = f"category {_show(cid)} is not declared"
+        else:
+            box, reason = _box(a.get("bbox"), img.width, img.height)
+            if box is not None:
+                if img.ok:
+                    out.setdefault(iid, []).append((box, cid))
+                else:
+                    orphaned += 1
+                continue
+        problems.append(f"{label}: {reason}")
+        bad += 1
+    return out, bad, crowd, orphaned
+
+
+# ----------------------------------------------------------------------------- assembling
+
+
+def _finish(problems: list[str], src: Path, skip_bad: bool, log: Callable[[str], None], n_imgs: int, n_boxes: int, extra: str = "") -> None:
+    """Log every problem; raise one error unless ``skip_bad``, else log the summary."""
+    if not problems:
+        return
+    for line in problems:
+        log(line)
+    if not skip_bad:
+        n = len(problems)
+        raise DatasetError(f"{src}: {n} problem{'s' if n != 1 else ''} found (first: {problems[0]}); rerun with --skip-bad to drop them")
+    log(f"skipped {n_imgs} images and {n_boxes} boxes from {src}{extra}")
+
+
+def _records(imgs: dict[int, _Img], image_dir: Path, boxes: dict[int, list[tuple[list[float], int]]]) -> list[ImageRecord]:
+    recs = []
+    for iid in sorted(i for i, img in imgs.items() if img.ok):
+        img, items = imgs[iid], boxes.get(iid, [])
+        b = np.asarray([x for x, _ in items], dtype=np.float32).reshape(-1, 4)
+        c = np.asarray([k for _, k in items], dtype=np.int64).reshape(-1)
+        recs.append(ImageRecord(iid, image_dir / img.file_name, int(img.width or 0), int(img.height or 0), b, c))
+    return recs
+
+
+def _check_dir(image_dir: Path, src: Path, check_files: bool) -> None:
+    if check_files and not image_dir.is_dir():
+        raise DatasetError(f"{src}: image folder {image_dir} does not exist")
+
+
+def load_labeled(
+    json_path: str | Path,
+    image_dir: str | Path,
+    skip_bad: bool = False,
+    log: Callable[[str], None] = print,
+    check_files: bool = True,
+) -> CocoSource:
+    """Load and validate a labeled COCO json; see the module docstring for the rules."""
+    src, image_dir = Path(json_path), Path(image_dir)
+    parts = _lists(_read_json(src), src, ("images", "categories"), ("annotations",))
+    _check_dir(image_dir, src, check_files)
+    problems: list[str] = []
+    prefix = f"{src}: "
+    cats = _categories(parts["categories"], problems, prefix)
+    imgs, declared, n_entries = _images(parts["images"], problems, prefix)
+    _check_files(imgs, image_dir, problems, prefix, check_files)
+    boxes, bad, crowd, orphaned = _annotations(parts["annotations"], imgs, declared, {c["id"] for c in cats}, problems, prefix)
+    records = _records(imgs, image_dir, boxes)
+    n_skipped = n_entries - len(records)
+    extra = f" (plus {orphaned} valid boxes on the skipped images)" if orphaned else ""
+    _finish(problems, src, skip_bad, log, n_skipped, bad, extra)
+    if crowd:
+        log(f"{src}: {crowd} crowd annotations (iscrowd=1) kept out of the training targets")
+    if not cats:
+        raise DatasetError(f"{src}: no usable categories")
+    if not records:
+        raise DatasetError(f"{src}: no usable images")
+    return CocoSource(src, image_dir, records, cats, n_skipped, bad, crowd)
+
+
+def _folder_entries(folder: Path) -> list[dict]:
+    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+    return [{"id": i + 1, "file_name": name} for i, name in enumerate(files)]
+
+
+def load_unlabeled(
+    source: str | Path,
+    image_dir: str | Path | None = None,
+    skip_bad: bool = False,
+    log: Callable[[str], None] = print,
+    check_files: bool = True,
+) -> CocoSource:
+    """Load unlabeled images from a COCO json (``image_dir`` required) or a folder (ids 1..N by name).
+
+    Annotations in a json are ignored (a note is logged); records have no boxes.
+    Missing width/height are read from the file headers.
+    """
+    src = Path(source)
+    if src.is_dir():
+        json_path, image_dir, cats = None, src, []
+        entries, check_files = _folder_entries(src), True
+        if not entries:
+            raise DatasetError(f"{src}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in this folder")
+    else:
+        if image_dir is None:
+            raise DatasetError(f"{src}: an image folder is required with an unlabeled json")
+        json_path, image_dir = src, Path(image_dir)
+        data = _read_json(src)
+        parts = _lists(data, src, ("images",), ("annotations", "categories"))
+        _check_dir(image_dir, src, check_files)
+        entries, cats = parts["images"], _categories(parts["categories"], [], "", strict=False)
+        if parts["annotations"]:
+            log(f"{src}: ignoring {len(parts['annotations'])} annotations (used as unlabeled data)")
+    problems: list[str] = []
+    prefix = f"{src}: "
+    imgs, _, n_entries = _images(entries, problems, prefix)
+    _check_files(imgs, image_dir, problems, prefix, check_files)
+    records = _records(imgs, image_dir, {})
+    n_skipped = n_entries - len(records)
+    _finish(problems, src, skip_bad, log, n_skipped, 0)
+    if not records:
+        raise DatasetError(f"{src}: no usable images")
+    return CocoSource(json_path, image_dir, records, cats, n_skipped, 0, 0)
