@@ -10,11 +10,8 @@ from typing import Sequence
 
 from dtg.config import Config, ConfigError, load_config
 
-EMBEDDED_CONFIG = "configs/embedded.yaml"
-
-
-def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--config", default=default, help="YAML file overriding the defaults" + (f" (default: {default})" if default else ""))
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file overriding the built-in defaults (which are configs/embedded.yaml)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config key, e.g. --set solver.max_iter=200 (repeatable)",
@@ -22,11 +19,21 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config(args: argparse.Namespace, *extra: str) -> Config:
     path = args.config
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"{path}: config file not found")
-    return load_config(path, args.overrides)
+    overrides = list(args.overrides) + list(extra)
+    if getattr(args, "skip_bad", False):
+        overrides.append("data.skip_bad=true")
+    return load_config(path, overrides)
+
+
+def _add_skip_bad(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--skip-bad", action="store_true",
+        help="drop invalid images/boxes (each reported, with counts) instead of stopping",
+    )
 
 
 def _err(msg: str) -> None:
@@ -114,7 +121,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     generate(cfg.synth, progress=not args.no_progress)
     rows = {}
     for method in args.methods:
-        run = load_config(args.config, args.overrides + [f"method={method}"])
+        run = _config(args, f"method={method}")
         run.output_dir = str(Path(cfg.output_dir) / method)
         summary = Trainer(run, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress).train()
         reported = summary["reported"]
@@ -134,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train a detector (method from the config)")
-    _add_config_args(p, EMBEDDED_CONFIG)
+    _add_config_args(p)
+    _add_skip_bad(p)
     p.add_argument("--output-dir", help="where checkpoints, logs and metrics go (default: output_dir of the config)")
     p.add_argument(
         "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
@@ -149,14 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", help="image folder of the val json (default: data.val_images)")
     p.add_argument("--out", help="folder for results and metrics json (default: beside the checkpoints)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--skip-bad", action="store_true", help="drop invalid images/boxes (reported) instead of failing")
+    _add_skip_bad(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the main job: synth + train + eval on the embedded default, print a table")
-    _add_config_args(p, EMBEDDED_CONFIG)
+    _add_config_args(p)
+    _add_skip_bad(p)
     p.add_argument("--methods", nargs="+", default=["supervised"], choices=["supervised"], help="methods to run")
     p.set_defaults(func=cmd_demo)
+
+    # `dtg --help` shows every subcommand with its options.
+    usages = [sp.format_usage().replace("usage: ", "  ").rstrip() for sp in sub.choices.values()]
+    parser.epilog = "commands and their options (COMMAND --help for details):\n" + "\n".join(usages)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 

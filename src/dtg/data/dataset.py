@@ -105,7 +105,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-class TestData(Dataset):
+class EvalData(Dataset):
     """Deterministic test views of a source, with the matrix back to original pixels."""
 
     def __init__(self, source: CocoSource, short_edge: int, max_size: int) -> None:

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dtg.data.coco import CocoSource
-from dtg.data.dataset import LabelMap, TestData, collate_list
+from dtg.data.dataset import LabelMap, EvalData, collate_list
 from dtg.data.transforms import project_boxes
 from dtg.evaluation.coco_eval import evaluate_bbox
 from dtg.models.detector import Detector
@@ -54,7 +54,7 @@ def predict_source(
     was_training = model.training
     model.eval()
     loader = DataLoader(
-        TestData(source, short_edge, max_size),
+        EvalData(source, short_edge, max_size),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_list,

@@ -1,0 +1,79 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtg.cli import build_parser, main
+from dtg.config import Config, load_config, to_dict
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_top_level_help_lists_every_subcommand_with_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ["synth", "train", "eval", "demo"]:
+        assert f"dtg {cmd} [-h]" in out
+    assert "--checkpoint CHECKPOINT" in out and "--resume" in out
+
+
+@pytest.mark.parametrize("cmd", ["synth", "train", "eval", "demo"])
+def test_each_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert f"usage: dtg {cmd}" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli():
+    r = subprocess.run([sys.executable, "-m", "dtg", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_embedded_yaml_is_the_builtin_default():
+    assert to_dict(load_config(ROOT / "configs" / "embedded.yaml")) == to_dict(Config())
+
+
+def test_bad_override_is_one_clear_line(capsys):
+    assert main(["train", "--set", "solver.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "unknown config key 'solver.lrr'" in err[0]
+
+
+def test_missing_config_file_names_it(capsys, tmp_path):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: config file not found" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_reported_before_training(capsys, tmp_path):
+    code = main(["train", "--no-progress", "--set", f"data.train_json={tmp_path}/absent.json", "--output-dir", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "absent.json" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_train_then_eval_from_the_command_line(tiny_dataset, tmp_path, capsys):
+    from conftest import tiny_config
+
+    cfg_path = tmp_path / "tiny.yaml"
+    import yaml
+
+    d = to_dict(tiny_config(tiny_dataset, tmp_path / "run", "solver.max_iter=2"))
+    cfg_path.write_text(yaml.safe_dump(d))
+    assert main(["train", "--config", str(cfg_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| supervised (student) |" in out
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pth"
+    assert main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics_student.json").read_text())
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert json.loads((tmp_path / "ev" / "results_student.json").read_text()) is not None
+    # the same numbers as the training run's final evaluation
+    train_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["student"]
+    assert metrics["AP"] == pytest.approx(train_metrics["AP"], abs=1e-9)
