@@ -68,7 +68,7 @@ class DataConfig:
     val_json: str = "data/embedded/annotations/val.json"
     val_images: str = "data/embedded/images/val"
     skip_bad: bool = False
-    num_workers: int = 2
+    num_workers: int = 1
     batch_labeled: int = 4
     batch_unlabeled: int = 0
     labeled_view: ViewConfig = field(default_factory=ViewConfig)
@@ -118,7 +118,7 @@ class SolverConfig:
     warmup_factor: float = 0.001
     steps: list[int] = field(default_factory=lambda: [1000, 1350])
     gamma: float = 0.1
-    clip_grad_norm: float = 0.0  # 0 disables clipping
+    clip_grad_norm: float = 10.0  # max total grad norm; 0 disables clipping
     amp: bool = False  # mixed precision, GPU only
 
 
