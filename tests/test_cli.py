@@ -68,12 +68,12 @@ def test_train_then_eval_from_the_command_line(tiny_dataset, tmp_path, capsys):
     cfg_path.write_text(yaml.safe_dump(d))
     assert main(["train", "--config", str(cfg_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| supervised (student) |" in out
+    assert "| supervised (teacher) |" in out and "| supervised (student) |" in out
     ckpt = tmp_path / "run" / "checkpoints" / "last.pth"
     assert main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
-    metrics = json.loads((tmp_path / "ev" / "metrics_student.json").read_text())
+    metrics = json.loads((tmp_path / "ev" / "metrics_teacher.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert json.loads((tmp_path / "ev" / "results_student.json").read_text()) is not None
-    # the same numbers as the training run's final evaluation
-    train_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["student"]
+    assert json.loads((tmp_path / "ev" / "results_teacher.json").read_text()) is not None
+    # the same numbers as the training run's final evaluation of the teacher (the default model)
+    train_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher"]
     assert metrics["AP"] == pytest.approx(train_metrics["AP"], abs=1e-9)

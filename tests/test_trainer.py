@@ -32,8 +32,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tiny_dataset,
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pth")
     b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pth")
     assert a["iteration"] == b["iteration"] == 4
-    for k, v in a["student"].items():
-        assert torch.equal(v, b["student"][k]), k
+    for name in ("student", "teacher"):
+        for k, v in a[name].items():
+            assert torch.equal(v, b[name][k]), (name, k)
     # ... and the optimizer momentum buffers too.
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
@@ -49,12 +50,12 @@ def test_run_writes_resolved_config_metrics_and_loadable_checkpoint(tiny_dataset
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["solver"]["max_iter"] == 2 and saved["model"]["tiny_width"] == 8
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["reported"] == "student" and 0.0 <= metrics["student"]["AP"] <= 1.0
+    assert metrics["reported"] == "teacher" and 0.0 <= metrics["teacher"]["AP"] <= 1.0 and "student" in metrics
     assert set(summary["student"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    results = json.loads((out / "results_student.json").read_text())
-    assert isinstance(results, list)
+    for name in ("teacher", "student"):
+        assert isinstance(json.loads((out / f"results_{name}.json").read_text()), list)
     ckpt = load_checkpoint(out / "checkpoints" / "last.pth")
-    assert {"student", "optimizer", "scheduler", "iteration", "sampler", "rng", "config"} <= set(ckpt)
+    assert {"student", "teacher", "optimizer", "scheduler", "iteration", "sampler", "rng", "config"} <= set(ckpt)
     plain = build_faster_rcnn(cfg.model, num_classes=len(ckpt["categories"]))
     assert isinstance(plain, FasterRCNN)
     plain.load_state_dict(ckpt["student"])

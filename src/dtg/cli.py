@@ -164,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: synth + train + eval on the embedded default, print a table")
     _add_config_args(p)
     _add_skip_bad(p)
-    p.add_argument("--methods", nargs="+", default=["supervised"], choices=["supervised"], help="methods to run")
+    p.add_argument(
+        "--methods", nargs="+", default=["supervised"], choices=["supervised", "sparse"],
+        help="methods to run on the same schedule and seed (default: supervised)",
+    )
     p.set_defaults(func=cmd_demo)
 
     # `dtg --help` shows every subcommand with its options.

@@ -70,7 +70,7 @@ class DataConfig:
     skip_bad: bool = False
     num_workers: int = 1
     batch_labeled: int = 4
-    batch_unlabeled: int = 0
+    batch_unlabeled: int = 4  # ignored by method=supervised
     labeled_view: ViewConfig = field(default_factory=ViewConfig)
     weak_view: ViewConfig = field(default_factory=ViewConfig)
     strong_view: ViewConfig = field(default_factory=lambda: ViewConfig(strong=True))
@@ -123,10 +123,21 @@ class SolverConfig:
 
 
 @dataclass
+class SemiConfig:
+    """The Mean Teacher around every semi-supervised method (METHOD.md sections 1 and 3)."""
+
+    ema_momentum: float = 0.999
+    alpha: float = 4.0  # weight of the unlabeled loss: L = L_l + alpha(t) * L_u
+    alpha_warmup: int = 300  # iterations of linear warm-up of alpha from 0 (paper: 4k of 180k)
+    pseudo_score_thresh: float = 0.9  # sparse: teacher detections kept as pseudo boxes
+    unsup_cls_loss: Literal["ce", "focal"] = "focal"  # R-CNN classification loss of the unlabeled branch
+
+
+@dataclass
 class Config:
     """A whole run."""
 
-    method: Literal["supervised"] = "supervised"
+    method: Literal["supervised", "sparse"] = "supervised"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "runs/embedded"
@@ -138,6 +149,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

@@ -12,6 +12,9 @@ from typing import Any, Protocol
 
 import torch
 
+from dtg.config import SemiConfig
+from dtg.data.transforms import teacher_to_student
+from dtg.losses.pseudo_label import pseudo_targets
 from dtg.models.detector import Detector
 
 Batch = dict[str, list[dict[str, Any]]]
@@ -35,11 +38,12 @@ def labeled_losses(student: Detector, items: list[dict[str, Any]], device: torch
 
 
 class SupervisedMethod:
-    """Labeled data only."""
+    """Labeled data only. It keeps the EMA teacher too (unused by its loss), so that every
+    method is compared teacher to teacher, as the paper reports."""
 
     name = "supervised"
     uses_unlabeled = False
-    uses_teacher = False
+    uses_teacher = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -50,7 +54,50 @@ class SupervisedMethod:
         return labeled_losses(student, batch["sup"], self.device), {}
 
 
-def build_method(name: str, device: torch.device) -> Method:
+class SparseMethod:
+    """The sparse-to-dense baseline (METHOD.md section 3).
+
+    The teacher's final detections on the weak view with score >= threshold,
+    mapped into the strong view, are ordinary targets for the student's RPN and
+    R-CNN assignment; an image without pseudo boxes still gives background samples.
+    """
+
+    name = "sparse"
+    uses_unlabeled = True
+    uses_teacher = True
+
+    def __init__(self, device: torch.device, semi: SemiConfig) -> None:
+        self.device, self.semi = device, semi
+
+    @torch.no_grad()
+    def pseudo_labels(self, teacher: Detector, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """Per unlabeled item: pseudo ``boxes`` (m, 4) in its strong view and ``labels`` (m,)."""
+        dets = teacher.predict([it["weak"].to(self.device, non_blocking=True) for it in items])
+        out = []
+        for it, det in zip(items, dets):
+            m = teacher_to_student(it["weak_matrix"], it["strong_matrix"])
+            size = (int(it["strong"].shape[-2]), int(it["strong"].shape[-1]))
+            t = pseudo_targets({k: v.cpu() for k, v in det.items()}, m, size, self.semi.pseudo_score_thresh)
+            out.append({k: v.to(self.device) for k, v in t.items()})
+        return out
+
+    def losses(
+        self, student: Detector, teacher: Detector | None, batch: Batch, iteration: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        assert teacher is not None, "the sparse method needs a teacher"
+        losses = labeled_losses(student, batch["sup"], self.device)
+        items = batch["unsup"]
+        targets = self.pseudo_labels(teacher, items)
+        strong = [it["strong"].to(self.device, non_blocking=True) for it in items]
+        unsup = student.supervised_losses(strong, targets, cls_loss=self.semi.unsup_cls_loss)
+        losses.update({f"unsup_{k}": v for k, v in unsup.items()})
+        n_boxes = sum(len(t["boxes"]) for t in targets)
+        return losses, {"pseudo_boxes_per_image": n_boxes / max(len(items), 1)}
+
+
+def build_method(name: str, device: torch.device, semi: SemiConfig | None = None) -> Method:
     if name == "supervised":
         return SupervisedMethod(device)
+    if name == "sparse":
+        return SparseMethod(device, semi or SemiConfig())
     raise ValueError(f"unknown method '{name}'")

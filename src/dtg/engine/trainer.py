@@ -33,6 +33,7 @@ from dtg.engine.solver import build_optimizer, build_scheduler
 from dtg.evaluation.coco_eval import write_results
 from dtg.evaluation.inference import evaluate_model
 from dtg.models.detector import Detector
+from dtg.models.ema import ema_momentum, ema_update, make_teacher
 
 
 class TrainingError(RuntimeError):
@@ -91,11 +92,12 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed, cfg.deterministic)
-        self.method = build_method(cfg.method, self.device)
+        self.method = build_method(cfg.method, self.device, cfg.semi)
         self._load_data()
         self.model = Detector.from_config(cfg.model, self.labels.num_classes, cfg.data.test_size, cfg.data.test_max_size)
         self.model.to(self.device).train()
-        self.teacher: Detector | None = None
+        # The teacher is copied from the student at iteration 0; on resume it is restored, not re-copied.
+        self.teacher: Detector | None = make_teacher(self.model) if self.method.uses_teacher else None
         self.optimizer = build_optimizer(self.model, cfg.solver)
         self.scheduler = build_scheduler(self.optimizer, cfg.solver)
         self.use_amp = cfg.solver.amp and self.device.type == "cuda"
@@ -119,6 +121,8 @@ class Trainer:
             )
         self.unlabeled: CocoSource | None = None
         if self.method.uses_unlabeled:
+            if d.batch_unlabeled < 1:
+                raise TrainingError(f"method '{self.cfg.method}' needs data.batch_unlabeled >= 1")
             self.unlabeled = load_unlabeled(d.unlabeled, d.unlabeled_images, **kw)
         self.val = load_labeled(d.val_json, d.val_images, **kw) if d.val_json else None
         self.log(
@@ -181,7 +185,9 @@ class Trainer:
         if ckpt.get("categories") != self.labels.categories:
             raise CheckpointError(f"{path}: checkpoint categories differ from {self.cfg.data.train_json}")
         self.model.net.load_state_dict(ckpt["student"])
-        if self.teacher is not None and "teacher" in ckpt:
+        if self.teacher is not None:
+            if "teacher" not in ckpt:
+                raise CheckpointError(f"{path}: has no teacher, but method '{self.cfg.method}' needs one")
             self.teacher.net.load_state_dict(ckpt["teacher"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -214,15 +220,22 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.teacher is not None:
+            ema_update(self.teacher, self.model, ema_momentum(self.iteration, self.cfg.semi.ema_momentum))
         scalars = {k: float(v.detach()) for k, v in losses.items()}
         scalars.update(stats)
         scalars["loss"] = float(total.detach())
         scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.method.uses_unlabeled:
+            scalars["alpha"] = self.unsup_weight()
         return scalars
 
     def unsup_weight(self) -> float:
-        """alpha(t); zero for methods without an unlabeled branch."""
-        return 0.0
+        """alpha(t): linear warm-up from 0 to ``semi.alpha``; zero without an unlabeled branch."""
+        if not self.method.uses_unlabeled:
+            return 0.0
+        semi = self.cfg.semi
+        return semi.alpha * min(1.0, self.iteration / semi.alpha_warmup) if semi.alpha_warmup > 0 else semi.alpha
 
     def train(self) -> dict[str, Any]:
         """Run from ``self.iteration`` to ``solver.max_iter``; return the final metrics."""

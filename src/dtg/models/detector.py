@@ -189,16 +189,23 @@ class Detector(nn.Module):
         return DenseOutputs(batch, features, rpn, proposals, scores)
 
     # ------------------------------------------------------------------ uses
-    def supervised_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def supervised_losses(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]], cls_loss: str | None = None
+    ) -> dict[str, Tensor]:
         """Ordinary Faster R-CNN losses against ``targets`` (``boxes`` (n, 4) xyxy, ``labels`` (n,) in 1..K).
+
+        Args:
+            cls_loss: R-CNN classification loss for this call (``"ce"`` / ``"focal"``); default: the model's.
 
         Returns:
             ``{"rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg"}`` scalars.
         """
         out = self.forward_dense(images)
-        return self.losses_from_dense(out, targets)
+        return self.losses_from_dense(out, targets, cls_loss)
 
-    def losses_from_dense(self, out: DenseOutputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def losses_from_dense(
+        self, out: DenseOutputs, targets: list[dict[str, Tensor]], cls_loss: str | None = None
+    ) -> dict[str, Tensor]:
         """Standard RPN and R-CNN label assignment and losses on an existing forward pass."""
         rpn = self.net.rpn
         b = out.rpn.objectness.shape[0]
@@ -211,7 +218,7 @@ class Detector(nn.Module):
         props, _, roi_labels, roi_targets = self.net.roi_heads.select_training_samples(list(out.proposals), targets)
         logits, deltas = self.roi_forward(out.features, props, out.images.image_sizes)
         rcnn_cls, rcnn_reg = rcnn_losses(
-            logits, deltas, torch.cat(roi_labels), torch.cat(roi_targets), self.cls_loss, self.focal_gamma
+            logits, deltas, torch.cat(roi_labels), torch.cat(roi_targets), cls_loss or self.cls_loss, self.focal_gamma
         )
         return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "rcnn_cls": rcnn_cls, "rcnn_reg": rcnn_reg}
 

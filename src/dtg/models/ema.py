@@ -1,0 +1,45 @@
+"""The EMA teacher of the Mean Teacher (METHOD.md section 1)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_momentum(iteration: int, momentum: float) -> float:
+    """``min(m, 1 - 1 / (iteration + 1))``: a fast early ramp, then the configured momentum.
+
+    ``iteration`` is the 0-based index of the optimizer step just taken.
+    """
+    return min(momentum, 1.0 - 1.0 / (iteration + 1))
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of ``student``: eval mode, no gradients."""
+    teacher = copy.deepcopy(student)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``t = m * t + (1 - m) * s`` for every parameter.
+
+    Floating-point buffers (BatchNorm running statistics) follow the same
+    average, so a teacher whose backbone uses trainable BatchNorm gets
+    statistics that match its weights; frozen-BN buffers are constants, so for
+    them this is a no-op. Integer buffers (``num_batches_tracked``) are copied.
+    """
+    t_params = dict(teacher.named_parameters())
+    for name, s in student.named_parameters():
+        t_params[name].mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+    t_bufs = dict(teacher.named_buffers())
+    for name, s in student.named_buffers():
+        t = t_bufs[name]
+        if t.dtype.is_floating_point:
+            t.mul_(momentum).add_(s, alpha=1.0 - momentum)
+        else:
+            t.copy_(s)
