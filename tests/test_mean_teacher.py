@@ -107,3 +107,15 @@ def test_three_iteration_sparse_run_writes_both_models(tiny_dataset, tmp_path):
 def test_semi_method_without_unlabeled_batch_is_refused(tiny_dataset, tmp_path):
     with pytest.raises(TrainingError, match="needs data.batch_unlabeled >= 1"):
         Trainer(tiny_config(tiny_dataset, tmp_path / "x", "method=sparse", "data.batch_unlabeled=0"), log=lambda m: None)
+
+
+def test_unlabeled_image_without_pseudo_boxes_still_gives_background_loss():
+    torch.manual_seed(0)
+    student = Detector.from_config(ModelConfig(tiny_width=8, fpn_channels=16, box_head_dim=32), 3)
+    student.train()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = student.supervised_losses([torch.rand(3, 64, 64)], empty, cls_loss="focal")
+    assert losses["rpn_cls"] > 0 and losses["rcnn_cls"] > 0
+    assert losses["rpn_reg"] == 0 and losses["rcnn_reg"] == 0
+    (losses["rpn_cls"] + losses["rcnn_cls"]).backward()
+    assert student.net.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
