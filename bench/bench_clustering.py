@@ -1,0 +1,117 @@
+"""Time ``nms_clusters`` against ``torchvision.ops.batched_nms`` alone on random boxes.
+
+    python bench/bench_clustering.py                  # N = 1000, 5000, 20000; 5 repeats
+    python bench/bench_clustering.py --repeat 3 --sizes 1000 5000
+
+Two box sets per N, both in a 1333 x 800 image with xyxy boxes and distinct scores:
+  * ``uniform``: boxes of side 16..512 (log-uniform) anywhere, 80 classes, IoU 0.5
+    (R-CNN-like: few boxes are suppressed);
+  * ``dense``: ~40 jittered copies (10% of the side) of each of N / 40 objects, spread over
+    5 labels (FPN levels), IoU 0.7 (RPN-like: about half the candidates are suppressed).
+Every case first checks that ``keep`` equals batched_nms's. Prints a markdown table: median
+wall time of each call (the two interleaved), the ratio of the medians and of the best times,
+kept boxes (K) and suppressed candidates (S), the padded candidate x kept pairs the cluster
+assignment evaluated, and an estimate of the bytes its largest chunk needed (its extra
+memory peak). Runs single-threaded (``torch.set_num_threads(1)``) by default so it does not
+disturb other jobs on the machine; ``--threads`` changes that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torchvision.ops import batched_nms
+
+from dtg.losses import clustering
+from dtg.losses.clustering import nms_clusters
+
+WIDTH, HEIGHT = 1333.0, 800.0
+# Live at the peak of one chunk, per candidate x kept pair: int64 gather index, 4 gathered
+# coordinates + area (float32), ~3 float32 temporaries of the IoU, a bool mask (estimate).
+BYTES_PER_PAIR = 8 + 20 + 12 + 1
+
+
+def uniform_boxes(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` boxes of side 16..512 px anywhere in the image, 80 classes, distinct scores."""
+    side = torch.exp(torch.empty(n, 2).uniform_(2.77, 6.24, generator=g))  # 16..512
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([WIDTH, HEIGHT])
+    boxes = torch.cat([xy, xy + side], 1)
+    return boxes, torch.rand(n, generator=g), torch.randint(0, 80, (n,), generator=g)
+
+
+def dense_boxes(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` boxes jittered (10% of the side) around ``n // 40`` objects, 5 labels (levels)."""
+    objects, _, _ = uniform_boxes(max(n // 40, 1), g)
+    pick = torch.randint(0, objects.shape[0], (n,), generator=g)
+    base = objects[pick]
+    wh = (base[:, 2:] - base[:, :2]).repeat(1, 2)
+    boxes = base + torch.randn(n, 4, generator=g) * 0.1 * wh
+    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    return boxes, torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def interleaved_times(fns: list[Callable[[], object]], repeat: int) -> list[list[float]]:
+    """Wall times in seconds of ``repeat`` rounds, each calling every ``fn`` once in turn.
+
+    Interleaving (after one warm-up round) exposes both functions to the same background
+    load, which matters on a machine shared with training jobs.
+    """
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return times
+
+
+def padded_pairs(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, thr: float) -> tuple[int, int]:
+    """(total padded pairs, largest chunk's pairs) that ``nms_clusters`` evaluates."""
+    keep = batched_nms(boxes, scores, labels, thr)
+    sup = torch.ones(len(boxes), dtype=torch.bool)
+    sup[keep] = False
+    sup_idx = sup.nonzero().squeeze(1)
+    if sup_idx.numel() == 0:
+        return 0, 0
+    _, lo, hi = clustering._windows(boxes, labels, keep, sup_idx, thr)
+    lengths = sorted((hi - lo).tolist())
+    chunks = [(sl.stop - sl.start) * w for sl, w in clustering._chunks(lengths, None)]
+    return sum(chunks), max(chunks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(args.seed)
+
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), {args.repeat} interleaved runs\n")
+    print("| boxes | N | IoU | K | S | batched_nms ms | nms_clusters ms | ratio (median) | ratio (min) "
+          "| pairs | max chunk MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, make, thr in [("uniform, 80 cls", uniform_boxes, 0.5), ("dense, 5 lvl", dense_boxes, 0.7)]:
+        for n in args.sizes:
+            boxes, scores, labels = make(n, g)
+            keep, cluster = nms_clusters(boxes, scores, labels, thr)
+            assert torch.equal(keep, batched_nms(boxes, scores, labels, thr))
+            t_nms, t_cl = interleaved_times([lambda: batched_nms(boxes, scores, labels, thr),
+                                             lambda: nms_clusters(boxes, scores, labels, thr)], args.repeat)
+            med_nms, med_cl = statistics.median(t_nms), statistics.median(t_cl)
+            pairs, biggest = padded_pairs(boxes, scores, labels, thr)
+            print(f"| {name} | {n} | {thr} | {keep.numel()} | {n - keep.numel()} | {med_nms * 1e3:.2f} | "
+                  f"{med_cl * 1e3:.2f} | {med_cl / med_nms:.2f}x | {min(t_cl) / min(t_nms):.2f}x | {pairs} | "
+                  f"{biggest * BYTES_PER_PAIR / 2**20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
