@@ -128,7 +128,8 @@ class SemiConfig:
 
     ema_momentum: float = 0.999
     alpha: float = 4.0  # weight of the unlabeled loss: L = L_l + alpha(t) * L_u
-    alpha_warmup: int = 300  # iterations of linear warm-up of alpha from 0 (paper: 4k of 180k)
+    burn_in: int = 0  # supervised-only iterations before the unlabeled loss starts (0: the paper's setting)
+    alpha_warmup: int = 300  # iterations of linear warm-up of alpha from 0 after burn-in (paper: 4k of 180k)
     pseudo_score_thresh: float = 0.9  # sparse: teacher detections kept as pseudo boxes
     unsup_cls_loss: Literal["ce", "focal"] = "focal"  # R-CNN classification loss of the unlabeled branch
 

@@ -87,6 +87,8 @@ class SparseMethod:
         assert teacher is not None, "the sparse method needs a teacher"
         losses = labeled_losses(student, batch["sup"], self.device)
         items = batch["unsup"]
+        if not items:  # burn-in: labeled loss only
+            return losses, {}
         targets = self.pseudo_labels(teacher, items)
         strong = [it["strong"].to(self.device, non_blocking=True) for it in items]
         unsup = student.supervised_losses(strong, targets, cls_loss=self.semi.unsup_cls_loss)

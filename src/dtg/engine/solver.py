@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dtg.config import SolverConfig
+from dtg.config import SemiConfig, SolverConfig
 
 
 def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.SGD:
@@ -30,3 +30,17 @@ def lr_factor(iteration: int, cfg: SolverConfig) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SolverConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration scheduler: call ``step()`` after every optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+
+
+def unsup_weight(iteration: int, semi: SemiConfig) -> float:
+    """alpha(t) of ``L = L_l + alpha(t) * L_u`` at 0-based ``iteration``.
+
+    0 during ``semi.burn_in`` iterations, then a linear ramp reaching
+    ``semi.alpha`` after ``semi.alpha_warmup`` more iterations, then constant.
+    """
+    t = iteration - semi.burn_in
+    if t < 0:
+        return 0.0
+    if semi.alpha_warmup <= 0:
+        return semi.alpha
+    return semi.alpha * min(1.0, (t + 1) / semi.alpha_warmup)

@@ -29,7 +29,7 @@ from dtg.data.dataset import LabelMap, TrainData, collate
 from dtg.data.sampler import MixedBatchSampler
 from dtg.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
 from dtg.engine.methods import build_method
-from dtg.engine.solver import build_optimizer, build_scheduler
+from dtg.engine.solver import build_optimizer, build_scheduler, unsup_weight
 from dtg.evaluation.coco_eval import write_results
 from dtg.evaluation.inference import evaluate_model
 from dtg.models.detector import Detector
@@ -204,11 +204,14 @@ class Trainer:
     def step(self, batch: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
         """One optimisation step; returns the logged scalars."""
         autocast = torch.autocast("cuda", enabled=True) if self.use_amp else nullcontext()
+        alpha = self.unsup_weight()
+        if alpha == 0.0:  # burn-in or no unlabeled branch: skip the teacher and the unlabeled loss
+            batch = {**batch, "unsup": []}
         with autocast:
             losses, stats = self.method.losses(self.model, self.teacher, batch, self.iteration)
         sup = sum((v for k, v in losses.items() if k.startswith("sup_")), torch.zeros((), device=self.device))
         unsup = sum((v for k, v in losses.items() if k.startswith("unsup_")), torch.zeros((), device=self.device))
-        total = sup + self.unsup_weight() * unsup
+        total = sup + alpha * unsup
         if not torch.isfinite(total):
             raise TrainingError(f"non-finite loss at iteration {self.iteration}: "
                                 + ", ".join(f"{k}={v.item():.3g}" for k, v in losses.items()))
@@ -227,15 +230,12 @@ class Trainer:
         scalars["loss"] = float(total.detach())
         scalars["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.method.uses_unlabeled:
-            scalars["alpha"] = self.unsup_weight()
+            scalars["alpha"] = alpha
         return scalars
 
     def unsup_weight(self) -> float:
-        """alpha(t): linear warm-up from 0 to ``semi.alpha``; zero without an unlabeled branch."""
-        if not self.method.uses_unlabeled:
-            return 0.0
-        semi = self.cfg.semi
-        return semi.alpha * min(1.0, self.iteration / semi.alpha_warmup) if semi.alpha_warmup > 0 else semi.alpha
+        """alpha(t) of this iteration; 0 without an unlabeled branch."""
+        return unsup_weight(self.iteration, self.cfg.semi) if self.method.uses_unlabeled else 0.0
 
     def train(self) -> dict[str, Any]:
         """Run from ``self.iteration`` to ``solver.max_iter``; return the final metrics."""
