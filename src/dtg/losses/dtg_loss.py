@@ -1,0 +1,148 @@
+"""INC losses on :class:`dtg.losses.inc.IncTargets` (paper Eq. (2)-(3), METHOD.md 4.7).
+
+Two normalisations (**switch** ``normalize``):
+
+* ``"cluster"`` (paper): the members' per-sample losses are averaged within each cluster,
+  then over clusters, so a cluster of 3 members weighs as much as a singleton. The
+  classification losses add the mean over background samples (label 0) to that; each part
+  is 0 when it has no sample.
+* ``"samples"`` (mmdet / PseCo): per-sample losses summed over the used samples and divided
+  by the number of labelled samples (``classes >= 0``, i.e. everything but ignored samples).
+
+Ignored samples (label -1) never contribute. Every loss returns a scalar connected to its
+input's graph (``0 * sum`` when nothing applies, so ``backward()`` works).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import sigmoid_focal_loss
+
+from dtg.losses.focal import softmax_focal_loss
+from dtg.losses.inc import IncTargets
+
+NORMALIZATIONS = ("cluster", "samples")
+
+
+def select_class_deltas(deltas: Tensor, labels: Tensor) -> Tensor:
+    """Class-specific deltas of each sample's class.
+
+    Args:
+        deltas: (N, (K + 1) * 4) R-CNN box deltas.
+        labels: (N,) int64 class per sample (use ``IncTargets.classes``); rows with label <= 0
+            (background or ignored) get class 0's deltas, which no loss uses.
+
+    Returns:
+        (N, 4), differentiable w.r.t. ``deltas``.
+    """
+    n = deltas.shape[0]
+    rows = torch.arange(n, device=deltas.device)
+    return deltas.reshape(n, -1, 4)[rows, labels.clamp(min=0)]
+
+
+def cluster_mean(values: Tensor, cluster: Tensor) -> Tensor:
+    """Mean over clusters of the mean of ``values`` within each cluster.
+
+    Args:
+        values: (M,) per-member losses; cluster: (M,) int64 ids (any integers).
+
+    Returns:
+        A scalar; ``0 * values.sum()`` when M == 0.
+    """
+    if values.numel() == 0:
+        return values.sum() * 0.0
+    _, segment, counts = torch.unique(cluster, return_inverse=True, return_counts=True)
+    sums = values.new_zeros(counts.numel()).index_add(0, segment, values)
+    return (sums / counts.to(values.dtype)).mean()
+
+
+def _mean(values: Tensor) -> Tensor:
+    return values.sum() / max(values.numel(), 1)
+
+
+def _check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+
+
+def _normalized_cls(per_sample: Tensor, labels: Tensor, cluster: Tensor, normalize: str, zero: Tensor) -> Tensor:
+    """Combine (M,) per-sample losses of the labelled samples (``labels`` (M,) >= 0)."""
+    if per_sample.numel() == 0:
+        return zero
+    if normalize == "samples":
+        return zero + per_sample.sum() / per_sample.numel()
+    pos = labels > 0
+    return zero + cluster_mean(per_sample[pos], cluster[pos]) + _mean(per_sample[~pos])
+
+
+def inc_classification_loss(logits: Tensor, targets: IncTargets, normalize: str = "cluster",
+                            gamma: float = 2.0) -> Tensor:
+    """R-CNN INC classification: softmax focal loss (Eq. (2)).
+
+    Args:
+        logits: (N, K + 1) student class logits on the N RoIs (class 0 = background).
+        targets: the RoIs' :class:`IncTargets` (``labels`` in -1..K).
+        normalize: ``"cluster"`` | ``"samples"`` (module docstring). gamma: focal gamma.
+
+    Returns:
+        A scalar.
+    """
+    _check_normalize(normalize)
+    zero = logits.sum() * 0.0
+    used = (targets.labels >= 0).nonzero().squeeze(1)
+    labels = targets.labels[used]
+    per_sample = softmax_focal_loss(logits[used], labels, gamma, reduction="none")
+    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero)
+
+
+def inc_objectness_loss(logits: Tensor, targets: IncTargets, normalize: str = "cluster",
+                        gamma: float = 2.0, alpha: float = -1.0) -> Tensor:
+    """RPN INC objectness: sigmoid focal loss (``torchvision.ops.sigmoid_focal_loss``).
+
+    ``alpha=-1`` (default) applies no positive/negative weighting: the ``cluster``
+    normalisation already gives positives and background equal total weight, and the R-CNN
+    softmax focal loss has no alpha either; pass ``alpha=0.25`` for RetinaNet's weighting.
+
+    Args:
+        logits: (N,) student objectness logits on the N student anchors.
+        targets: the anchors' :class:`IncTargets` (``labels`` in {1, 0, -1}).
+
+    Returns:
+        A scalar.
+    """
+    _check_normalize(normalize)
+    zero = logits.sum() * 0.0
+    used = (targets.labels >= 0).nonzero().squeeze(1)
+    labels = targets.labels[used]
+    x = logits.reshape(-1)[used]
+    per_sample = sigmoid_focal_loss(x, labels.to(x.dtype), alpha=alpha, gamma=gamma, reduction="none")
+    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero)
+
+
+def inc_regression_loss(deltas: Tensor, targets: IncTargets, normalize: str = "cluster",
+                        beta: float = 1 / 9) -> Tensor:
+    """INC regression: smooth L1 (summed over the 4 coordinates) toward ``reg_targets`` (Eq. (3)).
+
+    Args:
+        deltas: (N, 4) student deltas, already selected for the member's class (R-CNN,
+            :func:`select_class_deltas` with ``targets.classes``) or the anchor's (RPN).
+        targets: :class:`IncTargets`; only ``reg_mask`` rows are used.
+        normalize: ``"cluster"``: mean within each cluster (over its members with a target),
+            then over clusters; ``"samples"``: sum / number of labelled samples (``classes >= 0``).
+        beta: smooth L1 beta (torchvision's R-CNN uses 1/9).
+
+    Returns:
+        A scalar.
+    """
+    _check_normalize(normalize)
+    zero = deltas.sum() * 0.0
+    idx = targets.reg_mask.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return zero
+    target = targets.reg_targets[idx].to(deltas.dtype)
+    per_sample = F.smooth_l1_loss(deltas[idx], target, beta=beta, reduction="none").sum(dim=1)
+    if normalize == "samples":
+        return zero + per_sample.sum() / max(int((targets.classes >= 0).sum()), 1)
+    return zero + cluster_mean(per_sample, targets.cluster[idx])

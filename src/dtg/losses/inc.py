@@ -1,0 +1,274 @@
+"""Inverse NMS Clustering (INC) targets for the R-CNN and RPN stages (METHOD.md sections 4-5).
+
+The teacher's dense predictions are clustered by its own greedy NMS
+(:func:`dtg.losses.clustering.nms_clusters`); every cluster member's student sample gets the
+cluster's class and regresses toward the cluster's kept box mapped into the student view.
+Target building is pure and gradient-free; the losses live in :mod:`dtg.losses.dtg_loss`.
+
+All boxes are ``xyxy`` in continuous pixel coordinates. A regression target is dropped
+(``reg_mask`` False, the class label stays) when the mapped target box or the student's
+reference box (RoI or anchor) is narrower or shorter than ``MIN_BOX_SIZE`` after clipping:
+encoding relative to, or toward, a sub-pixel box gives meaningless (or infinite) codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import clip_boxes_to_image
+
+from dtg.data.transforms import project_boxes, valid_boxes
+from dtg.losses.clustering import nms_clusters
+
+MIN_BOX_SIZE = 1.0  # px; smaller mapped targets / reference boxes get no regression target
+RPN_CANDIDATE_MODES = ("threshold_then_nms", "nms_then_threshold")
+REG_TARGETS = ("kept", "own")
+
+
+@dataclass
+class IncTargets:
+    """Dense targets for N student samples (R-CNN RoIs or student anchors).
+
+    Attributes:
+        labels: (N,) int64 training label: the cluster's class (R-CNN 1..K, RPN 1) for members,
+            0 background, -1 ignored; all -1 when the INC classification labels are switched off.
+        reg_targets: (N, 4) float codes (the stage's box coder) of the target box relative to
+            the sample's own student box; zeros where ``reg_mask`` is False.
+        reg_mask: (N,) bool, samples with a regression target (members with a proper target);
+            all False when the INC regression labels are switched off.
+        cluster: (N,) int64 cluster id of members (non-negative; 0..num_clusters-1 as built
+            here), -1 otherwise. Kept whatever the switches, for normalisation and Rank Matching.
+        teacher_scores: (N,) float teacher probability of the cluster's class (RPN: the
+            objectness probability) for members, 0 otherwise.
+        num_clusters: number of distinct cluster ids among the members.
+        classes: (N,) int64 the assignment ``labels`` holds with the classification switch on
+            (members' class, 0, -1), whatever the switch: use it to pick class-specific deltas
+            (:func:`select_class_deltas`). Defaults to ``labels`` when not given.
+    """
+
+    labels: Tensor
+    reg_targets: Tensor
+    reg_mask: Tensor
+    cluster: Tensor
+    teacher_scores: Tensor
+    num_clusters: int
+    classes: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes is None:
+            self.classes = self.labels
+
+
+def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _assemble(classes: Tensor, cluster: Tensor, scores: Tensor, target_boxes: Tensor, ref_boxes: Tensor,
+              box_coder: BoxCoder, cls_labels: bool, reg_labels: bool) -> IncTargets:
+    """Encode the members' regression targets and apply the switches.
+
+    Args:
+        classes: (N,) int64 class of members (> 0), 0 background, -1 ignored.
+        cluster: (N,) int64 cluster id in [0, C) for members, -1 otherwise (contiguous ids).
+        scores: (N,) teacher score for members (anything elsewhere; zeroed here).
+        target_boxes: (N, 4) xyxy target boxes in the student view (only members' rows are read).
+        ref_boxes: (N, 4) xyxy the samples' own student boxes (RoIs or anchors).
+    """
+    member = cluster >= 0
+    dtype = torch.promote_types(ref_boxes.dtype, torch.float32)
+    target_boxes, ref_boxes = target_boxes.to(dtype), ref_boxes.to(dtype)
+    reg_mask = member & valid_boxes(target_boxes, MIN_BOX_SIZE) & valid_boxes(ref_boxes, MIN_BOX_SIZE)
+    if not reg_labels:
+        reg_mask = torch.zeros_like(reg_mask)
+    reg_targets = ref_boxes.new_zeros(ref_boxes.shape)
+    idx = reg_mask.nonzero().squeeze(1)
+    if idx.numel():
+        reg_targets[idx] = box_coder.encode_single(target_boxes[idx], ref_boxes[idx])
+    labels = classes.clone() if cls_labels else torch.full_like(classes, -1)
+    num_clusters = int(cluster[member].unique().numel())
+    teacher_scores = torch.where(member, scores.to(dtype), torch.zeros((), dtype=dtype, device=scores.device))
+    return IncTargets(labels, reg_targets, reg_mask, cluster, teacher_scores, num_clusters, classes)
+
+
+@torch.no_grad()
+def rcnn_inc_targets(
+    teacher_logits: Tensor,
+    teacher_deltas: Tensor,
+    teacher_proposals: Tensor,
+    student_rois: Tensor,
+    teacher_to_student: Tensor,
+    student_size: tuple[int, int],
+    box_coder: BoxCoder,
+    tau: float = 0.45,
+    iou_threshold: float = 0.5,
+    reg_target: str = "kept",
+    cls_labels: bool = True,
+    reg_labels: bool = True,
+    teacher_size: tuple[int, int] | None = None,
+) -> IncTargets:
+    """INC targets of the R-CNN stage for the P student RoIs of one image (METHOD.md 4).
+
+    Per teacher proposal: ``c`` = argmax over the foreground classes 1..K of the softmax, ``p``
+    its probability, the box decoded with class ``c``'s deltas. Candidates (``p >= tau``) are
+    clustered by class-aware greedy NMS; members get label ``c``, non-candidates background 0
+    (nothing is ignored). A member regresses toward its cluster's kept box (``reg_target=
+    "kept"``) or its own decoded box (``"own"``), mapped into the student view by
+    ``project_boxes`` and encoded relative to its own student RoI.
+
+    Args:
+        teacher_logits: (P, K + 1) teacher class logits on its own proposals (class 0 = background).
+        teacher_deltas: (P, (K + 1) * 4) teacher class-specific deltas.
+        teacher_proposals: (P, 4) xyxy proposals in the teacher (weak) view.
+        student_rois: (P, 4) xyxy the same proposals mapped into the student view (one to one).
+        teacher_to_student: (3, 3) matrix ``M`` from the teacher view to the student view.
+        student_size: ``(H, W)`` of the student view.
+        box_coder: the R-CNN ``BoxCoder`` (weights 10, 10, 5, 5).
+        tau: candidate threshold on ``p``; iou_threshold: NMS IoU (suppress when ``> iou``).
+        reg_target: ``"kept"`` | ``"own"``.
+        cls_labels / reg_labels: INC classification / regression labels on or off.
+        teacher_size: ``(H, W)`` of the teacher view; when given, decoded boxes are clipped to
+            it before NMS (as torchvision's post-processing does). Extension of the brief's API.
+
+    Returns:
+        :class:`IncTargets` over the P RoIs; cluster ids are NMS keep positions 0..num_clusters-1.
+    """
+    _check("reg_target", reg_target, REG_TARGETS)
+    num = teacher_logits.shape[0]
+    dtype = torch.promote_types(teacher_proposals.dtype, torch.float32)
+    prob = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32)).softmax(dim=-1)
+    p, c = prob[:, 1:].max(dim=1)
+    c = c + 1
+    rows = torch.arange(num, device=c.device)
+    deltas = teacher_deltas.reshape(num, -1, 4)[rows, c].to(dtype)
+    boxes = box_coder.decode_single(deltas, teacher_proposals.to(dtype))
+    if teacher_size is not None:
+        boxes = clip_boxes_to_image(boxes, teacher_size)
+
+    cand = (p >= tau).nonzero().squeeze(1)
+    keep, clus = nms_clusters(boxes[cand], p[cand], c[cand], iou_threshold)
+    cluster = torch.full((num,), -1, dtype=torch.int64, device=c.device)
+    cluster[cand] = clus
+    classes = torch.where(cluster >= 0, c, 0)
+    target = boxes.clone()
+    if reg_target == "kept":
+        target[cand] = boxes[cand[keep[clus]]]
+    target = project_boxes(target, teacher_to_student, student_size)
+    return _assemble(classes, cluster, p, target, student_rois, box_coder, cls_labels, reg_labels)
+
+
+def _top_n_per_level(scores: Tensor, levels: Tensor, n: int) -> Tensor:
+    """(A,) bool mask of the ``n`` highest scores of each level (ties: lower index first)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(levels[order], stable=True)]
+    lv = levels[order]
+    counts = torch.bincount(lv)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(lv.numel(), device=lv.device) - starts[lv]
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[order] = rank < n
+    return mask
+
+
+@torch.no_grad()
+def rpn_inc_targets(
+    teacher_objectness: Tensor,
+    teacher_deltas: Tensor,
+    teacher_anchors: Tensor,
+    teacher_levels: Tensor,
+    partner: Tensor,
+    student_anchors: Tensor,
+    teacher_to_student: Tensor,
+    student_size: tuple[int, int],
+    teacher_size: tuple[int, int],
+    box_coder: BoxCoder,
+    tau: float = 0.9,
+    iou_threshold: float = 0.7,
+    candidates: str = "threshold_then_nms",
+    cls_labels: bool = True,
+    reg_labels: bool = True,
+    reg_target: str = "kept",
+    pre_nms_top_n: int = 2000,
+) -> IncTargets:
+    """INC targets of the RPN stage for the A_s student anchors of one image (METHOD.md 5).
+
+    Teacher proposals are the RPN deltas decoded on the teacher anchors, clipped to
+    ``teacher_size``; scores are ``sigmoid(objectness)``; NMS runs per FPN level.
+
+    * ``threshold_then_nms`` (default): members are the anchors scoring ``>= tau``, clustered by
+      NMS among themselves; every other teacher anchor is background.
+    * ``nms_then_threshold`` (ablation): NMS per level over a pool (each level's
+      ``pre_nms_top_n`` best anchors, plus every anchor scoring ``>= tau``); clusters whose kept
+      box scores ``>= tau`` are positive with **all** their members (low-scoring ones too),
+      everything else (other clusters, anchors outside the pool) is background. Since greedy
+      NMS decides a box only from higher-scoring boxes, the clustering of the ``>= tau``
+      anchors is the same in both modes; this mode adds the low-scoring members.
+
+    Each teacher anchor votes for its ``partner`` student anchor: 1 if a member, else 0.
+    When several teacher anchors share a partner, the one of highest objectness decides
+    (ties: the higher teacher index), vectorised with ``scatter_reduce(amax)`` over score
+    ranks. Student anchors without a voter are ignored (-1). A positive's cluster, teacher
+    score and regression target come from its deciding teacher anchor; the target is that
+    anchor's cluster's kept proposal (``reg_target="own"``: its own proposal) mapped into the
+    student view, encoded relative to the student anchor with the RPN box coder.
+
+    Args:
+        teacher_objectness: (A_t,) logits over all teacher anchors of one image.
+        teacher_deltas: (A_t, 4) RPN deltas. teacher_anchors: (A_t, 4) xyxy, teacher view.
+        teacher_levels: (A_t,) int64 FPN level (>= 0) of each teacher anchor.
+        partner: (A_t,) int64 student anchor index of each teacher anchor, -1 for none
+            (:func:`dtg.losses.correspondence.match_anchors`).
+        student_anchors: (A_s, 4) xyxy student anchors (student view).
+        teacher_to_student: (3, 3); student_size / teacher_size: ``(H, W)`` of the views.
+        box_coder: the RPN ``BoxCoder`` (weights 1, 1, 1, 1).
+        tau: objectness probability threshold; iou_threshold: NMS IoU.
+        candidates: ``"threshold_then_nms"`` | ``"nms_then_threshold"``.
+        pre_nms_top_n: per-level pool size of ``nms_then_threshold`` (keeps its NMS cheap).
+
+    Returns:
+        :class:`IncTargets` over the A_s student anchors; labels in {1, 0, -1}; cluster ids are
+        renumbered 0..num_clusters-1 over the clusters that reach at least one student anchor.
+    """
+    _check("candidates", candidates, RPN_CANDIDATE_MODES)
+    _check("reg_target", reg_target, REG_TARGETS)
+    num_t, num_s = teacher_objectness.shape[0], student_anchors.shape[0]
+    device = teacher_objectness.device
+    if num_t == 0:  # no teacher anchor: every student anchor is ignored
+        none = torch.full((num_s,), -1, dtype=torch.int64, device=device)
+        return _assemble(none, none, student_anchors.new_zeros(num_s), student_anchors, student_anchors,
+                         box_coder, cls_labels, reg_labels)
+    dtype = torch.promote_types(teacher_anchors.dtype, torch.float32)
+    score = teacher_objectness.to(torch.promote_types(teacher_objectness.dtype, torch.float32)).sigmoid()
+    boxes = box_coder.decode_single(teacher_deltas.reshape(-1, 4).to(dtype), teacher_anchors.to(dtype))
+    boxes = clip_boxes_to_image(boxes, teacher_size)
+
+    above = score >= tau
+    pool_mask = above if candidates == "threshold_then_nms" else above | _top_n_per_level(
+        score, teacher_levels, pre_nms_top_n)
+    pool = pool_mask.nonzero().squeeze(1)
+    keep, clus = nms_clusters(boxes[pool], score[pool], teacher_levels[pool], iou_threshold)
+    kept_of = torch.full((num_t,), -1, dtype=torch.int64, device=device)  # kept teacher anchor of members
+    kept_of[pool] = pool[keep[clus]]
+    if candidates == "nms_then_threshold":
+        kept_of = torch.where((kept_of >= 0) & above[kept_of.clamp(min=0)], kept_of, -1)
+
+    # Conflicts: the teacher anchor of highest score (rank) decides its partner's label.
+    order = torch.argsort(score, stable=True)  # ascending, so the higher rank wins
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(num_t, device=device)
+    has = partner >= 0
+    best = torch.full((num_s,), -1, dtype=torch.int64, device=device)
+    best = best.scatter_reduce(0, partner[has], rank[has], reduce="amax", include_self=True)
+    decider = torch.where(best >= 0, order[best.clamp(min=0)], -1)  # (A_s,) teacher anchor or -1
+    d = decider.clamp(min=0)
+    positive = (decider >= 0) & (kept_of[d] >= 0)
+    classes = torch.where(positive, 1, torch.where(decider >= 0, 0, -1))
+    _, inverse = torch.unique(kept_of[d][positive], return_inverse=True)
+    cluster = torch.full((num_s,), -1, dtype=torch.int64, device=device)
+    cluster[positive] = inverse
+    source = kept_of[d] if reg_target == "kept" else d
+    target = project_boxes(boxes[source.clamp(min=0)], teacher_to_student, student_size)
+    return _assemble(classes, cluster, score[d], target, student_anchors, box_coder, cls_labels, reg_labels)

@@ -1,0 +1,300 @@
+"""Inverse NMS Clustering: R-CNN / RPN targets on hand-drawn cases, the INC losses, invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection._utils import BoxCoder
+
+from dtg.data.transforms import project_boxes
+from dtg.losses.dtg_loss import (
+    inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas,
+)
+from dtg.losses.inc import IncTargets, rcnn_inc_targets, rpn_inc_targets
+
+torch.set_num_threads(1)
+
+RCNN_CODER = BoxCoder((10.0, 10.0, 5.0, 5.0))
+RPN_CODER = BoxCoder((1.0, 1.0, 1.0, 1.0))
+EYE = torch.eye(3, dtype=torch.float64)
+LN2 = math.log(2.0)
+
+# Decoded teacher boxes, class and probability: 3 overlapping class-2 boxes (p 0.9, 0.8, 0.5),
+# one class-2 box below tau (0.3), one separate class-1 box (0.6).
+BOXES = torch.tensor([[10, 10, 50, 50], [12, 10, 52, 50], [10, 12, 50, 54],
+                      [11, 11, 51, 51], [100, 100, 140, 150]], dtype=torch.float64)
+PROBS = torch.tensor([[0.05, 0.05, 0.9], [0.1, 0.1, 0.8], [0.2, 0.3, 0.5],
+                      [0.5, 0.2, 0.3], [0.1, 0.6, 0.3]], dtype=torch.float64)
+SHIFT = torch.tensor([[-2, 1, 3, -1], [1, 2, -3, 2], [0, -2, 2, 3], [2, 2, -2, -2], [-4, 3, 5, -6]],
+                     dtype=torch.float64)
+
+
+def rcnn_case(m: torch.Tensor = EYE, size: tuple[int, int] = (200, 200), **kwargs):
+    """Teacher outputs whose class-c decoded boxes are BOXES, and the targets built from them."""
+    proposals = BOXES + SHIFT
+    deltas = torch.randn(5, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cls = PROBS[:, 1:].argmax(1) + 1
+    deltas[torch.arange(5), cls] = RCNN_CODER.encode_single(BOXES, proposals)
+    rois = project_boxes(proposals, m, size)
+    t = rcnn_inc_targets(PROBS.log(), deltas.reshape(5, 12), proposals, rois, m, size, RCNN_CODER, **kwargs)
+    return t, rois
+
+
+def decode(coder: BoxCoder, t: IncTargets, refs: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return coder.decode_single(t.reg_targets[rows], refs[rows])
+
+
+def test_rcnn_hand_drawn() -> None:
+    t, rois = rcnn_case()
+    assert t.labels.tolist() == [2, 2, 2, 0, 1]
+    assert t.classes.tolist() == [2, 2, 2, 0, 1]
+    assert t.cluster[0] == t.cluster[1] == t.cluster[2] >= 0
+    assert t.cluster[3] == -1 and t.cluster[4] >= 0 and t.cluster[4] != t.cluster[0]
+    assert t.num_clusters == 2
+    assert t.reg_mask.tolist() == [True, True, True, False, True]
+    assert torch.allclose(t.teacher_scores, torch.tensor([0.9, 0.8, 0.5, 0.0, 0.6], dtype=torch.float64))
+    assert torch.allclose(decode(RCNN_CODER, t, rois, [0, 1, 2]), BOXES[[0, 0, 0]], atol=1e-6)
+    assert torch.allclose(decode(RCNN_CODER, t, rois, [4]), BOXES[[4]], atol=1e-6)
+    assert (t.reg_targets[3] == 0).all()
+    own, _ = rcnn_case(reg_target="own")
+    assert torch.allclose(decode(RCNN_CODER, own, rois, [0, 1, 2, 4]), BOXES[[0, 1, 2, 4]], atol=1e-6)
+    assert torch.equal(own.labels, t.labels) and torch.equal(own.cluster, t.cluster)
+
+
+def test_rcnn_flip_maps_targets_into_student_view() -> None:
+    w = 200
+    flip = torch.tensor([[-1.0, 0, w], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    t, rois = rcnn_case(flip, (160, w))
+    mirrored = torch.tensor([[w - 50, 10, w - 10, 50], [w - 140, 100, w - 100, 150]], dtype=torch.float64)
+    assert t.labels.tolist() == [2, 2, 2, 0, 1]
+    assert torch.allclose(decode(RCNN_CODER, t, rois, [0, 1, 2, 4]), mirrored[[0, 0, 0, 1]], atol=1e-6)
+
+
+def test_rcnn_degenerate_target_keeps_label_drops_regression() -> None:
+    # Shift left by 95 px: the class-2 cluster (and its RoIs) leaves the student image.
+    shift = torch.tensor([[1.0, 0, -95], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
+    t, rois = rcnn_case(shift, (200, 200))
+    assert t.labels.tolist() == [2, 2, 2, 0, 1]
+    assert t.reg_mask.tolist() == [False, False, False, False, True]
+    assert torch.isfinite(t.reg_targets).all()
+    moved = BOXES[[4]] - torch.tensor([95.0, 0, 95, 0], dtype=torch.float64)
+    assert torch.allclose(decode(RCNN_CODER, t, rois, [4]), moved, atol=1e-6)
+
+
+def test_rcnn_switches() -> None:
+    base, _ = rcnn_case()
+    no_cls, _ = rcnn_case(cls_labels=False)
+    assert (no_cls.labels == -1).all()
+    assert torch.equal(no_cls.classes, base.labels) and torch.equal(no_cls.reg_mask, base.reg_mask)
+    assert torch.equal(no_cls.cluster, base.cluster)
+    no_reg, _ = rcnn_case(reg_labels=False)
+    assert not no_reg.reg_mask.any() and (no_reg.reg_targets == 0).all()
+    assert torch.equal(no_reg.labels, base.labels)
+    with pytest.raises(ValueError):
+        rcnn_case(reg_target="all")
+
+
+# RPN hand case: teacher box, level, probability, partner student anchor.
+T_BOXES = torch.tensor([[10, 10, 40, 40], [11, 10, 41, 40], [10, 11, 40, 41], [60, 60, 90, 90],
+                        [60, 60, 90, 90], [0, 60, 30, 90], [20, 60, 50, 90], [12, 62, 40, 88],
+                        [70, 5, 95, 30]], dtype=torch.float64)
+T_LEVELS = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 0])
+T_PROBS = torch.tensor([0.98, 0.95, 0.5, 0.92, 0.91, 0.2, 0.1, 0.3, 0.93], dtype=torch.float64)
+T_PARTNER = torch.tensor([0, 1, 2, 3, 4, 5, -1, 3, 5])
+S_ANCHORS = torch.tensor([[16, 16, 80, 80], [24, 24, 84, 84], [20, 24, 80, 84], [116, 116, 176, 176],
+                          [110, 110, 190, 190], [0, 116, 56, 176], [140, 0, 198, 60], [0, 0, 32, 32]],
+                         dtype=torch.float64)
+SCALE2 = torch.diag(torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64))
+
+
+def rpn_case(boxes=T_BOXES, probs=T_PROBS, levels=T_LEVELS, partner=T_PARTNER, **kwargs) -> IncTargets:
+    anchors = boxes + SHIFT.repeat(2, 1)[: len(boxes)] / 2
+    deltas = RPN_CODER.encode_single(boxes, anchors)
+    return rpn_inc_targets(torch.logit(probs), deltas, anchors, levels, partner, S_ANCHORS, SCALE2,
+                           (200, 200), (100, 100), RPN_CODER, **kwargs)
+
+
+def test_rpn_threshold_then_nms() -> None:
+    t = rpn_case()
+    # s0, s1: t0 (kept) and t1 (suppressed by t0); s2: t2 below tau; s3: t3 beats t7; s4: t4,
+    # same box as t3 on another level (own cluster); s5: t8 (0.93) beats t5 (0.2); s6, s7 unmatched.
+    assert t.labels.tolist() == [1, 1, 0, 1, 1, 1, -1, -1]
+    c = t.cluster.tolist()
+    assert c[0] == c[1] and len({c[0], c[3], c[4], c[5]}) == 4 and c[2] == c[6] == c[7] == -1
+    assert t.num_clusters == 4
+    assert torch.allclose(t.teacher_scores, torch.tensor([0.98, 0.95, 0, 0.92, 0.91, 0.93, 0, 0]).double())
+    kept_student = 2 * T_BOXES[[0, 0, 3, 4, 8]]
+    assert torch.allclose(decode(RPN_CODER, t, S_ANCHORS, [0, 1, 3, 4, 5]), kept_student, atol=1e-6)
+    assert t.reg_mask.tolist() == [True, True, False, True, True, True, False, False]
+    own = rpn_case(reg_target="own")
+    assert torch.allclose(decode(RPN_CODER, own, S_ANCHORS, [0, 1]), 2 * T_BOXES[[0, 1]], atol=1e-6)
+
+
+def test_rpn_nms_then_threshold_adds_low_scoring_members() -> None:
+    t = rpn_case(candidates="nms_then_threshold")
+    # Only s2 changes: t2 (0.5) is suppressed by t0 (0.98) whose cluster passes tau.
+    assert t.labels.tolist() == [1, 1, 1, 1, 1, 1, -1, -1]
+    assert t.cluster[2] == t.cluster[0] and t.num_clusters == 4
+    assert abs(float(t.teacher_scores[2]) - 0.5) < 1e-9
+    assert torch.allclose(decode(RPN_CODER, t, S_ANCHORS, [2]), 2 * T_BOXES[[0]], atol=1e-6)
+    # Outside the per-level top-1 pool (and below tau), t2 is background again.
+    small = rpn_case(candidates="nms_then_threshold", pre_nms_top_n=1)
+    assert small.labels.tolist() == [1, 1, 0, 1, 1, 1, -1, -1]
+
+
+def test_rpn_conflicts_highest_objectness_decides() -> None:
+    boxes = torch.tensor([[10, 10, 40, 40], [11, 10, 41, 40], [60, 60, 90, 90], [60, 10, 90, 40]]).double()
+    probs = torch.tensor([0.95, 0.5, 0.6, 0.97], dtype=torch.float64)
+    partner = torch.tensor([1, 0, 0, 1])  # u1, u2 -> s0; u0, u3 -> s1
+    levels = torch.zeros(4, dtype=torch.int64)
+    for mode in ("threshold_then_nms", "nms_then_threshold"):
+        t = rpn_case(boxes, probs, levels, partner, candidates=mode)
+        # s0: background u2 (0.6) beats u1 (0.5, a member in nms_then_threshold);
+        # s1: u3 (0.97) beats u0 (0.95): u3's cluster, score and kept box.
+        assert t.labels.tolist() == [0, 1, -1, -1, -1, -1, -1, -1]
+        assert abs(float(t.teacher_scores[1]) - 0.97) < 1e-9 and t.num_clusters == 1
+        assert torch.allclose(decode(RPN_CODER, t, S_ANCHORS, [1]), 2 * boxes[[3]], atol=1e-6)
+    # Equal objectness: the higher teacher index decides.
+    tie = rpn_case(boxes, torch.tensor([0.95, 0.5, 0.95, 0.2]).double(), levels, torch.tensor([0, 1, 0, 1]))
+    assert torch.allclose(decode(RPN_CODER, tie, S_ANCHORS, [0]), 2 * boxes[[2]], atol=1e-6)
+    assert tie.labels[1] == 0
+
+
+def test_rpn_switches_and_empty() -> None:
+    assert (rpn_case(cls_labels=False).labels == -1).all()
+    assert not rpn_case(reg_labels=False).reg_mask.any()
+    empty = rpn_case(T_BOXES[:0], T_PROBS[:0], T_LEVELS[:0], T_PARTNER[:0])
+    assert (empty.labels == -1).all() and empty.num_clusters == 0 and not empty.reg_mask.any()
+    with pytest.raises(ValueError):
+        rpn_case(candidates="both")
+
+
+def hand_targets() -> IncTargets:
+    """Clusters 5 (sample 0) and 9 (samples 1-3), background 4-5, ignored 6-7."""
+    labels = torch.tensor([1, 2, 2, 2, 0, 0, -1, -1])
+    cluster = torch.tensor([5, 9, 9, 9, -1, -1, -1, -1])
+    reg_mask = torch.tensor([True] * 4 + [False] * 4)
+    reg = torch.zeros(8, 4)
+    reg[:4, 0] = torch.tensor([4.0, 1.0, 2.0, 3.0])  # |delta - target| with zero deltas
+    return IncTargets(labels, reg, reg_mask, cluster, torch.zeros(8), 2)
+
+
+def logits_with_prob(labels: list[int], q: list[float]) -> torch.Tensor:
+    """(N, 3) logits whose softmax gives probability q[i] to class labels[i]."""
+    probs = torch.tensor([[(1 - qi) / 2] * 3 for qi in q], dtype=torch.float64)
+    probs[torch.arange(len(q)), torch.tensor(labels)] = torch.tensor(q, dtype=torch.float64)
+    return probs.log()
+
+
+def test_classification_loss_hand_computed() -> None:
+    t = hand_targets()
+    # CE (gamma 0): ln2 | ln4, ln4, ln8 | ln2, ln4 | ignored rows predict the wrong class badly.
+    q = [1 / 2, 1 / 4, 1 / 4, 1 / 8, 1 / 2, 1 / 4, 1e-6, 1e-6]
+    logits = logits_with_prob([1, 2, 2, 2, 0, 0, 1, 1], q)
+    logits.requires_grad_(True)
+    cluster = inc_classification_loss(logits, t, "cluster", gamma=0.0)
+    # (1 + 7/3) / 2 ln2 over the clusters + (1 + 2) / 2 ln2 over the background = 19/6 ln2.
+    assert abs(cluster.item() - 19 / 6 * LN2) < 1e-9
+    samples = inc_classification_loss(logits, t, "samples", gamma=0.0)
+    assert abs(samples.item() - 11 / 6 * LN2) < 1e-9  # (1+2+2+3+1+2) ln2 / 6
+    cluster.backward()
+    assert (logits.grad[6:] == 0).all() and (logits.grad[:6] != 0).any()
+    focal = inc_classification_loss(logits, t, "samples", gamma=2.0)
+    per = [(1 - q) ** 2 * -math.log(q) for q in [1 / 2, 1 / 4, 1 / 4, 1 / 8, 1 / 2, 1 / 4]]
+    assert abs(focal.item() - sum(per) / 6) < 1e-9
+
+
+def test_objectness_loss_hand_computed() -> None:
+    t = hand_targets()
+    t.labels = t.classes = torch.where(t.labels > 0, 1, t.labels)
+    x = torch.tensor([2.0, 1.0, 0.0, -1.0, -2.0, 0.5, 9.0, -9.0], dtype=torch.float64)
+    bce = [math.log1p(math.exp(-v)) for v in x[:4].tolist()]  # positives: log(1 + e^-x)
+    bce += [math.log1p(math.exp(v)) for v in x[4:6].tolist()]  # background: log(1 + e^x)
+    cluster = inc_objectness_loss(x, t, "cluster", gamma=0.0)
+    assert abs(float(cluster) - ((bce[0] + sum(bce[1:4]) / 3) / 2 + (bce[4] + bce[5]) / 2)) < 1e-9
+    assert abs(float(inc_objectness_loss(x, t, "samples", gamma=0.0)) - sum(bce) / 6) < 1e-9
+    ce = F.binary_cross_entropy_with_logits(x[:6], t.labels[:6].double(), reduction="none")
+    p_t = torch.where(t.labels[:6] == 1, x[:6].sigmoid(), 1 - x[:6].sigmoid())
+    focal = (ce * (1 - p_t) ** 2).sum() / 6  # gamma 2, alpha -1 (no weighting)
+    assert abs(float(inc_objectness_loss(x, t, "samples")) - float(focal)) < 1e-9
+
+
+def test_regression_loss_hand_computed() -> None:
+    t = hand_targets()
+    deltas = torch.zeros(8, 4, requires_grad=True)
+    # L1 (beta 0): cluster 5 -> 4, cluster 9 -> (1 + 2 + 3) / 3 = 2; mean over clusters 3.
+    assert abs(inc_regression_loss(deltas, t, "cluster", beta=0.0).item() - 3.0) < 1e-6
+    assert abs(inc_regression_loss(deltas, t, "samples", beta=0.0).item() - 10 / 6) < 1e-6  # 6 labelled
+    smooth = inc_regression_loss(deltas, t, "cluster")  # |x| - beta / 2 for |x| >= beta = 1/9
+    assert abs(smooth.item() - (3.0 - 1 / 18)) < 1e-6
+    smooth.backward()
+    assert (deltas.grad[4:] == 0).all() and (deltas.grad[:4, 0] != 0).all()
+
+
+def test_cluster_of_three_weighs_as_one() -> None:
+    one = hand_targets()
+    one.reg_targets[1:4, 0] = 2.0  # cluster 9 members all at loss 2
+    three_as_one = IncTargets(one.labels, one.reg_targets, torch.tensor([True, True] + [False] * 6),
+                              one.cluster, one.teacher_scores, 2)
+    deltas = torch.zeros(8, 4)
+    a = inc_regression_loss(deltas, one, "cluster", beta=0.0)
+    b = inc_regression_loss(deltas, three_as_one, "cluster", beta=0.0)
+    assert abs(float(a) - 3.0) < 1e-6 and abs(float(b) - 3.0) < 1e-6
+    assert float(inc_regression_loss(deltas, one, "samples", beta=0.0)) != float(
+        inc_regression_loss(deltas, three_as_one, "samples", beta=0.0))
+
+
+def test_losses_zero_and_backward_without_members() -> None:
+    t = hand_targets()
+    ignored = IncTargets(torch.full((8,), -1), t.reg_targets, torch.zeros(8, dtype=torch.bool),
+                         torch.full((8,), -1), t.teacher_scores, 0)
+    logits, obj, deltas = (torch.randn(8, 3, requires_grad=True), torch.randn(8, requires_grad=True),
+                           torch.randn(8, 4, requires_grad=True))
+    for norm in ("cluster", "samples"):
+        losses = [inc_classification_loss(logits, ignored, norm), inc_objectness_loss(obj, ignored, norm),
+                  inc_regression_loss(deltas, ignored, norm)]
+        assert all(v.item() == 0.0 and v.dim() == 0 for v in losses)
+        sum(losses).backward()
+    assert (logits.grad == 0).all() and (obj.grad == 0).all() and (deltas.grad == 0).all()
+    background = IncTargets(torch.zeros(8, dtype=torch.int64), t.reg_targets,
+                            torch.zeros(8, dtype=torch.bool), torch.full((8,), -1), t.teacher_scores, 0)
+    assert inc_classification_loss(logits, background).item() > 0
+    assert inc_regression_loss(deltas, background).item() == 0.0
+
+
+def test_select_class_deltas() -> None:
+    deltas = torch.arange(24.0).reshape(2, 12)
+    out = select_class_deltas(deltas, torch.tensor([2, -1]))
+    assert out.tolist() == [[8, 9, 10, 11], [12, 13, 14, 15]]
+
+
+def test_rcnn_invariants_random() -> None:
+    g = torch.Generator().manual_seed(0)
+    for it in range(20):
+        n, k = 60, 3
+        xy = torch.rand(n, 2, generator=g) * 80
+        props = torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 40], 1)
+        logits = torch.randn(n, k + 1, generator=g) * 3
+        deltas = torch.randn(n, (k + 1) * 4, generator=g) * 0.3
+        m = torch.tensor([[-1.2 if it % 2 else 0.8, 0, 110.0], [0, 1.1, -5], [0, 0, 1]])
+        rois = project_boxes(props, m, (120, 110))
+        t = rcnn_inc_targets(logits, deltas, props, rois, m, (120, 110), RCNN_CODER, tau=0.45)
+        prob = logits.softmax(1)
+        p, c = prob[:, 1:].max(1)
+        member = t.cluster >= 0
+        assert torch.equal(member, p >= 0.45) and torch.equal(t.labels[member], c[member] + 1)
+        assert (t.labels[~member] == 0).all() and (t.teacher_scores[~member] == 0).all()
+        assert torch.allclose(t.teacher_scores[member], p[member])
+        assert (t.labels[t.reg_mask] > 0).all() and torch.isfinite(t.reg_targets).all()
+        assert t.cluster[member].unique().numel() == t.num_clusters
+        for cid in t.cluster[member].unique():
+            rows = (t.cluster == cid).nonzero().squeeze(1)
+            top = rows[t.teacher_scores[rows].argmax()]  # the kept box: the cluster's best score
+            assert (t.labels[rows] == t.labels[top]).all()
+            reg = rows[t.reg_mask[rows]]
+            if reg.numel():
+                decoded = RCNN_CODER.decode_single(t.reg_targets[reg], rois[reg])
+                assert torch.allclose(decoded, decoded[:1].expand_as(decoded), atol=1e-3)
