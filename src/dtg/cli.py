@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_skip_bad(p)
     p.add_argument(
-        "--methods", nargs="+", default=["supervised"], choices=["supervised", "sparse"],
+        "--methods", nargs="+", default=["supervised"], choices=["supervised", "sparse", "dtg"],
         help="methods to run on the same schedule and seed (default: supervised)",
     )
     p.set_defaults(func=cmd_demo)

@@ -135,10 +135,32 @@ class SemiConfig:
 
 
 @dataclass
+class DTGConfig:
+    """Dense Teacher Guidance switches (METHOD.md sections 4-6); defaults are the paper's."""
+
+    rpn: bool = True  # DTG in the RPN stage
+    rcnn: bool = True  # DTG in the R-CNN stage
+    inc_cls: bool = True  # INC classification labels
+    inc_reg: bool = True  # INC regression labels
+    rank_matching: bool = True
+    reg_target: Literal["kept", "own"] = "kept"
+    normalize: Literal["cluster", "samples"] = "cluster"
+    rpn_candidates: Literal["threshold_then_nms", "nms_then_threshold"] = "threshold_then_nms"
+    rm_input: Literal["prob", "logit"] = "prob"
+    tau_rpn: float = 0.9
+    tau_rcnn: float = 0.45
+    rpn_nms: float = 0.7
+    rcnn_nms: float = 0.5
+    T: float = 1.0
+    beta: float = 3.0
+    anchor_radius: int = 1  # grid cells searched around a mapped teacher anchor's centre
+
+
+@dataclass
 class Config:
     """A whole run."""
 
-    method: Literal["supervised", "sparse"] = "supervised"
+    method: Literal["supervised", "sparse", "dtg"] = "supervised"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "runs/embedded"
@@ -151,6 +173,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
+    dtg: DTGConfig = field(default_factory=DTGConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

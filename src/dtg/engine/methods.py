@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dtg.config import SemiConfig
+from dtg.config import Config, SemiConfig
 from dtg.data.transforms import teacher_to_student
 from dtg.losses.pseudo_label import pseudo_targets
 from dtg.models.detector import Detector
@@ -97,9 +97,14 @@ class SparseMethod:
         return losses, {"pseudo_boxes_per_image": n_boxes / max(len(items), 1)}
 
 
-def build_method(name: str, device: torch.device, semi: SemiConfig | None = None) -> Method:
-    if name == "supervised":
+def build_method(cfg: Config, device: torch.device) -> Method:
+    """The method named by ``cfg.method``."""
+    if cfg.method == "supervised":
         return SupervisedMethod(device)
-    if name == "sparse":
-        return SparseMethod(device, semi or SemiConfig())
-    raise ValueError(f"unknown method '{name}'")
+    if cfg.method == "sparse":
+        return SparseMethod(device, cfg.semi)
+    if cfg.method == "dtg":
+        from dtg.engine.dtg_method import DTGMethod  # imports this module
+
+        return DTGMethod(device, cfg)
+    raise ValueError(f"unknown method '{cfg.method}'")

@@ -92,7 +92,7 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed, cfg.deterministic)
-        self.method = build_method(cfg.method, self.device, cfg.semi)
+        self.method = build_method(cfg, self.device)
         self._load_data()
         self.model = Detector.from_config(cfg.model, self.labels.num_classes, cfg.data.test_size, cfg.data.test_max_size)
         self.model.to(self.device).train()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dtg.data.transforms import project_boxes
+from dtg.data.transforms import map_points, project_boxes
 
 MAX_CANDIDATES_PER_CHUNK = 1 << 21  # rows x candidates gathered at once (~32 MB of float32 boxes)
 
@@ -230,6 +230,19 @@ def match_anchors(mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radi
         IoU is 0.
     """
     return match_anchors_with_iou(mapped_boxes, grid, canonical, radius)[0]
+
+
+def map_anchors(anchors: Tensor, teacher_to_student: Tensor) -> Tensor:
+    """Teacher anchors (A, 4) xyxy -> (A, 4) boxes in the student view, NOT clipped.
+
+    The 4 corners are mapped and min/max taken; clipping would shrink anchors at the
+    border and could change their FPN level, so partners are searched unclipped.
+    """
+    x1, y1, x2, y2 = anchors.unbind(-1)
+    corners = torch.stack([torch.stack([x1, y1], -1), torch.stack([x2, y1], -1),
+                           torch.stack([x1, y2], -1), torch.stack([x2, y2], -1)], 1)  # (A, 4, 2)
+    pts = map_points(corners, teacher_to_student).to(anchors.dtype)
+    return torch.cat([pts.min(1).values, pts.max(1).values], -1)
 
 
 def map_proposals(proposals: Tensor, teacher_to_student: Tensor, student_size: tuple[int, int]) -> Tensor:
