@@ -1,4 +1,4 @@
-"""Command line: ``dtg synth | train | eval | demo`` (also ``python -m dtg``)."""
+"""Command line: ``dtg synth | train | eval | explain | demo`` (also ``python -m dtg``)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """A look inside: the teacher's R-CNN clusters and the student's INC labels and ranks on one image."""
+    from dtg.engine.trainer import resolve_device
+    from dtg.explain import explain_checkpoint, render
+
+    if args.max_clusters < 0:
+        raise ConfigError(f"--max-clusters must be >= 0, got {args.max_clusters}")
+    ex, weak, strong, names = explain_checkpoint(
+        args.checkpoint, args.image, args.seed, args.tau_rcnn, resolve_device(args.device)
+    )
+    out = Path(args.out or Path(args.checkpoint).parent.parent / "explain" / f"{Path(args.image).stem}_seed{args.seed}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render(ex, weak, strong, names, max_clusters=args.max_clusters).save(out, format="PNG")
+    members = sum(len(c.members) for c in ex.clusters)
+    print(f"{out}: {len(ex.clusters)} clusters, {members} members, {len(ex.background)} background RoIs (tau_rcnn {ex.tau:g})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: generate the embedded dataset, train, evaluate, print the table."""
     from dtg.data.synth import generate
@@ -160,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_skip_bad(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("explain", help="draw the teacher's R-CNN clusters and the student's INC labels on one image")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of a semi-supervised run (with a teacher)")
+    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("--out", help="PNG to write (default: beside the checkpoints, explain/IMAGE_seedS.png)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weak/strong view augmentation (default: 0)")
+    p.add_argument("--max-clusters", type=int, default=8, help="clusters drawn, highest kept score first (default: 8)")
+    p.add_argument("--tau-rcnn", type=float, help="candidate threshold (default: dtg.tau_rcnn of the checkpoint)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("demo", help="the main job: synth + train + eval on the embedded default, print a table")
     _add_config_args(p)
