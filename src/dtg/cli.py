@@ -76,27 +76,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from dtg.config import from_dict
     from dtg.data.coco import load_labeled
     from dtg.data.dataset import LabelMap
-    from dtg.engine.checkpoint import load_checkpoint
+    from dtg.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from dtg.engine.trainer import resolve_device
     from dtg.evaluation.coco_eval import format_table, write_results
     from dtg.evaluation.inference import evaluate_model
-    from dtg.models.detector import Detector
 
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = from_dict(ckpt["config"])
     which = args.model or ("teacher" if "teacher" in ckpt else "student")
-    if which not in ckpt:
-        raise ConfigError(f"{args.checkpoint}: has no '{which}' model")
+    cfg, model = model_from_checkpoint(ckpt, which, args.checkpoint)
     val_json = args.val_json or cfg.data.val_json
     val_images = args.val_images or cfg.data.val_images
     source = load_labeled(val_json, val_images, skip_bad=args.skip_bad, log=lambda m: print(m, file=sys.stderr))
     labels = LabelMap(ckpt["categories"])
     device = resolve_device(args.device)
-    model = Detector.from_config(cfg.model, labels.num_classes, cfg.data.test_size, cfg.data.test_max_size)
-    model.net.load_state_dict(ckpt[which])
     model.to(device)
     with torch.inference_mode():
         metrics, results = evaluate_model(

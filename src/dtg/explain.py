@@ -25,10 +25,10 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import clip_boxes_to_image
 
-from dtg.config import Config, ConfigError, from_dict
+from dtg.config import Config, ConfigError
 from dtg.data.coco import load_image
 from dtg.data.transforms import View, make_view, teacher_to_student
-from dtg.engine.checkpoint import CheckpointError, load_checkpoint
+from dtg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from dtg.engine.dtg_method import ignore_samples
 from dtg.losses.correspondence import map_proposals
 from dtg.losses.inc import IncTargets, rcnn_inc_targets
@@ -157,22 +157,13 @@ def explain_rcnn(
 
 def load_models(ckpt: dict[str, Any], path: str | Path) -> tuple[Config, Detector, Detector, list[str]]:
     """(config, teacher, student, class names) of a checkpoint written by ``dtg train``; eval mode."""
-    for key in ("config", "categories", "student"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: not a dtg training checkpoint (no '{key}')")
     if "teacher" not in ckpt:
-        raise CheckpointError(f"{path}: has no teacher model (method '{ckpt['config'].get('method')}'); "
+        raise CheckpointError(f"{path}: has no teacher model (method '{ckpt.get('config', {}).get('method')}'); "
                               "explain needs a semi-supervised checkpoint")
-    cfg = from_dict(ckpt["config"])
+    cfg, teacher = model_from_checkpoint(ckpt, "teacher", path)
+    _, student = model_from_checkpoint(ckpt, "student", path)
     names = [str(c["name"]) for c in sorted(ckpt["categories"], key=lambda c: int(c["id"]))]
-    models = []
-    for which in ("teacher", "student"):
-        model = Detector.from_config(cfg.model, len(names), cfg.data.test_size, cfg.data.test_max_size)
-        try:
-            model.net.load_state_dict(ckpt[which])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: {which} weights do not fit its config ({str(e).splitlines()[0]})") from None
-        models.append(model.eval())
+    models = [teacher.eval(), student.eval()]
     return cfg, models[0], models[1], names
 
 

@@ -10,10 +10,14 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from dtg.config import Config
+    from dtg.models.detector import Detector
 
 
 class CheckpointError(RuntimeError):
@@ -53,6 +57,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], which: str, path: str | Path) -> tuple["Config", "Detector"]:
+    """The run's config and its ``which`` (``teacher``/``student``) model, rebuilt from a training checkpoint."""
+    from dtg.config import from_dict
+    from dtg.models.detector import Detector
+
+    for key in ("config", "categories", which):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: has no '{key}' entry (not a dtg training checkpoint of that kind)")
+    cfg = from_dict(ckpt["config"])
+    model = Detector.from_config(cfg.model, len(ckpt["categories"]), cfg.data.test_size, cfg.data.test_max_size)
+    try:
+        model.net.load_state_dict(ckpt[which])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: {which} weights do not fit its config ({str(e).splitlines()[0]})") from None
+    return cfg, model
 
 
 def rng_state() -> dict[str, Any]:
