@@ -120,6 +120,7 @@ class SolverConfig:
     gamma: float = 0.1
     clip_grad_norm: float = 10.0  # max total grad norm; 0 disables clipping
     amp: bool = False  # mixed precision, GPU only
+    max_nonfinite: int = 20  # non-finite steps in a row (each skipped) before the run stops; 0: stop at the first
 
 
 @dataclass

@@ -20,23 +20,38 @@ if TYPE_CHECKING:
     from dtg.models.detector import Detector
 
 
+TEMP_SUFFIX = ".tmp"
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit this run."""
+    """A checkpoint cannot be read, written, or does not fit this run (one-line message)."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    """``torch.save`` to ``path`` atomically (temp file + fsync + ``os.replace``).
+
+    A failing write (disk full, permissions, an interrupt) removes the temp file and
+    leaves any previous file at ``path`` untouched; an ``OSError`` becomes a one-line
+    :class:`CheckpointError` naming the file. Only a ``SIGKILL`` mid-write can leave a
+    ``.NAME.*.tmp`` behind (never ``path`` itself); :func:`remove_stale_temps` clears it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            kept = "the previous checkpoint is intact" if path.is_file() else "no previous checkpoint"
+            reason = e.strerror or type(e).__name__
+            raise CheckpointError(f"{path}: cannot write checkpoint ({reason}); {kept}") from None
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -46,6 +61,15 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete temp files a killed :func:`atomic_save` left in ``folder``; return them."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".*{TEMP_SUFFIX}")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

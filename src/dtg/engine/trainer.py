@@ -3,72 +3,51 @@
 Per iteration: draw a mixed batch, ask the method for named losses, combine them
 as ``L = sum(sup_*) + alpha(t) * sum(unsup_*)``, step SGD and the LR schedule,
 then the after-step hooks (logging, checkpoint, evaluation).
+
+The same loop runs in one process or in each of ``W`` torchrun processes
+(:mod:`dtg.engine.distributed`): each rank draws its own share of the global batch,
+the student is synchronised by DDP, the teacher is EMA'd identically everywhere,
+evaluation is sharded, and only rank 0 writes files.
+
+A step whose loss (or gradient norm) is not finite on any rank is skipped on every
+rank: no optimizer step, no EMA update; the LR schedule and the iteration count
+still advance. Skips are logged and counted (``nonfinite_steps`` in
+``metrics.json``); ``solver.max_nonfinite`` skips in a row stop the run with a
+:class:`TrainingError`, the last checkpoint left as it was.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dtg.config import Config, save_config, to_dict
+from dtg.config import Config, to_dict
 from dtg.data.coco import CocoSource, load_labeled, load_unlabeled
 from dtg.data.dataset import LabelMap, TrainData, collate
 from dtg.data.sampler import MixedBatchSampler
 from dtg.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
+from dtg.engine.distributed import (
+    StudentLoss, all_gather_objects, all_true, init_distributed, mean_scalars, run_on_main, sync_batchnorm, wrap_student,
+)
 from dtg.engine.methods import build_method
+from dtg.engine.runtime import (  # noqa: F401  (TrainingError, resolve_device: public here too)
+    NonFiniteGuard, TrainingError, check_output_dir, prepare_output_dir, resolve_device, seed_everything,
+)
 from dtg.engine.solver import build_optimizer, build_scheduler, unsup_weight
 from dtg.evaluation.coco_eval import write_results
 from dtg.evaluation.inference import evaluate_model
 from dtg.models.detector import Detector
 from dtg.models.ema import ema_momentum, ema_update, make_teacher
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or go on (one-line message)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device '{name}' requested but CUDA is not available")
-    return torch.device(name)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def check_output_dir(path: Path, need_bytes: int) -> None:
-    """Fail before training if ``path`` is not writable or lacks space for a checkpoint."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise TrainingError(f"{path}: output directory is not writable ({e.strerror})") from None
-    free = shutil.disk_usage(path).free
-    if free < need_bytes:
-        raise TrainingError(f"{path}: only {free / 2**20:.0f} MiB free, a checkpoint needs ~{need_bytes / 2**20:.0f} MiB")
 
 
 def model_state(model: Detector) -> dict[str, torch.Tensor]:
@@ -79,6 +58,9 @@ def model_state(model: Detector) -> dict[str, torch.Tensor]:
 class Trainer:
     """Builds data, model and optimiser from a :class:`Config` and runs the loop.
 
+    Under torchrun it joins the process group first; ``log`` and ``progress`` then
+    apply to rank 0 only.
+
     Args:
         cfg: the resolved configuration.
         log: where one-line messages go (validation problems, summaries).
@@ -86,9 +68,12 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print, progress: bool = True) -> None:
-        self.cfg, self.log, self.progress = cfg, log, progress
+        self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.device = resolve_device(cfg.device)
+        self.dist, self.device = init_distributed(resolve_device(cfg.device))
+        self.is_main = self.dist.is_main
+        self.log: Callable[[str], None] = log if self.is_main else (lambda m: None)
+        self.progress = progress and self.is_main
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed, cfg.deterministic)
@@ -98,16 +83,22 @@ class Trainer:
         self.model.to(self.device).train()
         # The teacher is copied from the student at iteration 0; on resume it is restored, not re-copied.
         self.teacher: Detector | None = make_teacher(self.model) if self.method.uses_teacher else None
+        if self.dist.enabled:  # the teacher (eval mode only) keeps plain BN layers
+            self.model = sync_batchnorm(self.model, self.device)
         self.optimizer = build_optimizer(self.model, cfg.solver)
         self.scheduler = build_scheduler(self.optimizer, cfg.solver)
         self.use_amp = cfg.solver.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.student_loss = wrap_student(StudentLoss(self.model, self.method), self.dist)
         self.iteration = 0
         self.best_ap = -1.0
         self.history: list[dict[str, Any]] = []
-        params = sum(p.numel() for p in self.model.parameters())
-        check_output_dir(self.out, need_bytes=params * 4 * 4 + (64 << 20))
-        save_config(cfg, self.out / "config.yaml")
+        self.nonfinite = NonFiniteGuard(cfg.solver.max_nonfinite, self.log)
+        self.last_checkpoint: tuple[Path, int] | None = None
+        need = sum(p.numel() for p in self.model.parameters()) * 4 * 4 + (64 << 20)
+        error = run_on_main(self.dist, lambda: prepare_output_dir(self.out, need, cfg, self.log), (TrainingError,))
+        if error:
+            raise TrainingError(error)
 
     # ------------------------------------------------------------------ setup
     def _load_data(self) -> None:
@@ -140,6 +131,8 @@ class Trainer:
             d.batch_labeled,
             n_u,
             seed=self.cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
             start_batch=start_batch,
         )
         data = TrainData(self.labeled, self.unlabeled, self.labels, d.labeled_view, d.weak_view, d.strong_view)
@@ -157,26 +150,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """The whole training state; identical on every rank (a collective under torchrun)."""
+        rngs = all_gather_objects(self.dist, rng_state())  # every rank's generators: exact resume per rank
         state = {
             "student": model_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
-            "sampler": {"batches_drawn": self.iteration, "seed": self.cfg.seed},
-            "rng": rng_state(),
+            "sampler": {"batches_drawn": self.iteration, "seed": self.cfg.seed, "world_size": self.dist.world_size},
+            "rng": rngs[0],
+            "nonfinite": self.nonfinite.state_dict(),
             "config": to_dict(self.cfg),
             "categories": self.labels.categories,
             "best_ap": self.best_ap,
             "history": self.history,
         }
+        if self.dist.enabled:
+            state["rng_ranks"] = rngs
         if self.teacher is not None:
             state["teacher"] = model_state(self.teacher)
         return state
 
     def save(self, name: str) -> Path:
+        """Rank 0 writes ``checkpoints/NAME`` atomically; a failed write fails every rank (one line)."""
         path = self.out / "checkpoints" / name
-        atomic_save(self.state_dict(), path)
+        state = self.state_dict()
+        error = run_on_main(self.dist, lambda: atomic_save(state, path), (CheckpointError,))
+        if error:
+            raise CheckpointError(error)
+        if name == "last.pth":
+            self.last_checkpoint = (path, self.iteration)
         return path
 
     def resume(self, path: str | Path) -> None:
@@ -197,79 +201,117 @@ class Trainer:
             raise CheckpointError(f"{path}: saved with seed {ckpt['sampler']['seed']}, this run uses {self.cfg.seed}")
         self.best_ap = float(ckpt.get("best_ap", -1.0))
         self.history = list(ckpt.get("history", []))
-        set_rng_state(ckpt["rng"])
+        self.nonfinite.load_state_dict(ckpt.get("nonfinite", {}))
+        saved_world = int(ckpt["sampler"].get("world_size", 1))
+        if saved_world == self.dist.world_size:
+            set_rng_state(ckpt["rng_ranks"][self.dist.rank] if "rng_ranks" in ckpt else ckpt["rng"])
+        else:
+            set_rng_state(ckpt["rng"])
+            self.log(f"{path}: written by {saved_world} processes, resumed by {self.dist.world_size}: "
+                     "the data order and random streams differ from an uninterrupted run")
+        self.last_checkpoint = (Path(path), self.iteration)
         self.log(f"resumed from {path} at iteration {self.iteration}")
 
     # ------------------------------------------------------------------ loop
     def step(self, batch: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
-        """One optimisation step; returns the logged scalars."""
+        """One optimisation step (or a skipped one, see the module docstring); returns the logged scalars."""
         autocast = torch.autocast("cuda", enabled=True) if self.use_amp else nullcontext()
         alpha = self.unsup_weight()
         if alpha == 0.0:  # burn-in or no unlabeled branch: skip the teacher and the unlabeled loss
             batch = {**batch, "unsup": []}
         with autocast:
-            losses, stats = self.method.losses(self.model, self.teacher, batch, self.iteration)
+            losses, stats = self.student_loss(self.teacher, batch, self.iteration)
         sup = sum((v for k, v in losses.items() if k.startswith("sup_")), torch.zeros((), device=self.device))
         unsup = sum((v for k, v in losses.items() if k.startswith("unsup_")), torch.zeros((), device=self.device))
         total = sup + alpha * unsup
-        if not torch.isfinite(total):
-            raise TrainingError(f"non-finite loss at iteration {self.iteration}: "
-                                + ", ".join(f"{k}={v.item():.3g}" for k, v in losses.items()))
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if self.cfg.solver.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.solver.clip_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        if self.teacher is not None:
-            ema_update(self.teacher, self.model, ema_momentum(self.iteration, self.cfg.semi.ema_momentum))
         scalars = {k: float(v.detach()) for k, v in losses.items()}
         scalars.update(stats)
         scalars["loss"] = float(total.detach())
         scalars["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.method.uses_unlabeled:
             scalars["alpha"] = alpha
+        # Every rank takes the same decision, or DDP's all-reduce would wait forever.
+        if all_true(self.dist, bool(torch.isfinite(total))):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            if self._finite_grads():
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if self.teacher is not None:
+                    ema_update(self.teacher, self.model, ema_momentum(self.iteration, self.cfg.semi.ema_momentum))
+                self.nonfinite.ok()
+            else:
+                self._skip("gradient norm", scalars)
+        else:
+            self._skip("loss", scalars)
+        self.scheduler.step()
+        scalars["nonfinite_steps"] = float(self.nonfinite.total)
         return scalars
+
+    def _finite_grads(self) -> bool:
+        """Clip if configured; whether the gradient norm is finite (AMP: the scaler skips inf steps itself)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.solver.clip_grad_norm
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        elif self.use_amp:
+            return True
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        return self.use_amp or bool(torch.isfinite(norm))  # grads are all-reduced: the same on every rank
+
+    def _skip(self, what: str, scalars: dict[str, float]) -> None:
+        last = self.last_checkpoint
+        kept = f"the last checkpoint {last[0]} (iteration {last[1]}) is intact" if last else "no checkpoint was written"
+        self.nonfinite.skip(self.iteration, what, scalars, self.dist.rank, kept)
 
     def unsup_weight(self) -> float:
         """alpha(t) of this iteration; 0 without an unlabeled branch."""
         return unsup_weight(self.iteration, self.cfg.semi) if self.method.uses_unlabeled else 0.0
 
     def train(self) -> dict[str, Any]:
-        """Run from ``self.iteration`` to ``solver.max_iter``; return the final metrics."""
+        """Run from ``self.iteration`` to ``solver.max_iter``; return the final metrics (on every rank)."""
         cfg = self.cfg
-        writer = SummaryWriter(str(self.out / "tb"), purge_step=self.iteration or None)
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=self.iteration or None) if self.is_main else None
         loader = iter(self._loader(start_batch=self.iteration))
         bar = tqdm(
             total=cfg.solver.max_iter, initial=self.iteration, desc=f"train {cfg.method}",
             disable=not self.progress, dynamic_ncols=True, file=sys.stderr,
         )
-        t0 = time.perf_counter()
-        while self.iteration < cfg.solver.max_iter:
-            scalars = self.step(next(loader))
-            self.iteration += 1
-            bar.update(1)
-            if self.iteration % cfg.log_period == 0 or self.iteration == cfg.solver.max_iter:
-                for k, v in scalars.items():
-                    writer.add_scalar(f"train/{k}", v, self.iteration)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.endswith(("cls", "reg")) or k == "loss"})
-            if cfg.eval_period > 0 and self.iteration % cfg.eval_period == 0 and self.iteration < cfg.solver.max_iter:
-                self.evaluate(writer)
-            if self.iteration % cfg.checkpoint_period == 0 or self.iteration == cfg.solver.max_iter:
-                self.save("last.pth")
-        bar.close()
-        elapsed = time.perf_counter() - t0
-        metrics = self.evaluate(writer, final=True)
-        self.save("last.pth")
-        writer.close()
-        summary = {"method": cfg.method, "iterations": self.iteration, "train_seconds": round(elapsed, 1), **metrics}
-        (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        try:
+            t0 = time.perf_counter()
+            while self.iteration < cfg.solver.max_iter:
+                scalars = self.step(next(loader))
+                self.iteration += 1
+                bar.update(1)
+                if self.iteration % cfg.log_period == 0 or self.iteration == cfg.solver.max_iter:
+                    scalars = mean_scalars(self.dist, scalars)
+                    for k, v in scalars.items() if writer is not None else ():
+                        writer.add_scalar(f"train/{k}", v, self.iteration)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.endswith(("cls", "reg")) or k == "loss"})
+                if cfg.eval_period > 0 and self.iteration % cfg.eval_period == 0 and self.iteration < cfg.solver.max_iter:
+                    self.evaluate(writer)
+                if self.iteration % cfg.checkpoint_period == 0 or self.iteration == cfg.solver.max_iter:
+                    self.save("last.pth")
+            bar.close()
+            elapsed = time.perf_counter() - t0
+            metrics = self.evaluate(writer, final=True)
+            self.save("last.pth")
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        summary = {
+            "method": cfg.method, "iterations": self.iteration, "train_seconds": round(elapsed, 1),
+            "world_size": self.dist.world_size, "nonfinite_steps": self.nonfinite.total, **metrics,
+        }
+        if self.is_main:
+            (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def evaluate(self, writer: SummaryWriter | None = None, final: bool = False) -> dict[str, Any]:
-        """COCO metrics of the student (and teacher, when there is one) on the val set."""
+        """COCO metrics of the student (and teacher, when there is one) on the val set (every rank calls)."""
         if self.val is None:
             return {}
         models = {"student": self.model}
@@ -280,13 +322,13 @@ class Trainer:
         for name, model in models.items():
             metrics, results = evaluate_model(
                 model, self.val, self.labels, d.test_size, d.test_max_size, self.device,
-                progress=self.progress, desc=f"eval {name}",
+                dist=self.dist, progress=self.progress, desc=f"eval {name}",
             )
             out[name] = metrics
             if writer is not None:
                 for k, v in metrics.items():
                     writer.add_scalar(f"{name}/{k}", v, self.iteration)
-            if final:
+            if final and self.is_main:
                 write_results(self.out / f"results_{name}.json", results)
         reported = "teacher" if "teacher" in out else "student"
         out["reported"] = reported
@@ -296,4 +338,3 @@ class Trainer:
             self.best_ap = ap
             self.save("best.pth")
         return out
-

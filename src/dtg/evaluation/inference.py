@@ -1,4 +1,4 @@
-"""Run a detector over a COCO source and turn its detections into COCO results."""
+"""Run a detector over a COCO source (sharded over torchrun ranks) and turn its detections into COCO results."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from tqdm import tqdm
 from dtg.data.coco import CocoSource
 from dtg.data.dataset import LabelMap, EvalData, collate_list
 from dtg.data.transforms import project_boxes
+from dtg.engine.distributed import DistInfo, broadcast_from_main, gather_to_main
 from dtg.evaluation.coco_eval import evaluate_bbox
 from dtg.models.detector import Detector
 
@@ -37,7 +38,51 @@ def detections_to_coco(
     return out
 
 
+def shard_batches(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Rank ``rank``'s share of the evaluation batches: batch ``b`` holds images ``[b*bs, (b+1)*bs)``.
+
+    Whole batches (not single images) are dealt round-robin, so every image is
+    predicted in the same batch, with the same padding, as in a one-process
+    evaluation: sharded results are those of one process, in any world size.
+    """
+    batches = [list(range(i, min(i + batch_size, num_images))) for i in range(0, num_images, batch_size)]
+    return batches[rank::world_size]
+
+
 @torch.no_grad()
+def predict_batches(
+    model: Detector,
+    source: CocoSource,
+    labels: LabelMap,
+    short_edge: int,
+    max_size: int,
+    device: torch.device,
+    batches: list[list[int]],
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "eval",
+) -> list[tuple[int, list[dict]]]:
+    """``(record index, COCO results)`` of every image in ``batches`` (model put in eval mode)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        EvalData(source, short_edge, max_size),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_list,
+        generator=torch.Generator(),  # leave the global RNG untouched (exact resume of training)
+    )
+    out: list[tuple[int, list[dict]]] = []
+    flat = [i for b in batches for i in b]
+    for items in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        dets = model.predict([it["image"].to(device) for it in items])
+        for it, det in zip(items, dets):
+            back = torch.linalg.inv(it["matrix"])
+            out.append((flat[len(out)], detections_to_coco(it["image_id"], det, back, it["orig_size"], labels)))
+    model.train(was_training)
+    return out
+
+
 def predict_source(
     model: Detector,
     source: CocoSource,
@@ -49,25 +94,19 @@ def predict_source(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "eval",
+    dist: DistInfo = DistInfo(),
 ) -> list[dict]:
-    """COCO results of ``model`` on every image of ``source`` (model put in eval mode)."""
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(
-        EvalData(source, short_edge, max_size),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_list,
-        generator=torch.Generator(),  # leave the global RNG untouched (exact resume of training)
-    )
-    results: list[dict] = []
-    for items in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        dets = model.predict([it["image"].to(device) for it in items])
-        for it, det in zip(items, dets):
-            back = torch.linalg.inv(it["matrix"])
-            results.extend(detections_to_coco(it["image_id"], det, back, it["orig_size"], labels))
-    model.train(was_training)
-    return results
+    """COCO results of ``model`` on every image of ``source``, in record order.
+
+    Under torchrun (``dist.enabled``) each rank predicts its :func:`shard_batches`
+    and the results are gathered on rank 0; other ranks get ``[]``.
+    """
+    batches = shard_batches(len(source.records), batch_size, dist.rank, dist.world_size)
+    mine = predict_batches(model, source, labels, short_edge, max_size, device, batches, num_workers, progress, desc)
+    shards = gather_to_main(dist, mine)
+    if shards is None:
+        return []
+    return [r for _, results in sorted((p for s in shards for p in s), key=lambda p: p[0]) for r in results]
 
 
 def evaluate_model(
@@ -77,9 +116,15 @@ def evaluate_model(
     short_edge: int,
     max_size: int,
     device: torch.device,
+    dist: DistInfo = DistInfo(),
     **kwargs,
 ) -> tuple[dict[str, float], list[dict]]:
-    """COCO bbox metrics (fractions, ``AP`` ... ``ARl``) and the results they came from."""
-    results = predict_source(model, source, labels, short_edge, max_size, device, **kwargs)
+    """COCO bbox metrics (fractions, ``AP`` ... ``ARl``) and the results they came from.
+
+    Under torchrun: sharded prediction, COCO evaluation on rank 0, metrics sent to
+    every rank; the results list is complete on rank 0 and empty elsewhere.
+    """
     assert source.json_path is not None, "evaluation needs a COCO json with annotations"
-    return evaluate_bbox(source.json_path, results), results
+    results = predict_source(model, source, labels, short_edge, max_size, device, dist=dist, **kwargs)
+    metrics = evaluate_bbox(source.json_path, results) if dist.is_main else None
+    return broadcast_from_main(dist, metrics), results
