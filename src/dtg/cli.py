@@ -62,10 +62,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         path = Path(cfg.output_dir) / "checkpoints" / "last.pth" if args.resume == "auto" else Path(args.resume)
         if args.resume == "auto" and not path.is_file():
-            print(f"no checkpoint at {path}; starting from scratch", file=sys.stderr)
+            trainer.log(f"no checkpoint at {path}; starting from scratch")
         else:
             trainer.resume(path)
     summary = trainer.train()
+    if not trainer.is_main:  # under torchrun, rank 0 reports
+        return 0
     rows = {f"{cfg.method} ({name})": summary[name] for name in ("teacher", "student") if name in summary}
     if rows:
         print(format_table(rows))
