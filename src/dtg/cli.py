@@ -1,4 +1,4 @@
-"""Command line: ``dtg synth | train | eval | explain | demo`` (also ``python -m dtg``)."""
+"""Command line: ``dtg synth | train | eval | explain | demo | split | predict | export`` (also ``python -m dtg``)."""
 
 from __future__ import annotations
 
@@ -145,6 +145,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usages(p: argparse.ArgumentParser) -> list[str]:
+    """The usage of ``p``, or of each of its own subcommands (``dtg split coco``, ``dtg split voc``)."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    return [u for a in subs for sp in a.choices.values() for u in _usages(sp)] if subs else [p.format_usage()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtg", description="Semi-supervised object detection with Dense Teacher Guidance")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -194,8 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+    from dtg.tools import export, predict, split
+
+    for tool in (split, predict, export):  # dtg split coco|voc, dtg predict, dtg export
+        tool.add_parser(sub)
+
     # `dtg --help` shows every subcommand with its options.
-    usages = [sp.format_usage().replace("usage: ", "  ").rstrip() for sp in sub.choices.values()]
+    usages = [u.replace("usage: ", "  ").rstrip() for sp in sub.choices.values() for u in _usages(sp)]
     parser.epilog = "commands and their options (COMMAND --help for details):\n" + "\n".join(usages)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
