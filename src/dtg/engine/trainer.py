@@ -10,8 +10,8 @@ the student is synchronised by DDP, the teacher is EMA'd identically everywhere,
 evaluation is sharded, and only rank 0 writes files.
 
 A step whose loss (or gradient norm) is not finite on any rank is skipped on every
-rank: no optimizer step, no EMA update; the LR schedule and the iteration count
-still advance. Skips are logged and counted (``nonfinite_steps`` in
+rank: no optimizer step, no EMA update, BatchNorm statistics of its forward undone;
+the LR schedule and the iteration count still advance. Skips are logged and counted (``nonfinite_steps`` in
 ``metrics.json``); ``solver.max_nonfinite`` skips in a row stop the run with a
 :class:`TrainingError`, the last checkpoint left as it was.
 """
@@ -219,6 +219,7 @@ class Trainer:
         alpha = self.unsup_weight()
         if alpha == 0.0:  # burn-in or no unlabeled branch: skip the teacher and the unlabeled loss
             batch = {**batch, "unsup": []}
+        buffers = [(b, b.clone()) for b in self.model.buffers()]  # BN statistics, restored if the step is skipped
         with autocast:
             losses, stats = self.student_loss(self.teacher, batch, self.iteration)
         sup = sum((v for k, v in losses.items() if k.startswith("sup_")), torch.zeros((), device=self.device))
@@ -241,9 +242,9 @@ class Trainer:
                     ema_update(self.teacher, self.model, ema_momentum(self.iteration, self.cfg.semi.ema_momentum))
                 self.nonfinite.ok()
             else:
-                self._skip("gradient norm", scalars)
+                self._skip("gradient norm", scalars, buffers)
         else:
-            self._skip("loss", scalars)
+            self._skip("loss", scalars, buffers)
         self.scheduler.step()
         scalars["nonfinite_steps"] = float(self.nonfinite.total)
         return scalars
@@ -261,7 +262,11 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         return self.use_amp or bool(torch.isfinite(norm))  # grads are all-reduced: the same on every rank
 
-    def _skip(self, what: str, scalars: dict[str, float]) -> None:
+    @torch.no_grad()
+    def _skip(self, what: str, scalars: dict[str, float], buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The step leaves no trace (its forward's BN statistics undone); counted, maybe the end of the run."""
+        for b, before in buffers:
+            b.copy_(before)
         last = self.last_checkpoint
         kept = f"the last checkpoint {last[0]} (iteration {last[1]}) is intact" if last else "no checkpoint was written"
         self.nonfinite.skip(self.iteration, what, scalars, self.dist.rank, kept)

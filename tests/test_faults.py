@@ -1,0 +1,360 @@
+"""Faults: SIGKILL at random moments, non-finite losses, failing checkpoint writes, corrupt datasets."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from dtg.cli import main
+from dtg.config import save_config
+from dtg.data.coco import DatasetError, load_image, load_labeled, load_unlabeled
+from dtg.engine.checkpoint import load_checkpoint
+from dtg.engine.methods import SupervisedMethod
+from dtg.engine.trainer import Trainer, TrainingError
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).parent.parent
+
+
+def _same_weights(a: dict, b: dict) -> None:
+    for name in ("student", "teacher"):
+        assert a[name].keys() == b[name].keys()
+        for k, v in a[name].items():
+            assert torch.equal(v, b[name][k]), (name, k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+# Runs `dtg train` in a child that SIGKILLs itself in the middle of writing its second checkpoint.
+_KILL_MID_WRITE = """
+import io, os, signal, sys, torch
+from dtg.cli import main
+real, calls = torch.save, [0]
+def save(obj, f, *a, **k):
+    calls[0] += 1
+    if calls[0] == 2:
+        buf = io.BytesIO(); real(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(obj, f, *a, **k)
+torch.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _wait_for_checkpoints(proc: subprocess.Popen, ckpt: Path, n: int, timeout: float = 60.0) -> None:
+    """Until ``proc`` has replaced ``ckpt`` ``n`` times (or exited)."""
+    seen, last = 0, ckpt.stat().st_mtime_ns if ckpt.exists() else None
+    deadline = time.monotonic() + timeout
+    while seen < n and proc.poll() is None and time.monotonic() < deadline:
+        now = ckpt.stat().st_mtime_ns if ckpt.exists() else None
+        if now != last:
+            seen, last = seen + 1, now
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_auto_ends_like_an_uninterrupted_run(tiny_dataset, tmp_path):
+    iters = 10
+    cfg = tiny_config(tiny_dataset, tmp_path / "killed", f"solver.max_iter={iters}", "checkpoint_period=1", "threads=1")
+    cfg_file = tmp_path / "killed.yaml"
+    save_config(cfg, cfg_file)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    args = ["train", "--config", str(cfg_file), "--no-progress", "--resume"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+    # 1. killed while writing checkpoint 2: checkpoint 1 is what is on disk, a half temp file beside it.
+    r = subprocess.run([sys.executable, "-c", _KILL_MID_WRITE, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == -9, r.stderr
+    assert load_checkpoint(ckpts / "last.pth")["iteration"] == 1
+    assert len(list(ckpts.glob(".last.pth.*.tmp"))) == 1
+    resumed_at = [1]
+
+    # 2. killed at random moments: after 1-3 new checkpoints plus up to one more iteration.
+    rng, errs = random.Random(0), []
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "dtg", *args], stderr=subprocess.PIPE, text=True, env=env)
+        _wait_for_checkpoints(proc, ckpts / "last.pth", rng.randint(1, 3))
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.kill()
+        errs.append(proc.communicate()[1])
+        assert f"resumed from {ckpts / 'last.pth'} at iteration {resumed_at[-1]}" in errs[-1]
+        resumed_at.append(load_checkpoint(ckpts / "last.pth")["iteration"])  # complete, whatever the moment
+        assert resumed_at[-1] >= resumed_at[-2]
+    assert "left by an interrupted checkpoint write" in errs[0]  # the half file of step 1, removed
+
+    # 3. to the end.
+    r = subprocess.run([sys.executable, "-m", "dtg", *args], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {ckpts / 'last.pth'} at iteration {resumed_at[-1]}" in r.stderr
+    print("resumed at", resumed_at)
+    assert resumed_at[-1] < iters, f"the random kills all came after the end: {resumed_at}"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pth", "last.pth"], "no temp file left"
+
+    before = torch.get_num_threads()
+    try:
+        Trainer(tiny_config(tiny_dataset, tmp_path / "whole", f"solver.max_iter={iters}", "threads=1"),
+                log=lambda m: None, progress=False).train()
+    finally:
+        torch.set_num_threads(before)
+    a, b = load_checkpoint(tmp_path / "whole/checkpoints/last.pth"), load_checkpoint(ckpts / "last.pth")
+    assert a["iteration"] == b["iteration"] == iters and a["history"] == b["history"]
+    _same_weights(a, b)
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, iterations: set[int] | range) -> None:
+    """NaN in the labeled RPN loss at the given iterations."""
+    real = SupervisedMethod.losses
+
+    def losses(self, student, teacher, batch, iteration):  # type: ignore[no-untyped-def]
+        out, stats = real(self, student, teacher, batch, iteration)
+        if iteration in iterations:
+            out["sup_rpn_cls"] = out["sup_rpn_cls"] * float("nan")
+        return out, stats
+
+    monkeypatch.setattr(SupervisedMethod, "losses", losses)
+
+
+def _snapshot(t: Trainer) -> dict:
+    return {
+        "student": {k: v.clone() for k, v in t.model.net.state_dict().items()},
+        "teacher": {k: v.clone() for k, v in t.teacher.net.state_dict().items()},
+        "optimizer": {"state": {k: {"momentum_buffer": s["momentum_buffer"].clone()} for k, s in t.optimizer.state.items()}},
+    }
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(tiny_dataset, tmp_path, monkeypatch):
+    _poison(monkeypatch, {2, 3})
+    lines: list[str] = []
+    t = Trainer(tiny_config(tiny_dataset, tmp_path / "r", "solver.max_iter=5"), log=lines.append, progress=False)
+    steps, step = [], t.step
+
+    def recording(batch):  # type: ignore[no-untyped-def]
+        before = _snapshot(t)
+        scalars = step(batch)
+        steps.append((t.iteration, before, _snapshot(t), t.scheduler.last_epoch, scalars))
+        return scalars
+
+    t.step = recording  # type: ignore[method-assign]
+    summary = t.train()
+    assert [s[0] for s in steps] == [0, 1, 2, 3, 4] and [s[3] for s in steps] == [1, 2, 3, 4, 5]  # LR schedule advances
+    for it, before, after, _, scalars in steps:
+        if it in (2, 3):  # no optimizer step, no EMA update
+            _same_weights(before, after)
+            assert np.isnan(scalars["loss"])
+        else:
+            assert not torch.equal(before["student"]["rpn.head.conv.0.0.weight"], after["student"]["rpn.head.conv.0.0.weight"])
+            assert not torch.equal(before["teacher"]["rpn.head.conv.0.0.weight"], after["teacher"]["rpn.head.conv.0.0.weight"])
+    assert [s[4]["nonfinite_steps"] for s in steps] == [0, 0, 1, 2, 2]
+    assert summary["nonfinite_steps"] == 2 and summary["iterations"] == 5
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["nonfinite_steps"] == 2
+    skipped = [line for line in lines if "non-finite loss" in line]
+    assert len(skipped) == 2 and skipped[0].startswith("iteration 2: non-finite loss (sup_rpn_cls=nan")
+    assert "step skipped (2 in a row of at most 20, 2 in all)" in skipped[1]
+    assert all(torch.isfinite(v).all() for v in t.model.net.state_dict().values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_too_many_nonfinite_steps_in_a_row_stop_with_one_line_and_keep_the_checkpoint(tiny_dataset, tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, range(3, 100))
+    cfg = tiny_config(tiny_dataset, tmp_path / "r", "solver.max_iter=10", "checkpoint_period=1", "solver.max_nonfinite=3")
+    save_config(cfg, tmp_path / "c.yaml")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    ckpt = tmp_path / "r" / "checkpoints" / "last.pth"
+    assert err[-1] == (f"dtg: error: stopped at iteration 5: 3 steps in a row with a non-finite loss "
+                       f"(solver.max_nonfinite=3); the last checkpoint {ckpt} (iteration 5) is intact")
+    assert sum("non-finite loss" in line for line in err) == 4  # 3 skip notes + the error
+    last = load_checkpoint(ckpt)
+    assert last["iteration"] == 5 and last["nonfinite"] == {"total": 2, "streak": 2}
+    assert all(torch.isfinite(v).all() for v in last["student"].values() if v.is_floating_point())
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------- disk full, unwritable output
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_says_so_in_one_line(tiny_dataset, tmp_path, monkeypatch, capsys):
+    save_config(tiny_config(tiny_dataset, tmp_path / "r", "checkpoint_period=1"), tmp_path / "c.yaml")
+    real, calls = torch.save, [0]
+
+    def save(obj, f, *a, **k):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] < 2:
+            return real(obj, f, *a, **k)
+        buf = io.BytesIO()
+        real(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # part of it reached the disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
+    monkeypatch.undo()
+    ckpt = tmp_path / "r" / "checkpoints" / "last.pth"
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtg: error:")]
+    assert errors == [f"dtg: error: {ckpt}: cannot write checkpoint (No space left on device); the previous checkpoint is intact"]
+    assert load_checkpoint(ckpt)["iteration"] == 1
+    assert [p.name for p in ckpt.parent.iterdir()] == ["last.pth"], "temp file removed"
+
+
+def test_too_little_free_space_fails_before_training(tiny_dataset, tmp_path, monkeypatch):
+    import dtg.engine.runtime as runtime
+
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda p: type("U", (), {"free": 3 << 20})())
+    with pytest.raises(TrainingError, match=r"r: only 3 MiB free, a checkpoint needs ~\d+ MiB"):
+        Trainer(tiny_config(tiny_dataset, tmp_path / "r"), log=lambda m: None, progress=False)
+
+
+def test_checkpoint_folder_that_is_a_file_fails_before_training(tiny_dataset, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoints").write_text("not a folder")
+    with pytest.raises(TrainingError, match=r"r/checkpoints: output directory is not writable \(File exists\)"):
+        Trainer(tiny_config(tiny_dataset, tmp_path / "r"), log=lambda m: None, progress=False)
+
+
+# ----------------------------------------------------------------------------- corrupt datasets (fuzz)
+
+
+def _image_bytes(fmt: str) -> bytes:
+    noise = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+_VALID = {"png": _image_bytes("PNG"), "jpg": _image_bytes("JPEG")}
+
+
+@st.composite
+def _corrupted(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A valid 40x30 PNG or JPEG with 1-3 of: truncation, byte flips, inserted or deleted runs, garbage."""
+    ext = draw(st.sampled_from(sorted(_VALID)))
+    data = bytearray(_VALID[ext])
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["flip", "flip", "flip", "truncate", "insert", "delete", "garbage"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "truncate":
+            del data[at:]
+        elif op == "flip" and data:
+            data[at] ^= draw(st.integers(1, 255))
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif op == "delete":
+            del data[at : at + draw(st.integers(1, 64))]
+        else:
+            data = bytearray(draw(st.binary(max_size=64)))
+    return ext, bytes(data)
+
+
+def _coco(ext: str) -> dict:
+    images = [{"id": i, "file_name": f"{i}.{ext}", "width": 40, "height": 30} for i in (1, 2)]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [2, 3, 10, 12]} for i in (1, 2)]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}
+
+
+def _one_line_naming(e: DatasetError, path: Path) -> None:
+    assert "\n" not in str(e) and str(path) in str(e), str(e)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=_corrupted(), skip_bad=st.booleans(), as_folder=st.booleans())
+def test_fuzz_corrupt_image_files_error_or_skip_cleanly(tmp_path: Path, image: tuple[str, bytes], skip_bad: bool, as_folder: bool) -> None:
+    ext, data = image
+    folder = tmp_path / f"imgs_{ext}"
+    folder.mkdir(exist_ok=True)
+    (folder / f"1.{ext}").write_bytes(_VALID[ext])
+    (folder / f"2.{ext}").write_bytes(data)
+    src = folder if as_folder else tmp_path / f"{ext}.json"
+    if not as_folder:
+        src.write_text(json.dumps(_coco(ext)))
+    lines: list[str] = []
+    try:
+        loaded = (load_unlabeled(src, log=lines.append, skip_bad=skip_bad) if as_folder
+                  else load_labeled(src, folder, log=lines.append, skip_bad=skip_bad))
+    except DatasetError as e:
+        _one_line_naming(e, src)
+        assert not skip_bad and any("image 2 " in line for line in lines)
+        event("error")
+        return
+    ids = [r.id for r in loaded.records]
+    event("skipped" if ids == [1] else "loaded")
+    if ids == [1]:  # skipped, and reported
+        assert skip_bad and any("image 2 " in line for line in lines) and f"skipped 1 images" in lines[-1]
+    else:  # the corruption left a readable image of the declared size; training decodes it or fails cleanly
+        assert ids == [1, 2] and not lines
+        try:
+            rec = loaded.records[1]
+            assert load_image(rec.path).size == (rec.width, rec.height)
+        except DatasetError as e:
+            _one_line_naming(e, loaded.records[1].path)
+            event("loaded, then fails to decode")
+
+
+_VALID_JSON = json.dumps(_coco("png")).encode()
+
+
+@st.composite
+def _mangled_json(draw: st.DrawFn) -> bytes:
+    """The bytes of a valid COCO json, truncated, flipped, spliced with garbage, or deeply nested."""
+    data = bytearray(_VALID_JSON)
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["truncate", "flip", "insert", "nest", "number"]))
+        at = draw(st.integers(0, len(data)))
+        if op == "truncate":
+            del data[at:]
+        elif op == "flip" and at < len(data):
+            data[at] ^= draw(st.integers(1, 255))
+        elif op == "insert":
+            data[at:at] = draw(st.sampled_from([b"\xff\xfe", b"\xef\xbb\xbf", b"NaN", b"1e999", b"-", b'"', b",", b"}", b"\x00"]))
+        elif op == "nest":
+            depth = draw(st.sampled_from([10, 5000, 200_000]))
+            data = bytearray(b'{"images": ' + b"[" * depth + b"]" * depth + b', "categories": []}')
+        else:
+            data = bytearray(_VALID_JSON.replace(b'"width": 40', b'"width": ' + str(draw(st.sampled_from(
+                ["1e400", "-1", "40.0", "40.5", "true", "null", "[]", str(10**30)]))).encode()))
+    return bytes(data)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_mangled_json(), skip_bad=st.booleans(), labeled=st.booleans())
+def test_fuzz_mangled_json_text_errors_cleanly(tmp_path: Path, text: bytes, skip_bad: bool, labeled: bool) -> None:
+    folder = tmp_path / "images"
+    if not folder.exists():
+        folder.mkdir()
+        for i in (1, 2):
+            (folder / f"{i}.png").write_bytes(_VALID["png"])
+    path = tmp_path / "mangled.json"
+    path.write_bytes(text)
+    load = load_labeled if labeled else load_unlabeled
+    try:
+        src = load(path, folder, skip_bad=skip_bad, log=lambda s: None)
+    except DatasetError as e:
+        _one_line_naming(e, path)
+        event("error")
+        return
+    event(f"loaded {len(src.records)} images")
+    for r in src.records:
+        assert r.path.parent == folder and r.boxes.shape == (len(r.category_ids), 4) and np.isfinite(r.boxes).all()
