@@ -37,7 +37,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dtg.config import from_dict, to_dict
+from dtg.config import from_dict, load_config, to_dict
 from dtg.data.coco import load_labeled
 from dtg.data.dataset import LabelMap
 from dtg.engine.checkpoint import load_checkpoint, model_from_checkpoint
@@ -195,7 +195,7 @@ def test_sharded_evaluation_equals_one_process_evaluation(runs) -> None:
     with _one_thread():
         expected = predict_source(model, source, LabelMap(ckpt["categories"]), cfg.data.test_size,
                                   cfg.data.test_max_size, torch.device("cpu"), progress=False)
-    written = json.loads((tmp / "full" / f"results_student.json").read_text())
+    written = json.loads((tmp / "full" / "results_student.json").read_text())
     assert written == json.loads(json.dumps(expected)) and len(written) > 0
     metrics = json.loads((tmp / "full" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["student"] == runs["ranks"][0]["summary"]["student"]
@@ -214,3 +214,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs) -> Non
             else:
                 assert torch.equal(full[name][k], v), f"{name}.{k}"
         assert moved > len(one[name]) // 2, f"{name}: training changed most tensors"
+
+
+@pytest.mark.parametrize("name", ["coco_10pct", "coco_full", "voc07_12"])
+def test_one_gpu_configs_are_the_paper_configs_under_the_linear_rule(name: str) -> None:
+    k = 8  # 8 GPUs -> 1 at the same per-GPU batch: a k times smaller global batch
+    root = Path(__file__).parent.parent / "configs"
+    eight, one = to_dict(load_config(root / f"{name}.yaml")), to_dict(load_config(root / f"{name}_1gpu.yaml"))
+    assert one["solver"]["lr"] == pytest.approx(eight["solver"]["lr"] / k)
+    assert abs(one["semi"]["ema_momentum"] ** k - eight["semi"]["ema_momentum"]) < 1e-6
+    scaled = [("solver", "max_iter"), ("solver", "warmup_iters"), ("semi", "alpha_warmup"), ("semi", "burn_in"),
+              (None, "eval_period"), (None, "checkpoint_period")]
+    for section, key in scaled:
+        a, b = (eight, one) if section is None else (eight[section], one[section])
+        assert b[key] == a[key] * k, key
+    assert one["solver"]["steps"] == [s * k for s in eight["solver"]["steps"]]
+    assert one["output_dir"] == eight["output_dir"] + "_1gpu"
+    for cfg in (eight, one):  # everything else is the paper's
+        for section, key in scaled + [("solver", "lr"), ("solver", "steps"), ("semi", "ema_momentum"), (None, "output_dir")]:
+            (cfg if section is None else cfg[section]).pop(key)
+    assert one == eight

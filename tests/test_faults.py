@@ -302,7 +302,7 @@ def test_fuzz_corrupt_image_files_error_or_skip_cleanly(tmp_path: Path, image: t
     ids = [r.id for r in loaded.records]
     event("skipped" if ids == [1] else "loaded")
     if ids == [1]:  # skipped, and reported
-        assert skip_bad and any("image 2 " in line for line in lines) and f"skipped 1 images" in lines[-1]
+        assert skip_bad and any("image 2 " in line for line in lines) and "skipped 1 images" in lines[-1]
     else:  # the corruption left a readable image of the declared size; training decodes it or fails cleanly
         assert ids == [1, 2] and not lines
         try:

@@ -41,7 +41,7 @@ from dtg.engine.distributed import (
 )
 from dtg.engine.methods import build_method
 from dtg.engine.runtime import (  # noqa: F401  (TrainingError, resolve_device: public here too)
-    NonFiniteGuard, TrainingError, check_output_dir, prepare_output_dir, resolve_device, seed_everything,
+    NonFiniteGuard, TrainingError, prepare_output_dir, resolve_device, seed_everything,
 )
 from dtg.engine.solver import build_optimizer, build_scheduler, unsup_weight
 from dtg.evaluation.coco_eval import write_results
