@@ -41,6 +41,7 @@ from dtg.config import from_dict, load_config, to_dict
 from dtg.data.coco import load_labeled
 from dtg.data.dataset import LabelMap
 from dtg.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from dtg.engine.distributed import all_true, mean_scalars
 from dtg.engine.trainer import Trainer
 from dtg.evaluation.inference import predict_source
 
@@ -75,8 +76,8 @@ def _batch_keys(batch: dict) -> list[tuple]:
     return out
 
 
-def _recording_trainer(cfg: dict, seen: list) -> Trainer:
-    t = Trainer(from_dict(cfg), log=lambda m: None, progress=False)
+def _recording_trainer(cfg: dict, seen: list, log: list | None = None) -> Trainer:
+    t = Trainer(from_dict(cfg), log=(log if log is not None else []).append, progress=False)
     step = t.step
     t.step = lambda batch: (seen.append(_batch_keys(batch)), step(batch))[1]  # type: ignore[method-assign]
     return t
@@ -86,9 +87,13 @@ def _worker(rank: int, world: int, port: int, cfgs: dict[str, dict], out: str) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     seen: list = []
-    t = _recording_trainer(cfgs["full"], seen)
+    log: list[str] = []
+    t = _recording_trainer(cfgs["full"], seen, log)
     summary = t.train()
-    torch.save({"state": t.state_dict(), "seen": seen, "summary": summary}, Path(out) / f"full_rank{rank}.pt")
+    reduced = mean_scalars(t.dist, {"x": float(rank), "only_rank0": 1.0} if rank == 0 else {"x": float(rank)})
+    agreed = [all_true(t.dist, rank == 0), all_true(t.dist, True)]
+    torch.save({"state": t.state_dict(), "seen": seen, "summary": summary, "log": log, "reduced": reduced,
+                "agreed": agreed}, Path(out) / f"full_rank{rank}.pt")
     Trainer(from_dict(cfgs["half"]), log=lambda m: None, progress=False).train()
     t = Trainer(from_dict(cfgs["split"]), log=lambda m: None, progress=False)
     t.resume(Path(cfgs["split"]["output_dir"]) / "checkpoints" / "last.pth")
@@ -176,6 +181,14 @@ def test_ranks_hold_identical_state_and_rank0_checkpoint_equals_rank1_state(runs
     written = load_checkpoint(runs["tmp"] / "full" / "checkpoints" / "last.pth")
     _assert_same(written, s1, "last.pth")
     assert runs["ranks"][0]["summary"] == runs["ranks"][1]["summary"]
+
+
+def test_only_rank0_logs_and_writes_tensorboard_and_collectives_reduce(runs) -> None:
+    r0, r1 = runs["ranks"]
+    assert any(line.startswith("data: ") for line in r0["log"]) and r1["log"] == []
+    assert len(list((runs["tmp"] / "full" / "tb").iterdir())) == 1, "one event file"
+    for r in (r0, r1):
+        assert r["reduced"] == {"x": 0.5, "only_rank0": 1.0} and r["agreed"] == [False, True]
 
 
 def test_resumed_two_process_run_equals_uninterrupted(runs) -> None:
