@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,7 @@ from dtg.data.coco import load_labeled
 from dtg.data.dataset import LabelMap
 from dtg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from dtg.engine.distributed import all_true, mean_scalars
+from dtg.engine.methods import SparseMethod
 from dtg.engine.trainer import Trainer
 from dtg.evaluation.inference import predict_source
 
@@ -84,6 +86,9 @@ def _recording_trainer(cfg: dict, seen: list, log: list | None = None) -> Traine
 
 
 def _worker(rank: int, world: int, port: int, cfgs: dict[str, dict], out: str) -> None:
+    watchdog = threading.Timer(90, os._exit, (3,))  # a rank waiting forever for the other fails the test instead
+    watchdog.daemon = True
+    watchdog.start()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     seen: list = []
@@ -99,6 +104,19 @@ def _worker(rank: int, world: int, port: int, cfgs: dict[str, dict], out: str) -
     t.resume(Path(cfgs["split"]["output_dir"]) / "checkpoints" / "last.pth")
     t.train()
     torch.save({"state": t.state_dict()}, Path(out) / f"split_rank{rank}.pt")
+    # A NaN loss on rank 1 only, at iteration 1: both ranks must skip that step (or DDP would hang).
+    real = SparseMethod.losses
+    SparseMethod.losses = lambda self, s, tch, b, it: _nan_on_rank1(real(self, s, tch, b, it), rank, it)  # type: ignore
+    t = Trainer(from_dict(cfgs["nan"]), log=lambda m: None, progress=False)
+    summary = t.train()
+    torch.save({"state": t.state_dict(), "summary": summary}, Path(out) / f"nan_rank{rank}.pt")
+
+
+def _nan_on_rank1(out: tuple[dict, dict], rank: int, iteration: int) -> tuple[dict, dict]:
+    losses, stats = out
+    if rank == 1 and iteration == 1:
+        losses = {**losses, "sup_rcnn_cls": losses["sup_rcnn_cls"] * float("nan")}
+    return losses, stats
 
 
 def _free_port() -> int:
@@ -153,6 +171,7 @@ def _runs(tiny_dataset: Any, tmp_path_factory: Any) -> dict[str, Any]:
         "full": _config(tiny_dataset, boxless, tmp / "full", 1),
         "half": _config(tiny_dataset, boxless, tmp / "split", 1, "solver.max_iter=2"),
         "split": _config(tiny_dataset, boxless, tmp / "split", 1),
+        "nan": _config(tiny_dataset, boxless, tmp / "nan", 1, "data.val_json="),
     }
     # fork: the children inherit the imported modules (spawn would re-import torch: ~10 s on 2 cores)
     mp.start_processes(_worker, args=(2, _free_port(), cfgs, str(tmp)), nprocs=2, join=True, start_method="fork")
@@ -189,6 +208,14 @@ def test_only_rank0_logs_and_writes_tensorboard_and_collectives_reduce(runs) -> 
     assert len(list((runs["tmp"] / "full" / "tb").iterdir())) == 1, "one event file"
     for r in (r0, r1):
         assert r["reduced"] == {"x": 0.5, "only_rank0": 1.0} and r["agreed"] == [False, True]
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_both(runs) -> None:
+    nan = [torch.load(runs["tmp"] / f"nan_rank{r}.pt", weights_only=False) for r in range(2)]
+    _assert_same(nan[0]["state"], nan[1]["state"], "nan")
+    assert nan[0]["state"]["nonfinite"] == {"total": 1, "streak": 0} and nan[0]["summary"]["nonfinite_steps"] == 1
+    full = runs["ranks"][0]["state"]
+    assert not torch.equal(nan[0]["state"]["student"]["rpn.head.conv.0.0.weight"], full["student"]["rpn.head.conv.0.0.weight"])
 
 
 def test_resumed_two_process_run_equals_uninterrupted(runs) -> None:
