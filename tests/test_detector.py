@@ -131,3 +131,14 @@ def test_local_weight_files(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="junk.pth: cannot read weight file"):
         build_backbone(ModelConfig(backbone="resnet18", pretrained=str(junk)))
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18"])
+def test_group_norm_builds_for_every_backbone(backbone):
+    """GroupNorm uses gcd(32, C) groups, so MobileNetV2's C=144 layers build too, and features flow."""
+    body = build_backbone(ModelConfig(backbone=backbone, norm="gn"))
+    norms = [m for m in body.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels % m.num_groups == 0 for m in norms)
+    assert any(m.num_channels == 144 for m in norms) == (backbone == "mobilenet_v2")
+    feats = body(torch.rand(1, 3, 64, 64))
+    assert all(torch.isfinite(f).all() for f in feats.values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -21,13 +23,13 @@ class ModelError(ValueError):
 
 
 def norm_layer(kind: str) -> Callable[[int], nn.Module]:
-    """``bn`` -> BatchNorm2d, ``frozen_bn`` -> FrozenBatchNorm2d, ``gn`` -> GroupNorm(32 groups)."""
+    """``bn`` -> BatchNorm2d, ``frozen_bn`` -> FrozenBatchNorm2d, ``gn`` -> GroupNorm(gcd(32, C) groups)."""
     if kind == "bn":
         return nn.BatchNorm2d
     if kind == "frozen_bn":
         return FrozenBatchNorm2d
     if kind == "gn":
-        return lambda c: nn.GroupNorm(min(32, c), c)
+        return lambda c: nn.GroupNorm(math.gcd(32, c), c)  # 32 groups where C allows (MobileNet has C=144)
     raise ModelError(f"unknown norm '{kind}'")
 
 

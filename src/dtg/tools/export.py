@@ -30,6 +30,7 @@ FORMAT = "dtg-export/1"
 
 LOADER = '''\
 import json
+import math
 from collections import OrderedDict
 
 import torch
@@ -46,7 +47,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 def norm_layer(kind):
     if kind == "gn":
-        return lambda c: nn.GroupNorm(min(32, c), c)
+        return lambda c: nn.GroupNorm(math.gcd(32, c), c)
     return {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}[kind]
 
 
@@ -107,7 +108,7 @@ def describe(net: "nn.Module", model_cfg: Any, categories: list[dict]) -> dict[s
     plain = kind != "tiny"
     bb: dict[str, Any] = {
         "type": kind,
-        "norm": model_cfg.norm,  # bn | frozen_bn | gn (GroupNorm(min(32, C), C))
+        "norm": model_cfg.norm,  # bn | frozen_bn | gn (GroupNorm(gcd(32, C), C))
         "return_layers": {str(k): str(v) for k, v in backbone.body.return_layers.items()},
         "in_channels_list": [int(blk[0].in_channels) for blk in backbone.fpn.inner_blocks],
         "out_channels": int(backbone.out_channels),
