@@ -199,7 +199,8 @@ def test_ranks_hold_identical_state_and_rank0_checkpoint_equals_rank1_state(runs
     _assert_same(s0, s1, "state")
     written = load_checkpoint(runs["tmp"] / "full" / "checkpoints" / "last.pth")
     _assert_same(written, s1, "last.pth")
-    assert runs["ranks"][0]["summary"] == runs["ranks"][1]["summary"]
+    s0, s1 = ({k: v for k, v in r["summary"].items() if k != "train_seconds"} for r in runs["ranks"])  # own clocks
+    assert s0 == s1 and s0["world_size"] == 2 and "student" in s0
 
 
 def test_only_rank0_logs_and_writes_tensorboard_and_collectives_reduce(runs) -> None:
