@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     for tool in (split, predict, export):  # dtg split coco|voc, dtg predict, dtg export
         tool.add_parser(sub)
 
+    from dtg.bench import add_parser as add_bench_parser  # argparse only; the commands import the rest
+
+    add_bench_parser(sub)
+
     # `dtg --help` shows every subcommand with its options.
     usages = [u.replace("usage: ", "  ").rstrip() for sp in sub.choices.values() for u in _usages(sp)]
     parser.epilog = "commands and their options (COMMAND --help for details):\n" + "\n".join(usages)

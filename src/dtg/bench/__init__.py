@@ -1,0 +1,20 @@
+"""Benchmarks on the command line: ``dtg bench reproduce`` (paper tables over seeds) and ``dtg bench speed``.
+
+Only argparse is imported here; each command imports torch and friends when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` with its ``reproduce`` and ``speed`` subcommands on ``dtg``'s subparsers."""
+    from dtg.bench import reproduce, speed
+
+    p = subparsers.add_parser("bench", help="benchmarks: reproduce (paper tables over seeds), speed (timings)")
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    reproduce.add_parser(sub)
+    speed.add_parser(sub)
+    return p

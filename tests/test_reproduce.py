@@ -1,0 +1,123 @@
+"""``dtg bench reproduce``: row selection, run hashing and caching, the table and its statistics."""
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from dtg.bench import reproduce as rp
+from dtg.bench.report import RowResult, fmt_mean_std, gap_table, markdown_table, mean_curve, mean_std, paired_gap
+from dtg.cli import main
+from dtg.config import save_config
+
+from conftest import tiny_config
+
+
+def test_mean_and_sample_std_on_hand_made_numbers():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    mean, std = mean_std([10.0, 14.0])
+    assert mean == 12.0 and std == pytest.approx(math.sqrt(8.0))  # (2^2 + 2^2) / (2 - 1)
+    mean, std = mean_std([5.0])
+    assert mean == 5.0 and math.isnan(std)
+    assert fmt_mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+    assert fmt_mean_std([5.0]) == "5.00" and fmt_mean_std([]) == "-"
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_gaps_are_paired_by_seed_and_table_has_paper_columns():
+    def row(name, paper, aps):
+        r = RowResult(name, f"method={name}", paper, "T")
+        r.per_seed = {s: {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2} for s, ap in aps.items()}
+        return r
+
+    dtg = row("dtg", (36.3, 56.4, 38.8), {0: 5.0, 1: 7.0, 2: 9.0})
+    sup = row("supervised", (26.8, 44.9, 28.4), {0: 4.0, 1: 4.0})  # seed 2 missing: not paired
+    gap = paired_gap(dtg, sup)
+    assert gap["AP"] == [1.0, 3.0] and gap["AP50"] == [2.0, 6.0]
+    table = gap_table({"dtg": dtg, "supervised": sup}, [("dtg", "supervised"), ("dtg", "sparse")])
+    lines = table.splitlines()
+    assert len(lines) == 3  # header, rule, one gap (no sparse row)
+    assert lines[2] == "| dtg - supervised | 2 | 2.00 ± 1.41 | 4.00 ± 2.83 | 1.00 ± 0.71 | +9.5 | +11.5 | +10.4 |"
+
+    none = row("dtg-rcnn-only", None, {0: 1.0})
+    none.failed = [1]
+    table = markdown_table([dtg, none]).splitlines()
+    assert table[0].startswith("| row | overrides | seeds | AP | AP50 | AP75 | paper AP |")
+    assert table[2] == "| dtg | method=dtg | 3 | 7.00 ± 2.00 | 14.00 ± 4.00 | 3.50 ± 1.00 | 36.3 | 56.4 | 38.8 | T |"
+    assert table[3].startswith("| dtg-rcnn-only | method=dtg-rcnn-only | 1 (1 failed) | 1.00 | 2.00 | 0.50 | - | - | - |")
+    assert mean_curve([[(1, 1.0), (2, 3.0)], [(1, 3.0), (2, 5.0), (3, 9.0)]]) == [(1, 2.0), (2, 4.0)]
+
+
+def test_row_selection():
+    assert [r.name for r in rp.select_rows(["main"])] == ["supervised", "sparse", "dtg"]
+    assert len(rp.select_rows(["all"])) == len(rp.ROWS)
+    assert [r.name for r in rp.select_rows(["dtg,reg-own", "dtg", "T0.5"])] == ["dtg", "reg-own", "T0.5"]
+    with pytest.raises(ValueError, match="unknown row 'nope'"):
+        rp.select_rows(["nope"])
+    # Every transcribed paper row has AP50 > AP75 > AP (true of all of the paper's rows).
+    for r in rp.ROWS:
+        assert r.paper is None or r.paper[1] > r.paper[2] > r.paper[0] > 0
+
+
+def test_same_config_same_run_and_volatile_keys_do_not_count(tmp_path):
+    rows = rp.select_rows(["T1", "beta1", "dtg"])
+    runs = rp.plan(rows, [0, 1], None, ["solver.max_iter=10"], tmp_path, curve_points=5)
+    assert len(runs) == 4  # T1 and beta1 are one config
+    shared = [r for r in runs.values() if len(r.uses) == 2]
+    assert sorted(u for r in shared for u in r.uses) == [("T1", 0), ("T1", 1), ("beta1", 0), ("beta1", 1)]
+    run = next(iter(runs.values()))
+    assert run.cfg.eval_period == 2 and run.out == tmp_path / "runs" / run.key
+    other = rp.plan(rows[:1], [0], None, ["solver.max_iter=10", "threads=1", "log_period=3"], tmp_path / "x", 5)
+    assert set(other) <= set(runs)  # threads, log period and output folder are not part of the hash
+    assert rp.plan(rows[:1], [0], None, ["eval_period=0", "solver.max_iter=10"], tmp_path, 5).popitem()[1].cfg.eval_period == 0
+
+
+def test_run_one_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch):
+    runs = rp.plan(rp.select_rows(["dtg"]), [0], None, [], tmp_path, 0)
+    run = next(iter(runs.values()))
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        run.metrics_path.write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(rp.subprocess, "run", fake_run)
+    (run.out / "checkpoints").mkdir(parents=True)
+    (run.out / "checkpoints" / "last.pth").write_bytes(b"x")
+    assert rp.run_one(run, threads=3)[0] == "resumed"
+    assert calls[0][-2:] == ["--resume", "auto"] and "threads=3" in calls[0]
+    assert (run.out / "run.yaml").is_file()
+    assert rp.run_one(run, threads=3) == ("cached", 0.0) and len(calls) == 1
+
+
+@pytest.mark.slow
+def test_two_rows_one_seed_train_once_then_come_from_the_cache(tiny_dataset, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    save_config(tiny_config(tiny_dataset, tmp_path / "unused", "semi.burn_in=1", "semi.alpha_warmup=1"), config)
+    out = tmp_path / "rep"
+    argv = ["bench", "reproduce", "--config", str(config), "--rows", "supervised,dtg", "--seeds", "0",
+            "--set", "solver.max_iter=3", "--jobs", "2", "--curve-points", "1", "--out", str(out)]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "2 runs: 0 cached, 2 to train" in first.err
+    text = (out / "results.md").read_text()
+    assert text == first.out
+    rows = [ln for ln in text.splitlines() if ln.startswith(("| supervised |", "| dtg |"))]
+    assert len(rows) == 2 and all(len(ln.split("|")) == 12 for ln in rows)
+    assert "| dtg - supervised | 1 |" in text and "+9.5" in text
+    raw = json.loads((out / "results.json").read_text())
+    assert set(raw["supervised"]["per_seed"]["0"]) == {"AP", "AP50", "AP75"}
+    assert raw["_curves"]["dtg"][0][-1][0] == 3  # the final evaluation, logged to TensorBoard
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = sorted(out.glob("runs/*/metrics.json"))
+    assert len(metrics) == 2
+    stamps = [m.stat().st_mtime_ns for m in metrics]
+
+    assert main(argv) == 0
+    second = capsys.readouterr()
+    assert "2 runs: 2 cached, 0 to train" in second.err and "start" not in second.err
+    assert [m.stat().st_mtime_ns for m in metrics] == stamps
+    assert second.out == first.out
