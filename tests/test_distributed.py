@@ -1,14 +1,16 @@
 """Two gloo processes (torch.multiprocessing, as torchrun would start them) against one process.
 
-One spawn runs, in each of 2 ranks: an uninterrupted 3-iteration run, then a
-2-iteration run resumed to 3 (same process group, fresh Trainer, state from the
-file). The test then checks in this process:
+One start of 2 processes runs, in each rank: an uninterrupted 3-iteration run on
+box-less labeled images (below), the same with boxes, the latter again stopped at 2
+and resumed to 3 (fresh Trainer, state from the file), and a run with a NaN loss on
+rank 1 only. The test then checks in this process:
 
 * the global batch of each step is the one-process batch of the same global size
   (same images, same augmentation: the per-rank streams are disjoint shares);
 * both ranks hold bit-identical state (student, teacher, optimizer, RNG of every
   rank, history), and the checkpoint rank 0 wrote equals rank 1's state;
-* the resumed 2-process run ends bit-identical to the uninterrupted one;
+* the resumed 2-process run ends bit-identical to the uninterrupted one (each rank's RNG restored);
+* a non-finite loss on one rank skips the step on both;
 * sharded evaluation gathered on rank 0 equals a one-process evaluation;
 * the weights match a one-process run with the same global batch.
 
@@ -99,6 +101,9 @@ def _worker(rank: int, world: int, port: int, cfgs: dict[str, dict], out: str) -
     agreed = [all_true(t.dist, rank == 0), all_true(t.dist, True)]
     torch.save({"state": t.state_dict(), "seen": seen, "summary": summary, "log": log, "reduced": reduced,
                 "agreed": agreed}, Path(out) / f"full_rank{rank}.pt")
+    t = Trainer(from_dict(cfgs["whole"]), log=lambda m: None, progress=False)
+    t.train()
+    torch.save({"state": t.state_dict()}, Path(out) / f"whole_rank{rank}.pt")
     Trainer(from_dict(cfgs["half"]), log=lambda m: None, progress=False).train()
     t = Trainer(from_dict(cfgs["split"]), log=lambda m: None, progress=False)
     t.resume(Path(cfgs["split"]["output_dir"]) / "checkpoints" / "last.pth")
@@ -169,8 +174,10 @@ def _runs(tiny_dataset: Any, tmp_path_factory: Any) -> dict[str, Any]:
     boxless.write_text(json.dumps(data))
     cfgs = {
         "full": _config(tiny_dataset, boxless, tmp / "full", 1),
-        "half": _config(tiny_dataset, boxless, tmp / "split", 1, "solver.max_iter=2"),
-        "split": _config(tiny_dataset, boxless, tmp / "split", 1),
+        # with boxes: the ranks' samplers draw different numbers, so each rank's RNG is its own
+        "whole": _config(tiny_dataset, tiny_dataset.train_labeled, tmp / "whole", 1),
+        "half": _config(tiny_dataset, tiny_dataset.train_labeled, tmp / "split", 1, "solver.max_iter=2"),
+        "split": _config(tiny_dataset, tiny_dataset.train_labeled, tmp / "split", 1),
         "nan": _config(tiny_dataset, boxless, tmp / "nan", 1, "data.val_json="),
     }
     # fork: the children inherit the imported modules (spawn would re-import torch: ~10 s on 2 cores)
@@ -222,7 +229,8 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_both(runs) -> None:
 def test_resumed_two_process_run_equals_uninterrupted(runs) -> None:
     split = [torch.load(runs["tmp"] / f"split_rank{r}.pt", weights_only=False)["state"] for r in range(2)]
     _assert_same(split[0], split[1], "split")
-    full = runs["ranks"][0]["state"]
+    full = torch.load(runs["tmp"] / "whole_rank0.pt", weights_only=False)["state"]
+    assert not torch.equal(full["rng_ranks"][0]["torch"], full["rng_ranks"][1]["torch"]), "ranks' RNGs differ here"
     for key in ("student", "teacher", "optimizer", "rng_ranks"):
         _assert_same(split[0][key], full[key], key)
 
