@@ -142,3 +142,17 @@ def test_group_norm_builds_for_every_backbone(backbone):
     assert any(m.num_channels == 144 for m in norms) == (backbone == "mobilenet_v2")
     feats = body(torch.rand(1, 3, 64, 64))
     assert all(torch.isfinite(f).all() for f in feats.values())
+
+
+def test_eval_mode_teacher_can_propose_with_the_training_top_n():
+    """DTG's teacher is in eval mode but proposes with the training top-N (METHOD.md 4.1)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(rpn_pre_nms_top_n_train=400, rpn_post_nms_top_n_train=60,
+                      rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=7)
+    det = Detector.from_config(cfg, num_classes=3).eval()
+    images = [torch.rand(3, 128, 160)]
+    with torch.no_grad():
+        test_props = det.forward_dense(images).proposals[0]
+        train_props = det.forward_dense(images, train_top_n=True).proposals[0]
+    assert len(test_props) == 7 and 7 < len(train_props) <= 60
+    assert not det.training and not det.net.rpn.training  # the mode is restored

@@ -32,6 +32,9 @@ def test_ignore_samples_removes_them_from_every_loss():
     t = ignore_samples(targets([2, 2, 0], [0, 0, -1], 1), torch.tensor([False, True, True]))
     assert t.labels.tolist() == [2, -1, -1] and t.classes.tolist() == [2, -1, -1]
     assert t.reg_mask.tolist() == [True, False, False] and t.cluster.tolist() == [0, -1, -1]
+    assert t.num_clusters == 1
+    gone = ignore_samples(targets([2, 3, 0], [0, 1, -1], 2), torch.tensor([False, True, False]))
+    assert gone.num_clusters == 1  # cluster 1 lost its only member (it left the student view)
 
 
 def test_map_anchors_is_unclipped_projection():

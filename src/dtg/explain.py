@@ -189,7 +189,7 @@ def explain_checkpoint(
     strong = make_view(img, rng, cfg.data.strong_view)
     m = teacher_to_student(weak.matrix, strong.matrix)
     teacher.to(device), student.to(device)
-    t = teacher.forward_dense([weak.image.to(device)])
+    t = teacher.forward_dense([weak.image.to(device)], train_top_n=True)  # as in training
     t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
     proposals = t.proposals[0]
     rois = map_proposals(proposals, m.to(device), strong.size)

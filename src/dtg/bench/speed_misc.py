@@ -100,7 +100,7 @@ def inc_table(trainer: Trainer, batch: Batch, repeat: int) -> str:
     cfg, dev, teacher, student = trainer.cfg, trainer.device, trainer.teacher, trainer.model
     assert teacher is not None
     d, items = cfg.dtg, batch["unsup"]
-    t = teacher.forward_dense([it["weak"].to(dev) for it in items])
+    t = teacher.forward_dense([it["weak"].to(dev) for it in items], train_top_n=True)
     t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
     s = student.forward_dense([it["strong"].to(dev) for it in items])
     mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(dev) for it in items]

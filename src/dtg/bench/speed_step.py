@@ -56,7 +56,7 @@ class LowerBoundMethod:
         if not items:
             return losses, {}
         with torch.no_grad():
-            t = teacher.forward_dense([it["weak"].to(self.device) for it in items])
+            t = teacher.forward_dense([it["weak"].to(self.device) for it in items], train_top_n=True)
             teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
         s = student.forward_dense([it["strong"].to(self.device) for it in items])
         rois = [map_proposals(p, teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(self.device), size)

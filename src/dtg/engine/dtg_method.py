@@ -33,7 +33,7 @@ def concat_targets(parts: list[IncTargets]) -> IncTargets:
     offset, clusters = 0, []
     for p in parts:
         clusters.append(torch.where(p.cluster >= 0, p.cluster + offset, p.cluster))
-        offset += int(p.cluster.max()) + 1 if p.cluster.numel() and int(p.cluster.max()) >= 0 else 0
+        offset += int(p.cluster.max()) + 1 if p.cluster.numel() else 0  # max is -1 without members
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     return IncTargets(
         labels=cat("labels"), reg_targets=cat("reg_targets"), reg_mask=cat("reg_mask"),
@@ -45,12 +45,14 @@ def concat_targets(parts: list[IncTargets]) -> IncTargets:
 def ignore_samples(t: IncTargets, ignore: Tensor) -> IncTargets:
     """Targets with the samples in the (N,) bool mask ``ignore`` removed from every loss."""
     neg = torch.full_like(t.labels, -1)
+    cluster = torch.where(ignore, neg, t.cluster)
     return replace(
         t,
         labels=torch.where(ignore, neg, t.labels),
         classes=torch.where(ignore, neg, t.classes),
         reg_mask=t.reg_mask & ~ignore,
-        cluster=torch.where(ignore, neg, t.cluster),
+        cluster=cluster,
+        num_clusters=int(cluster[cluster >= 0].unique().numel()),  # clusters with a member left
     )
 
 
@@ -74,7 +76,7 @@ class DTGMethod:
         if not items:  # burn-in
             return losses, {}
         with torch.no_grad():
-            t = teacher.forward_dense([it["weak"].to(self.device, non_blocking=True) for it in items])
+            t = teacher.forward_dense([it["weak"].to(self.device, non_blocking=True) for it in items], train_top_n=True)
             t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
         s = student.forward_dense([it["strong"].to(self.device, non_blocking=True) for it in items])
         mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(self.device) for it in items]

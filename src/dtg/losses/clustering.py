@@ -38,10 +38,10 @@ def _strict_threshold(iou_threshold: float, dtype: torch.dtype, device: torch.de
     torchvision compares a float IoU with the threshold in double precision
     (``ovr > iou_threshold``); for a float ``x``, ``x > thr`` holds iff ``x > t``.
     """
-    t = torch.tensor(iou_threshold, dtype=dtype, device=device)
+    t = torch.tensor(iou_threshold, dtype=dtype)  # decided on the host: no device sync
     if t.item() > iou_threshold:
-        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype, device=device))
-    return t
+        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
+    return t.to(device)
 
 
 def _pair_iou(cand: Tensor, cand_area: Tensor, kept: list[Tensor]) -> Tensor:

@@ -89,7 +89,7 @@ def _assemble(classes: Tensor, cluster: Tensor, scores: Tensor, target_boxes: Te
     if idx.numel():
         reg_targets[idx] = box_coder.encode_single(target_boxes[idx], ref_boxes[idx])
     labels = classes.clone() if cls_labels else torch.full_like(classes, -1)
-    num_clusters = int(cluster[member].unique().numel())
+    num_clusters = int(cluster.max()) + 1 if cluster.numel() else 0  # ids are contiguous 0..C-1
     teacher_scores = torch.where(member, scores.to(dtype), torch.zeros((), dtype=dtype, device=scores.device))
     return IncTargets(labels, reg_targets, reg_mask, cluster, teacher_scores, num_clusters, classes)
 
@@ -270,5 +270,7 @@ def rpn_inc_targets(
     cluster = torch.full((num_s,), -1, dtype=torch.int64, device=device)
     cluster[positive] = inverse
     source = kept_of[d] if reg_target == "kept" else d
-    target = project_boxes(boxes[source.clamp(min=0)], teacher_to_student, student_size)
+    target = student_anchors.to(dtype).clone()  # only the positive rows are read by _assemble
+    rows = positive.nonzero().squeeze(1)
+    target[rows] = project_boxes(boxes[source[rows]], teacher_to_student, student_size)
     return _assemble(classes, cluster, score[d], target, student_anchors, box_coder, cls_labels, reg_labels)

@@ -157,13 +157,25 @@ class Detector(nn.Module):
             num_anchors_per_level=per_level,
         )
 
-    def propose(self, rpn: RPNOutputs, image_sizes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor]]:
-        """Decode, clip and NMS the RPN's boxes (torchvision's own proposal filter)."""
+    def propose(
+        self, rpn: RPNOutputs, image_sizes: list[tuple[int, int]], train_top_n: bool | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Decode, clip and NMS the RPN's boxes (torchvision's own proposal filter).
+
+        ``train_top_n``: use the training (True) or test (False) pre/post-NMS top-N; default: the
+        module's mode. A teacher in eval mode proposes with the training top-N for DTG (METHOD.md 4.1).
+        """
         b = rpn.objectness.shape[0]
         boxes = self.net.rpn.box_coder.decode_single(
             rpn.deltas.detach().reshape(-1, 4), rpn.anchors.repeat(b, 1)
         ).reshape(b, -1, 4)
-        return self.net.rpn.filter_proposals(boxes, rpn.objectness.detach(), image_sizes, rpn.num_anchors_per_level)
+        rpn_module, mode = self.net.rpn, self.net.rpn.training
+        if train_top_n is not None:
+            rpn_module.training = train_top_n  # only read by the top-N getters; the RPN has no BN/dropout
+        try:
+            return rpn_module.filter_proposals(boxes, rpn.objectness.detach(), image_sizes, rpn.num_anchors_per_level)
+        finally:
+            rpn_module.training = mode
 
     def roi_forward(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
@@ -180,12 +192,12 @@ class Detector(nn.Module):
         x = heads.box_roi_pool(features, boxes, image_sizes)
         return heads.box_predictor(heads.box_head(x))
 
-    def forward_dense(self, images: list[Tensor]) -> DenseOutputs:
-        """Backbone, FPN, dense RPN and proposals in one pass."""
+    def forward_dense(self, images: list[Tensor], train_top_n: bool | None = None) -> DenseOutputs:
+        """Backbone, FPN, dense RPN and proposals in one pass (``train_top_n``: see :meth:`propose`)."""
         batch = self.preprocess(images)
         features = self.net.backbone(batch.tensors)
         rpn = self.rpn_dense(batch, features)
-        proposals, scores = self.propose(rpn, batch.image_sizes)
+        proposals, scores = self.propose(rpn, batch.image_sizes, train_top_n)
         return DenseOutputs(batch, features, rpn, proposals, scores)
 
     # ------------------------------------------------------------------ uses
