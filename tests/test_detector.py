@@ -156,3 +156,20 @@ def test_eval_mode_teacher_can_propose_with_the_training_top_n():
         train_props = det.forward_dense(images, train_top_n=True).proposals[0]
     assert len(test_props) == 7 and 7 < len(train_props) <= 60
     assert not det.training and not det.net.rpn.training  # the mode is restored
+
+
+def test_ignore_boxes_remove_background_samples_from_the_losses(model):
+    """An uncertain box over a real object stops the RPN/R-CNN from calling it background."""
+    images = [torch.rand(3, 128, 160)]
+    plain = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])}]
+    unsure = [{**plain[0], "ignore": torch.tensor([[80.0, 20.0, 150.0, 100.0]])}]
+    nothing = [{**plain[0], "ignore": torch.zeros(0, 4)}]
+    with torch.no_grad():
+        out = model.forward_dense(images)
+        runs = {}
+        for name, tg in (("plain", plain), ("nothing", nothing), ("unsure", unsure)):
+            torch.manual_seed(1)  # the same anchor / RoI sampling draws
+            runs[name] = model.losses_from_dense(out, tg)
+    assert all(torch.equal(runs["plain"][k], runs["nothing"][k]) for k in runs["plain"])
+    assert not torch.equal(runs["plain"]["rpn_cls"], runs["unsure"]["rpn_cls"])
+    assert all(torch.isfinite(v) for v in runs["unsure"].values())

@@ -119,3 +119,27 @@ def test_unlabeled_image_without_pseudo_boxes_still_gives_background_loss():
     assert losses["rpn_reg"] == 0 and losses["rcnn_reg"] == 0
     (losses["rpn_cls"] + losses["rcnn_cls"]).backward()
     assert student.net.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+
+
+def test_pseudo_targets_uncertain_band_becomes_ignore_boxes():
+    det = {
+        "boxes": torch.tensor([[10.0, 10, 30, 30], [40, 40, 60, 60], [0, 0, 5, 5]]),
+        "scores": torch.tensor([0.95, 0.6, 0.2]),
+        "labels": torch.tensor([1, 2, 3]),
+    }
+    out = pseudo_targets(det, torch.eye(3, dtype=torch.float64), (80, 100), 0.9, uncertain_thresh=0.5)
+    assert out["labels"].tolist() == [1]
+    assert torch.allclose(out["ignore"], torch.tensor([[40.0, 40, 60, 60]]))  # 0.5 <= 0.6 < 0.9 only
+    assert "ignore" not in pseudo_targets(det, torch.eye(3, dtype=torch.float64), (80, 100), 0.9)
+
+
+def test_background_to_ignore_only_touches_background_on_uncertain_boxes():
+    from dtg.losses.pseudo_label import background_to_ignore
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 10, 10]])
+    labels = torch.tensor([0, 2, 0, 0, -1])
+    unsure = torch.tensor([[0.0, 0, 10, 10]])
+    # IoU with the uncertain box: 1, 1, 81/119 = 0.68, 0, 1
+    assert background_to_ignore(labels, boxes, unsure, 0.5).tolist() == [True, False, True, False, False]
+    assert background_to_ignore(labels, boxes, unsure, 0.7).tolist() == [True, False, False, False, False]
+    assert not background_to_ignore(labels, boxes, torch.zeros(0, 4), 0.5).any()

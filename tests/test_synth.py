@@ -14,6 +14,7 @@ from dtg.data.synth import CLASS_NAMES, SynthPaths, generate, render_image
 
 
 def tiny(out: Path, **kw) -> SynthConfig:
+    kw.setdefault("num_classes", len(CLASS_NAMES))
     return SynthConfig(out_dir=str(out), num_train=kw.pop("num_train", 12), num_val=kw.pop("num_val", 4),
                        labeled_percent=kw.pop("labeled_percent", 25.0), **kw)  # fmt: skip
 
@@ -118,7 +119,7 @@ def test_at_least_one_labeled(tmp_path: Path) -> None:
 
 
 def test_object_sizes_span_range() -> None:
-    cfg = SynthConfig()
+    cfg = SynthConfig(object_size=[8, 96], image_size=[160, 224])
     sides = []
     for i in range(60):
         _, objs = render_image(np.random.default_rng([7, i]), cfg)
@@ -181,3 +182,33 @@ def test_regenerates_when_incomplete_or_changed(tmp_path: Path) -> None:
     generate(smaller, progress=False)
     assert sorted(p.name for p in paths.train_images.iterdir()) == ["000001.png", "000002.png"]
     assert len(load(paths.train_full)["images"]) == 2
+
+
+def test_difficulty_knobs(tmp_path: Path) -> None:
+    """num_classes, flat backgrounds and rotation do what they say; bad values give one line."""
+    from dtg.config import ConfigError
+
+    cfg = tiny(tmp_path / "easy", num_classes=3, flat_prob=1.0, rotation=0.0, distractors_per_image=[0, 0],
+               objects_per_image=[1, 1], object_size=[20, 30])
+    paths = generate(cfg, progress=False)
+    full = load(paths.train_full)
+    assert [c["name"] for c in full["categories"]] == list(CLASS_NAMES[:3])
+    assert {a["category_id"] for a in full["annotations"]} <= {1, 2, 3}
+    for rec in full["images"][:6]:
+        px = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(paths.train_images / rec["file_name"]))
+        corner = px[0, 0]
+        box = [a["bbox"] for a in full["annotations"] if a["image_id"] == rec["id"]]
+        mask = np.ones(px.shape[:2], bool)
+        for x, y, w, h in box:
+            mask[int(y): int(y + h), int(x): int(x + w)] = False
+        assert (px[mask] == corner).all()  # flat: one colour wherever no object is
+    for i in range(10):  # unrotated squares fill their box
+        _, objs = render_image(np.random.default_rng([5, i]), SynthConfig(
+            num_classes=2, rotation=0.0, objects_per_image=[1, 1], distractors_per_image=[0, 0]),
+            background_colour=(0, 0, 0))
+        if objs and objs[0]["category_id"] == 2:  # square
+            x, y, w, h = objs[0]["bbox"]
+            assert objs[0]["area"] >= 0.9 * w * h
+    for bad in ({"num_classes": 11}, {"flat_prob": 1.5}, {"rotation": -1.0}):
+        with pytest.raises(ConfigError, match=f"synth.{next(iter(bad))}"):
+            generate(tiny(tmp_path / "bad", **bad), progress=False)

@@ -34,6 +34,11 @@ class SynthConfig:
     object_size: list[int] = field(default_factory=lambda: [8, 96])  # object side range in px
     objects_per_image: list[int] = field(default_factory=lambda: [2, 6])
     distractors_per_image: list[int] = field(default_factory=lambda: [1, 4])
+    flat_prob: float = 0.0  # chance of a flat one-colour background
+    photo_prob: float = 0.5  # otherwise: chance of a photograph background (else a procedural pattern)
+    low_contrast_prob: float = 0.35  # chance that an object differs from what lies below by only 30..60
+    rotation: float = 180.0  # objects are rotated by up to +-this many degrees
+    num_classes: int = 10  # the first K shapes of dtg.data.synth_draw.CLASS_NAMES
     seed: int = 0
 
 
@@ -134,6 +139,9 @@ class SemiConfig:
     burn_in: int = 500  # supervised-only iterations before the unlabeled loss starts
     alpha_warmup: int = 100  # iterations of linear warm-up of alpha from 0 after burn-in
     pseudo_score_thresh: float = 0.7  # sparse: teacher detections kept as pseudo boxes
+    # sparse: teacher detections with uncertain_score_thresh <= score < pseudo_score_thresh mark
+    # ignore regions (background samples on them leave the loss); >= pseudo_score_thresh: off (the paper)
+    uncertain_score_thresh: float = 1.0
     unsup_cls_loss: Literal["ce", "focal"] = "focal"  # R-CNN classification loss of the unlabeled branch
 
 

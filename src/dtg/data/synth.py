@@ -110,6 +110,19 @@ def _is_complete(paths: SynthPaths, marker: Path, fingerprint: dict, cfg: Any) -
             and len(list(paths.val_images.glob("*.png"))) == cfg.num_val)  # fmt: skip
 
 
+def _check(cfg: Any) -> None:
+    """One-line errors for synth settings the generator cannot honour."""
+    from dtg.config import ConfigError
+
+    if not 1 <= cfg.num_classes <= len(CLASS_NAMES):
+        raise ConfigError(f"config key 'synth.num_classes': {cfg.num_classes} is not in 1..{len(CLASS_NAMES)}")
+    for key in ("flat_prob", "photo_prob", "low_contrast_prob"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"config key 'synth.{key}': {getattr(cfg, key)} is not a probability in [0, 1]")
+    if not 0.0 <= cfg.rotation <= 180.0:
+        raise ConfigError(f"config key 'synth.rotation': {cfg.rotation} is not in [0, 180] degrees")
+
+
 def generate(cfg: Any, progress: bool = True) -> SynthPaths:
     """Write the dataset under ``cfg.out_dir`` (a :class:`dtg.config.SynthConfig`); return its paths.
 
@@ -117,6 +130,7 @@ def generate(cfg: Any, progress: bool = True) -> SynthPaths:
     config: ``synth_config.json`` is written last and compared. Train image ids are
     1..num_train, val ids follow; the labeled split is a seeded choice of train ids.
     """
+    _check(cfg)
     root = Path(cfg.out_dir)
     paths = SynthPaths.under(root)
     marker, fingerprint = root / "synth_config.json", _fingerprint(cfg)
@@ -132,7 +146,7 @@ def generate(cfg: Any, progress: bool = True) -> SynthPaths:
     val_imgs, val_anns = _render_split(cfg, 1, cfg.num_train + 1, cfg.num_val, paths.val_images, progress)
     for i, ann in enumerate(train_anns + val_anns, 1):
         ann["id"] = i
-    cats = [{"id": i, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES, 1)]
+    cats = [{"id": i, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES[: cfg.num_classes], 1)]
     info = {"description": "dtg synthetic shapes", **fingerprint}
 
     def coco(images: list, anns: list) -> dict:

@@ -25,7 +25,8 @@ CLASS_NAMES: tuple[str, ...] = (
     "ring", "hexagon", "arrow", "heart", "crescent",
 )  # fmt: skip
 MAX_HIDDEN = 0.6  # drop an object when more than this fraction of it is hidden
-PHOTO_PROB = 0.5
+PHOTO_PROB = 0.5  # defaults of SynthConfig.photo_prob / low_contrast_prob
+LOW_CONTRAST_PROB = 0.35
 # Bundled scikit-image photos (no network). Coins, retina, colorwheel, clock: left out, round.
 PHOTO_NAMES = (
     "astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel",
@@ -217,9 +218,16 @@ def _procedural(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return c1 + (c2 - c1) * t[..., None]
 
 
-def background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """A float32 (h, w, 3) background in [0, 255] with random contrast and pixel noise."""
-    bg = _photo_crop(rng, w, h) if rng.random() < PHOTO_PROB else _procedural(rng, w, h)
+def background(rng: np.random.Generator, w: int, h: int, photo_prob: float = PHOTO_PROB,
+               flat_prob: float = 0.0) -> np.ndarray:
+    """A float32 (h, w, 3) background in [0, 255] with random contrast and pixel noise.
+
+    ``flat_prob`` is the chance of one flat random colour (no noise); otherwise ``photo_prob``
+    is the chance of a photograph crop instead of a procedural pattern.
+    """
+    if flat_prob > 0 and rng.random() < flat_prob:  # no draw at all when 0: older datasets unchanged
+        return np.broadcast_to(rng.uniform(0, 255, size=3).astype(np.float32), (h, w, 3)).copy()
+    bg = _photo_crop(rng, w, h) if rng.random() < photo_prob else _procedural(rng, w, h)
     mean = bg.mean((0, 1))
     bg = mean + (bg - mean) * rng.uniform(0.35, 1.1) + rng.uniform(-30, 30)
     if rng.random() < 0.4:
@@ -240,9 +248,12 @@ def _clip(layer: Layer, w: int, h: int) -> tuple[tuple[slice, slice], tuple[slic
     return (slice(y0, y1), slice(x0, x1)), local
 
 
-def _pick_colour(under: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """An RGB colour whose largest channel difference from ``under`` is >= 30 (often much more)."""
-    if rng.random() < 0.35:  # low contrast: a random direction, 30..60 away
+def _pick_colour(under: np.ndarray, rng: np.random.Generator, low_contrast_prob: float = LOW_CONTRAST_PROB) -> np.ndarray:
+    """An RGB colour whose largest channel difference from ``under`` is >= 30 (often much more).
+
+    With probability ``low_contrast_prob`` the difference is only 30..60.
+    """
+    if rng.random() < low_contrast_prob:  # low contrast: a random direction, 30..60 away
         d = rng.normal(size=3)
         d *= rng.uniform(30, 60) / np.abs(d).max()
         k = int(np.argmax(np.abs(d)))
@@ -258,14 +269,14 @@ def _pick_colour(under: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return colour
 
 
-def _paint(canvas: np.ndarray, layer: Layer, rng: np.random.Generator) -> None:
+def _paint(canvas: np.ndarray, layer: Layer, rng: np.random.Generator, low_contrast_prob: float) -> None:
     """Fill ``layer`` in place on the float (h, w, 3) ``canvas`` with a colour contrasting what lies below."""
     h, w = canvas.shape[:2]
     cs, ms = _clip(layer, w, h)
     m = layer.mask[ms]
     if not m.any():
         return
-    fill = np.broadcast_to(_pick_colour(canvas[cs][m].mean(0), rng), m.shape + (3,)).astype(np.float32)
+    fill = np.broadcast_to(_pick_colour(canvas[cs][m].mean(0), rng, low_contrast_prob), m.shape + (3,)).astype(np.float32)
     if rng.random() < 0.5:  # mild shading, amplitude <= 10 so a flat background still differs by >= 20
         fill = fill + rng.uniform(-10, 10) * np.linspace(-1, 1, m.shape[1], dtype=np.float32)[None, :, None]
     region = canvas[cs]
@@ -276,8 +287,11 @@ def _place_object(rng: np.random.Generator, cfg: Any, w: int, h: int) -> Layer:
     lo, hi = cfg.object_size
     hi = min(float(hi), 0.9 * min(w, h))
     size = float(np.exp(rng.uniform(np.log(lo), np.log(max(lo, hi)))))
-    cat = int(rng.integers(len(CLASS_NAMES)))
+    cat = int(rng.integers(int(getattr(cfg, "num_classes", len(CLASS_NAMES)))))
     angle, aspect, offset = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15), rng.uniform(0, 1, 2)
+    max_rot = float(getattr(cfg, "rotation", 180.0))
+    if max_rot < 180.0:  # the same draw, mapped linearly onto [-max_rot, max_rot] degrees
+        angle = (angle / np.pi - 1.0) * np.deg2rad(max_rot)
     mask = shape_mask(CLASS_NAMES[cat], size, angle, aspect, (float(offset[0]), float(offset[1])))
     mh, mw = mask.shape
     x = int(rng.integers(-int(0.2 * mw), max(-int(0.2 * mw), w - int(0.8 * mw)) + 1))
@@ -315,7 +329,7 @@ def render_image(
     """
     w, h = (int(rng.integers(cfg.image_size[0], cfg.image_size[1] + 1)) for _ in range(2))
     if background_colour is None:
-        canvas = background(rng, w, h)
+        canvas = background(rng, w, h, getattr(cfg, "photo_prob", PHOTO_PROB), getattr(cfg, "flat_prob", 0.0))
     else:
         canvas = np.broadcast_to(np.asarray(background_colour, np.float32), (h, w, 3)).copy()
     n_obj = int(rng.integers(cfg.objects_per_image[0], cfg.objects_per_image[1] + 1))
@@ -325,6 +339,7 @@ def render_image(
     on_top = rng.random(n_dis) < 0.3
     below = [c for c, top in zip(clutter, on_top) if not top]
     layers = below + objects + [c for c, top in zip(clutter, on_top) if top]
+    low = getattr(cfg, "low_contrast_prob", LOW_CONTRAST_PROB)
     for layer in layers:
-        _paint(canvas, layer, rng)
+        _paint(canvas, layer, rng, low)
     return Image.fromarray(np.round(canvas).astype(np.uint8), "RGB"), _annotate(layers, w, h)

@@ -77,7 +77,9 @@ class SparseMethod:
         for it, det in zip(items, dets):
             m = teacher_to_student(it["weak_matrix"], it["strong_matrix"])
             size = (int(it["strong"].shape[-2]), int(it["strong"].shape[-1]))
-            t = pseudo_targets({k: v.cpu() for k, v in det.items()}, m, size, self.semi.pseudo_score_thresh)
+            semi = self.semi
+            unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
+            t = pseudo_targets({k: v.cpu() for k, v in det.items()}, m, size, semi.pseudo_score_thresh, unsure)
             out.append({k: v.to(self.device) for k, v in t.items()})
         return out
 

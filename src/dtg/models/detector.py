@@ -23,6 +23,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from dtg.config import ModelConfig
 from dtg.losses.detection import rcnn_losses
+from dtg.losses.pseudo_label import background_to_ignore
 from dtg.models.backbones import ModelError, build_backbone
 
 
@@ -218,19 +219,39 @@ class Detector(nn.Module):
     def losses_from_dense(
         self, out: DenseOutputs, targets: list[dict[str, Tensor]], cls_loss: str | None = None
     ) -> dict[str, Tensor]:
-        """Standard RPN and R-CNN label assignment and losses on an existing forward pass."""
-        rpn = self.net.rpn
+        """Standard RPN and R-CNN label assignment and losses on an existing forward pass.
+
+        A target may carry ``"ignore"`` (u, 4) boxes (uncertain pseudo boxes): anchors that the
+        RPN would not call background near them (IoU >= its background threshold) and sampled
+        background RoIs that would be foreground for them (IoU >= the R-CNN foreground
+        threshold) are left out of the losses (:func:`dtg.losses.pseudo_label.background_to_ignore`).
+        """
+        rpn, heads = self.net.rpn, self.net.roi_heads
         b = out.rpn.objectness.shape[0]
         anchors = [out.rpn.anchors] * b
         labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+        ignores = [t.get("ignore") for t in targets]
+        for lab, t_ign in zip(labels, ignores):
+            if t_ign is not None:
+                lab[background_to_ignore(lab, out.rpn.anchors, t_ign, rpn.proposal_matcher.low_threshold)] = -1.0
         reg_targets = rpn.box_coder.encode(matched, anchors)
         rpn_cls, rpn_reg = rpn.compute_loss(
             out.rpn.objectness.reshape(-1, 1), out.rpn.deltas.reshape(-1, 4), labels, reg_targets
         )
-        props, _, roi_labels, roi_targets = self.net.roi_heads.select_training_samples(list(out.proposals), targets)
+        plain = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        props, _, roi_labels, roi_targets = heads.select_training_samples(list(out.proposals), plain)
         logits, deltas = self.roi_forward(out.features, props, out.images.image_sizes)
+        roi_labels, roi_targets = torch.cat(roi_labels), torch.cat(roi_targets)
+        if any(t_ign is not None for t_ign in ignores):
+            drop = torch.cat([
+                background_to_ignore(lab, p, t_ign, heads.proposal_matcher.high_threshold) if t_ign is not None
+                else torch.zeros(len(p), dtype=torch.bool, device=p.device)
+                for p, lab, t_ign in zip(props, roi_labels.split([len(p) for p in props]), ignores)
+            ])
+            keep = ~drop
+            logits, deltas, roi_labels, roi_targets = logits[keep], deltas[keep], roi_labels[keep], roi_targets[keep]
         rcnn_cls, rcnn_reg = rcnn_losses(
-            logits, deltas, torch.cat(roi_labels), torch.cat(roi_targets), cls_loss or self.cls_loss, self.focal_gamma
+            logits, deltas, roi_labels, roi_targets, cls_loss or self.cls_loss, self.focal_gamma
         )
         return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "rcnn_cls": rcnn_cls, "rcnn_reg": rcnn_reg}
 
