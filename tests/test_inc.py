@@ -298,3 +298,16 @@ def test_rcnn_invariants_random() -> None:
             if reg.numel():
                 decoded = RCNN_CODER.decode_single(t.reg_targets[reg], rois[reg])
                 assert torch.allclose(decoded, decoded[:1].expand_as(decoded), atol=1e-3)
+
+
+def test_uncertain_band_is_ignored_not_background() -> None:
+    """Teacher scores in [uncertain, tau) give -1 (ignored); below stays background; members unchanged."""
+    base, _ = rcnn_case()
+    band, _ = rcnn_case(uncertain=0.25)  # row 3 scores 0.3: in [0.25, 0.45)
+    assert band.labels.tolist() == [2, 2, 2, -1, 1] and band.classes.tolist() == [2, 2, 2, -1, 1]
+    assert torch.equal(band.cluster, base.cluster) and torch.equal(band.reg_targets, base.reg_targets)
+    assert rcnn_case(uncertain=0.35)[0].labels.tolist() == [2, 2, 2, 0, 1]  # 0.3 < 0.35: background
+    assert rcnn_case(uncertain=0.9)[0].labels.tolist() == base.labels.tolist()  # >= tau: off
+    rpn = rpn_case(tau=0.9, uncertain=0.4)  # s2 is decided by t2 (0.5): ignored; s5 by t8 (member)
+    assert rpn.labels.tolist() == [1, 1, -1, 1, 1, 1, -1, -1]
+    assert rpn_case(tau=0.9, uncertain=0.6).labels.tolist() == [1, 1, 0, 1, 1, 1, -1, -1]

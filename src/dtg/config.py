@@ -165,6 +165,10 @@ class DTGConfig:
     T: float = 1.0
     beta: float = 3.0
     anchor_radius: int = 1  # grid cells searched around a mapped teacher anchor's centre
+    # Teacher scores in [uncertain_*, tau_*) are ignored instead of background (an unsure small
+    # teacher must not teach "background" on likely objects); >= tau_*: off, the paper's INC.
+    uncertain_rpn: float = 1.0
+    uncertain_rcnn: float = 1.0
 
 
 @dataclass

@@ -101,6 +101,7 @@ class DTGMethod:
                 logits, deltas, t.proposals[i], roi, mats[i], size, teacher.net.roi_heads.box_coder,
                 tau=d.tau_rcnn, iou_threshold=d.rcnn_nms, reg_target=d.reg_target,
                 cls_labels=d.inc_cls, reg_labels=d.inc_reg, teacher_size=t.images.image_sizes[i],
+                uncertain=d.uncertain_rcnn,
             )
             outside = ((roi[:, 2] - roi[:, 0]) < 1) | ((roi[:, 3] - roi[:, 1]) < 1)  # left the student view
             rois.append(roi)
@@ -140,7 +141,7 @@ class DTGMethod:
                 t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, partner, s.rpn.anchors, m,
                 s.images.image_sizes[i], t.images.image_sizes[i], student.net.rpn.box_coder,
                 tau=d.tau_rpn, iou_threshold=d.rpn_nms, candidates=d.rpn_candidates,
-                cls_labels=d.inc_cls, reg_labels=d.inc_reg, reg_target=d.reg_target,
+                cls_labels=d.inc_cls, reg_labels=d.inc_reg, reg_target=d.reg_target, uncertain=d.uncertain_rpn,
             ))
         tgt = concat_targets(parts)
         obj = s.rpn.objectness.reshape(-1)  # (B, A_s) -> (B * A_s,), image-major like the targets

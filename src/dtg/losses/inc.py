@@ -109,6 +109,7 @@ def rcnn_inc_targets(
     cls_labels: bool = True,
     reg_labels: bool = True,
     teacher_size: tuple[int, int] | None = None,
+    uncertain: float | None = None,
 ) -> IncTargets:
     """INC targets of the R-CNN stage for the P student RoIs of one image (METHOD.md 4).
 
@@ -132,6 +133,9 @@ def rcnn_inc_targets(
         cls_labels / reg_labels: INC classification / regression labels on or off.
         teacher_size: ``(H, W)`` of the teacher view; when given, decoded boxes are clipped to
             it before NMS (as torchvision's post-processing does). Extension of the brief's API.
+        uncertain: when given (< ``tau``), non-candidates with ``uncertain <= p < tau`` are
+            ignored (-1) instead of background: an unsure teacher does not teach "background"
+            on what may be an object. ``None`` (the paper): every non-candidate is background.
 
     Returns:
         :class:`IncTargets` over the P RoIs; cluster ids are NMS keep positions 0..num_clusters-1.
@@ -152,7 +156,8 @@ def rcnn_inc_targets(
     keep, clus = nms_clusters(boxes[cand], p[cand], c[cand], iou_threshold)
     cluster = torch.full((num,), -1, dtype=torch.int64, device=c.device)
     cluster[cand] = clus
-    classes = torch.where(cluster >= 0, c, 0)
+    background = p < uncertain if uncertain is not None and uncertain < tau else torch.ones_like(p, dtype=torch.bool)
+    classes = torch.where(cluster >= 0, c, torch.where(background, 0, -1))
     target = boxes.clone()
     if reg_target == "kept":
         target[cand] = boxes[cand[keep[clus]]]
@@ -192,6 +197,7 @@ def rpn_inc_targets(
     reg_labels: bool = True,
     reg_target: str = "kept",
     pre_nms_top_n: int = 2000,
+    uncertain: float | None = None,
 ) -> IncTargets:
     """INC targets of the RPN stage for the A_s student anchors of one image (METHOD.md 5).
 
@@ -227,6 +233,8 @@ def rpn_inc_targets(
         tau: objectness probability threshold; iou_threshold: NMS IoU.
         candidates: ``"threshold_then_nms"`` | ``"nms_then_threshold"``.
         pre_nms_top_n: per-level pool size of ``nms_then_threshold`` (keeps its NMS cheap).
+        uncertain: when given (< ``tau``), a partner whose deciding teacher anchor is not a
+            member and scores ``uncertain <= score < tau`` is ignored (-1) instead of background.
 
     Returns:
         :class:`IncTargets` over the A_s student anchors; labels in {1, 0, -1}; cluster ids are
@@ -265,7 +273,10 @@ def rpn_inc_targets(
     decider = torch.where(best >= 0, order[best.clamp(min=0)], -1)  # (A_s,) teacher anchor or -1
     d = decider.clamp(min=0)
     positive = (decider >= 0) & (kept_of[d] >= 0)
-    classes = torch.where(positive, 1, torch.where(decider >= 0, 0, -1))
+    negative = decider >= 0
+    if uncertain is not None and uncertain < tau:
+        negative = negative & (score[d] < uncertain)
+    classes = torch.where(positive, 1, torch.where(negative, 0, -1))
     _, inverse = torch.unique(kept_of[d][positive], return_inverse=True)
     cluster = torch.full((num_s,), -1, dtype=torch.int64, device=device)
     cluster[positive] = inverse
