@@ -77,3 +77,25 @@ def test_train_then_eval_from_the_command_line(tiny_dataset, tmp_path, capsys):
     # the same numbers as the training run's final evaluation of the teacher (the default model)
     train_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher"]
     assert metrics["AP"] == pytest.approx(train_metrics["AP"], abs=1e-9)
+
+
+def test_demo_trains_methods_side_by_side_and_refuses_a_stale_folder(tiny_dataset, tmp_path, capsys):
+    """The main job on the tiny dataset: one table with both methods; a rerun with another
+    config into the same folder stops with one line instead of reusing old results."""
+    from conftest import tiny_config
+    import yaml
+
+    d = to_dict(tiny_config(tiny_dataset, tmp_path / "demo", "solver.max_iter=2", "semi.burn_in=1"))
+    d["synth"] = {**json.loads((tiny_dataset.root / "synth_config.json").read_text())["config"],
+                  "out_dir": str(tiny_dataset.root)}  # the existing tiny set: generate() skips
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    argv = ["demo", "--config", str(cfg_path), "--methods", "supervised", "sparse", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| supervised (teacher) |" in out and "| sparse (teacher) |" in out
+    for m in ("supervised", "sparse"):
+        assert json.loads((tmp_path / "demo" / m / "metrics.json").read_text())["method"] == m
+    assert main(argv + ["--set", "solver.lr=0.001"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run with another config" in err[0]

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from dtg.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from dtg.bench.reproduce import Run
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file overriding the built-in defaults (which are configs/embedded.yaml)")
@@ -125,24 +128,54 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_same_run(run: "Run") -> None:
+    """Refuse to reuse (skip or resume) an output folder that holds a run of another config."""
+    from dtg.bench.reproduce import config_hash
+    from dtg.config import load_config as load
+
+    saved = run.out / "config.yaml"
+    if saved.is_file() and config_hash(load(str(saved))) != config_hash(run.cfg):
+        raise ConfigError(f"{run.out}: holds a run with another config; pass --output-dir or remove it")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: generate the embedded dataset, train, evaluate, print the table."""
+    """The main job: generate the embedded dataset, train the methods side by side, print the table.
+
+    Each method is a ``python -m dtg train`` subprocess in ``OUTPUT_DIR/<method>`` (``--jobs`` at
+    a time, default: all of them, each with ``max(1, cores // jobs)`` threads); a method whose
+    ``metrics.json`` exists is not trained again, one with a checkpoint is resumed.
+    """
+    import os
+
+    from dtg.bench.reproduce import Run, execute
     from dtg.data.synth import generate
-    from dtg.engine.trainer import Trainer
     from dtg.evaluation.coco_eval import format_table
 
     cfg = _config(args)
     generate(cfg.synth, progress=not args.no_progress)
-    rows = {}
-    for method in args.methods:
+    runs = {}
+    for method in dict.fromkeys(args.methods):
         run = _config(args, f"method={method}")
         run.output_dir = str(Path(cfg.output_dir) / method)
-        summary = Trainer(run, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress).train()
-        reported = summary["reported"]
+        runs[method] = Run(method, run, Path(run.output_dir), [(method, run.seed)])
+        _check_same_run(runs[method])
+    jobs = max(1, min(args.jobs or len(runs), len(runs)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cfg.threads or max(1, cores // jobs)
+    status = execute(runs, jobs, threads, lambda m: print(f"[demo] {m}", file=sys.stderr, flush=True))
+    rows, failed = {}, [m for m, st in status.items() if st.startswith("failed")]
+    for method, run in runs.items():
+        if method in failed:
+            continue
+        summary = json.loads(run.metrics_path.read_text())
+        reported = summary.get("reported", "teacher")
         rows[f"{method} ({reported})"] = summary[reported]
         print(f"{method}: {summary['iterations']} iterations in {summary['train_seconds']} s", file=sys.stderr)
-    print(format_table(rows))
-    return 0
+    if rows:
+        print(format_table(rows))
+    for method in failed:
+        _err(f"{method}: {status[method]}")
+    return 1 if failed else 0
 
 
 def _usages(p: argparse.ArgumentParser) -> list[str]:
@@ -195,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_skip_bad(p)
     p.add_argument(
-        "--methods", nargs="+", default=["supervised"], choices=["supervised", "sparse", "dtg"],
-        help="methods to run on the same schedule and seed (default: supervised)",
+        "--methods", nargs="+", default=["supervised", "sparse", "dtg"], choices=["supervised", "sparse", "dtg"],
+        help="methods to run side by side on the same schedule and seed (default: all three)",
     )
+    p.add_argument("--jobs", type=int, default=0, help="methods trained at once (default: all of them)")
     p.set_defaults(func=cmd_demo)
 
     from dtg.tools import export, predict, split
