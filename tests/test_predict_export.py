@@ -198,3 +198,13 @@ def test_export_errors_are_one_line(ckpt, tmp_path, capsys):
     assert len(err) == 1 and "student_only.pth: has no 'teacher' entry" in err[0]
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.json").exists()
 
+
+
+def test_readme_shows_the_tested_export_loader():
+    """The README's loader snippet is exactly the one the export test runs without dtg."""
+    from pathlib import Path
+
+    from dtg.tools.export import LOADER
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert LOADER.rstrip("\n") in readme

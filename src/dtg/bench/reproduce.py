@@ -170,9 +170,9 @@ def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], 
         from dtg.data.synth import generate
 
         for cfg in {json.dumps(to_dict(r.cfg.synth), sort_keys=True): r.cfg for r in todo}.values():
-            if not Path(cfg.data.train_json).is_file():
-                log(f"generating the dataset in {cfg.synth.out_dir} ({cfg.data.train_json} is missing)")
-                generate(cfg.synth, progress=False)
+            if Path(cfg.synth.out_dir).resolve() in Path(cfg.data.train_json).resolve().parents:
+                log(f"checking the generated dataset in {cfg.synth.out_dir} (made again if its config changed)")
+                generate(cfg.synth, progress=False)  # returns at once when it is complete and current
     log(f"{len(runs)} runs: {len(runs) - len(todo)} cached, {len(todo)} to train ({jobs} at a time, {threads} threads each)")
 
     def work(run: Run) -> None:
