@@ -282,13 +282,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python bench/reproduce.py``: the same as ``dtg bench reproduce``."""
-    parser = add_parser(argparse.ArgumentParser().add_subparsers())
-    parser.prog = "python bench/reproduce.py"
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from dtg.config import ConfigError
+    from dtg.bench import script_main
 
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"reproduce: error: {e}", file=sys.stderr)
-        return 2
+    return script_main(add_parser, "reproduce", argv)

@@ -195,13 +195,6 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python bench/speed.py``: the same as ``dtg bench speed``."""
-    parser = add_parser(argparse.ArgumentParser().add_subparsers())
-    parser.prog = "python bench/speed.py"
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from dtg.config import ConfigError
+    from dtg.bench import script_main
 
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"speed: error: {e}", file=sys.stderr)
-        return 2
+    return script_main(add_parser, "speed", argv)
