@@ -131,10 +131,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _check_same_run(run: "Run") -> None:
     """Refuse to reuse (skip or resume) an output folder that holds a run of another config."""
     from dtg.bench.reproduce import config_hash
-    from dtg.config import load_config as load
 
     saved = run.out / "config.yaml"
-    if saved.is_file() and config_hash(load(str(saved))) != config_hash(run.cfg):
+    if saved.is_file() and config_hash(load_config(str(saved))) != config_hash(run.cfg):
         raise ConfigError(f"{run.out}: holds a run with another config; pass --output-dir or remove it")
 
 
