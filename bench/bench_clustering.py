@@ -20,55 +20,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torchvision.ops import batched_nms
 
 from dtg.losses import clustering
+from dtg.bench.cases import dense_boxes, interleaved_times, uniform_boxes
 from dtg.losses.clustering import nms_clusters
 
-WIDTH, HEIGHT = 1333.0, 800.0
 # Live at the peak of one chunk, per candidate x kept pair: int64 gather index, 4 gathered
 # coordinates + area (float32), ~3 float32 temporaries of the IoU, a bool mask (estimate).
 BYTES_PER_PAIR = 8 + 20 + 12 + 1
-
-
-def uniform_boxes(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` boxes of side 16..512 px anywhere in the image, 80 classes, distinct scores."""
-    side = torch.exp(torch.empty(n, 2).uniform_(2.77, 6.24, generator=g))  # 16..512
-    xy = torch.rand(n, 2, generator=g) * torch.tensor([WIDTH, HEIGHT])
-    boxes = torch.cat([xy, xy + side], 1)
-    return boxes, torch.rand(n, generator=g), torch.randint(0, 80, (n,), generator=g)
-
-
-def dense_boxes(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` boxes jittered (10% of the side) around ``n // 40`` objects, 5 labels (levels)."""
-    objects, _, _ = uniform_boxes(max(n // 40, 1), g)
-    pick = torch.randint(0, objects.shape[0], (n,), generator=g)
-    base = objects[pick]
-    wh = (base[:, 2:] - base[:, :2]).repeat(1, 2)
-    boxes = base + torch.randn(n, 4, generator=g) * 0.1 * wh
-    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
-    return boxes, torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g)
-
-
-def interleaved_times(fns: list[Callable[[], object]], repeat: int) -> list[list[float]]:
-    """Wall times in seconds of ``repeat`` rounds, each calling every ``fn`` once in turn.
-
-    Interleaving (after one warm-up round) exposes both functions to the same background
-    load, which matters on a machine shared with training jobs.
-    """
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeat):
-        for fn, out in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return times
 
 
 def padded_pairs(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, thr: float) -> tuple[int, int]:

@@ -14,47 +14,14 @@ each box's level, chunked), the speed-up, and how often the two disagree on the 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
-import torch.nn.functional as F
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from dtg.data.transforms import map_points, rotate_matrix, scale_matrix, translate_matrix
-from dtg.losses.correspondence import AnchorGrid, anchor_grid, fpn_level, match_anchors_with_iou
+from dtg.bench.cases import CANON, build_grid, map_unclipped, random_similarity
+from dtg.losses.correspondence import AnchorGrid, fpn_level, match_anchors_with_iou
 
-SIZES = ((16,), (32,), (64,), (128,), (256,))
-RATIOS = ((0.5, 1.0, 2.0),) * 5
-CANON = 16.0
-
-
-def build_grid(height: int, width: int) -> AnchorGrid:
-    """torchvision anchors of a padded (height, width) batch with FPN P2-P6 map shapes."""
-    maps = [torch.zeros(1, 1, height // s, width // s) for s in (4, 8, 16, 32)]
-    maps.append(F.max_pool2d(maps[-1], kernel_size=1, stride=2, padding=0))
-    anchors = AnchorGenerator(SIZES, RATIOS)(ImageList(torch.zeros(1, 3, height, width), [(height, width)]), maps)[0]
-    per_level = [m.shape[-2] * m.shape[-1] * len(RATIOS[0]) for m in maps]
-    return anchor_grid(anchors, per_level, [tuple(m.shape[-2:]) for m in maps], (height, width))
-
-
-def random_similarity(height: int, width: int, gen: torch.Generator) -> torch.Tensor:
-    """(3, 3) float64: scale 0.8..1.25, rotation -15..15 deg about the centre, shift up to 10%."""
-    u = torch.rand(4, generator=gen, dtype=torch.float64).tolist()
-    scale = math.exp(math.log(0.8) + u[0] * (math.log(1.25) - math.log(0.8)))
-    centre = (width / 2, height / 2)
-    S = translate_matrix(*centre) @ scale_matrix(scale, scale) @ translate_matrix(-centre[0], -centre[1])
-    shift = translate_matrix((u[2] - 0.5) * 0.2 * width, (u[3] - 0.5) * 0.2 * height)
-    return shift @ rotate_matrix(-15 + 30 * u[1], centre) @ S
-
-
-def map_unclipped(boxes: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """(N, 4) xyxy -> (N, 4) float32 min/max of the 4 mapped corners (no clipping)."""
-    x1, y1, x2, y2 = boxes.to(torch.float64).unbind(-1)
-    p = map_points(torch.stack([x1, y1, x2, y1, x2, y2, x1, y2], dim=-1).reshape(-1, 4, 2), M)
-    return torch.cat([p.amin(1), p.amax(1)], dim=-1).float()
 
 
 def full_matrix_reference(boxes: torch.Tensor, grid: AnchorGrid, max_pairs: int) -> torch.Tensor:

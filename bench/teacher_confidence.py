@@ -20,7 +20,7 @@ from torchvision.ops import box_iou
 from dtg.data.coco import load_labeled
 from dtg.data.dataset import LabelMap, record_targets
 from dtg.data.image_io import load_image
-from dtg.data.transforms import test_view
+from dtg.data.augment import test_view
 from dtg.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)

@@ -59,3 +59,32 @@ def tiny_config(paths, out_dir, *overrides: str) -> Config:
             *overrides,
         ],
     )
+
+
+def intercept_step(step, around) -> None:
+    """Route every call of the training ``step`` (a :class:`dtg.engine.step.TrainStep`) through ``around``.
+
+    ``around(call, batch, iteration)`` must return ``call()``'s scalars; it may look at the
+    batch and the trainer before and after. Only this instance changes (its class becomes a
+    subclass), so the trainer's other uses of the step (checkpoint state, skip counts) are untouched.
+    """
+    base = type(step)
+
+    class Intercepted(base):  # type: ignore[misc, valid-type]
+        def __call__(self, batch, iteration):  # type: ignore[no-untyped-def]
+            return around(lambda: base.__call__(self, batch, iteration), batch, iteration)
+
+    step.__class__ = Intercepted
+
+
+def poison_losses(monkeypatch, fn) -> None:
+    """Make ``StudentLoss.forward`` return ``fn(losses, iteration)`` instead of its losses."""
+    from dtg.engine.step import StudentLoss
+
+    real = StudentLoss.forward
+
+    def forward(self, teacher, batch, iteration):  # type: ignore[no-untyped-def]
+        losses, stats = real(self, teacher, batch, iteration)
+        return fn(losses, iteration), stats
+
+    monkeypatch.setattr(StudentLoss, "forward", forward)

@@ -11,9 +11,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from dtg.data.transforms import (
-    hflip_matrix, map_points, project_boxes, rotate_matrix, scale_matrix, translate_matrix,
-)
+from dtg.geometry import hflip_matrix, map_points, project_boxes, rotate_matrix, scale_matrix, translate_matrix
 from dtg.losses import correspondence as corr
 from dtg.losses.correspondence import (
     AnchorGrid, anchor_grid, fpn_level, map_proposals, match_anchors, match_anchors_with_iou, window_candidates,

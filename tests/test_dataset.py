@@ -4,7 +4,7 @@ from dtg.config import ViewConfig
 from dtg.data.coco import load_labeled, load_unlabeled
 from dtg.data.dataset import LabelMap, EvalData, TrainData, collate
 from dtg.data.sampler import LABELED, UNLABELED, MixedBatchSampler, SampleKey
-from dtg.data.transforms import project_boxes
+from dtg.geometry import project_boxes
 
 
 def make(paths):

@@ -145,7 +145,7 @@ def test_group_norm_builds_for_every_backbone(backbone):
 
 
 def test_eval_mode_teacher_can_propose_with_the_training_top_n():
-    """DTG's teacher is in eval mode but proposes with the training top-N (METHOD.md 4.1)."""
+    """DTG's teacher is in eval mode but proposes with the training top-N (docs/method.md, "INC in the R-CNN stage")."""
     torch.manual_seed(0)
     cfg = ModelConfig(rpn_pre_nms_top_n_train=400, rpn_post_nms_top_n_train=60,
                       rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=7)

@@ -44,12 +44,12 @@ from dtg.config import from_dict, load_config, to_dict
 from dtg.data.coco import load_labeled
 from dtg.data.dataset import LabelMap
 from dtg.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from dtg.engine.distributed import all_true, mean_scalars
-from dtg.engine.methods import SparseMethod
+from dtg.dist import all_true, mean_scalars
+from dtg.engine.step import StudentLoss
 from dtg.engine.trainer import Trainer
 from dtg.evaluation.inference import predict_source
 
-from conftest import tiny_config
+from conftest import intercept_step, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +82,7 @@ def _batch_keys(batch: dict) -> list[tuple]:
 
 def _recording_trainer(cfg: dict, seen: list, log: list | None = None) -> Trainer:
     t = Trainer(from_dict(cfg), log=(log if log is not None else []).append, progress=False)
-    step = t.step
-    t.step = lambda batch: (seen.append(_batch_keys(batch)), step(batch))[1]  # type: ignore[method-assign]
+    intercept_step(t.step, lambda call, batch, it: (seen.append(_batch_keys(batch)), call())[1])
     return t
 
 
@@ -110,8 +109,8 @@ def _worker(rank: int, world: int, port: int, cfgs: dict[str, dict], out: str) -
     t.train()
     torch.save({"state": t.state_dict()}, Path(out) / f"split_rank{rank}.pt")
     # A NaN loss on rank 1 only, at iteration 1: both ranks must skip that step (or DDP would hang).
-    real = SparseMethod.losses
-    SparseMethod.losses = lambda self, s, tch, b, it: _nan_on_rank1(real(self, s, tch, b, it), rank, it)  # type: ignore
+    real = StudentLoss.forward
+    StudentLoss.forward = lambda self, tch, b, it: _nan_on_rank1(real(self, tch, b, it), rank, it)  # type: ignore
     t = Trainer(from_dict(cfgs["nan"]), log=lambda m: None, progress=False)
     summary = t.train()
     torch.save({"state": t.state_dict(), "summary": summary}, Path(out) / f"nan_rank{rank}.pt")

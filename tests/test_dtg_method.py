@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from dtg.engine.checkpoint import load_checkpoint
-from dtg.engine.dtg_method import concat_targets, ignore_samples
 from dtg.engine.trainer import Trainer
-from dtg.losses.inc import IncTargets
+from dtg.losses.inc import IncTargets, concat_targets, ignore_samples
 from dtg.losses.correspondence import map_anchors
 
 from conftest import tiny_config
@@ -67,7 +66,7 @@ def test_three_iteration_dtg_run_for_each_ablation(tiny_dataset, tmp_path, name)
     t = Trainer(cfg, log=lambda m: None, progress=False)
     before = {k: v.clone() for k, v in t.model.net.state_dict().items()}
     batch = next(iter(t._loader(0)))
-    losses, stats = t.method.losses(t.model, t.teacher, batch, 0)
+    losses, stats = t.method.unlabeled_losses(t.model, t.teacher, batch["unsup"], 0)
     stages = [s for s, on in (("rpn", cfg.dtg.rpn), ("rcnn", cfg.dtg.rcnn)) if on]
     for s in stages:
         assert {f"unsup_{s}_cls", f"unsup_{s}_reg"} <= set(losses)

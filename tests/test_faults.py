@@ -20,10 +20,9 @@ import torch
 from dtg.cli import main
 from dtg.config import save_config
 from dtg.engine.checkpoint import load_checkpoint
-from dtg.engine.methods import SupervisedMethod
 from dtg.engine.trainer import Trainer, TrainingError
 
-from conftest import tiny_config
+from conftest import intercept_step, poison_losses, tiny_config
 
 ROOT = Path(__file__).parent.parent
 
@@ -137,22 +136,19 @@ def test_sigkill_at_random_moments_then_resume_auto_ends_like_an_uninterrupted_r
 
 def _poison(monkeypatch: pytest.MonkeyPatch, iterations: set[int] | range) -> None:
     """NaN in the labeled RPN loss at the given iterations."""
-    real = SupervisedMethod.losses
-
-    def losses(self, student, teacher, batch, iteration):  # type: ignore[no-untyped-def]
-        out, stats = real(self, student, teacher, batch, iteration)
+    def nan(losses, iteration):  # type: ignore[no-untyped-def]
         if iteration in iterations:
-            out["sup_rpn_cls"] = out["sup_rpn_cls"] * float("nan")
-        return out, stats
+            losses = {**losses, "sup_rpn_cls": losses["sup_rpn_cls"] * float("nan")}
+        return losses
 
-    monkeypatch.setattr(SupervisedMethod, "losses", losses)
+    poison_losses(monkeypatch, nan)
 
 
 def _snapshot(t: Trainer) -> dict:
     return {
         "student": {k: v.clone() for k, v in t.model.net.state_dict().items()},
         "teacher": {k: v.clone() for k, v in t.teacher.net.state_dict().items()},
-        "optimizer": {"state": {k: {"momentum_buffer": s["momentum_buffer"].clone()} for k, s in t.optimizer.state.items()}},
+        "optimizer": {"state": {k: {"momentum_buffer": s["momentum_buffer"].clone()} for k, s in t.step.optimizer.state.items()}},
     }
 
 
@@ -161,15 +157,15 @@ def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(tiny_dataset, 
     _poison(monkeypatch, {2, 3})
     lines: list[str] = []
     t = Trainer(tiny_config(tiny_dataset, tmp_path / "r", "solver.max_iter=5"), log=lines.append, progress=False)
-    steps, step = [], t.step
+    steps = []
 
-    def recording(batch):  # type: ignore[no-untyped-def]
+    def recording(call, batch, iteration):  # type: ignore[no-untyped-def]
         before = _snapshot(t)
-        scalars = step(batch)
-        steps.append((t.iteration, before, _snapshot(t), t.scheduler.last_epoch, scalars))
+        scalars = call()
+        steps.append((iteration, before, _snapshot(t), t.step.scheduler.last_epoch, scalars))
         return scalars
 
-    t.step = recording  # type: ignore[method-assign]
+    intercept_step(t.step, recording)
     summary = t.train()
     assert [s[0] for s in steps] == [0, 1, 2, 3, 4] and [s[3] for s in steps] == [1, 2, 3, 4, 5]  # LR schedule advances
     for it, before, after, _, scalars in steps:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 
-from dtg.data.transforms import project_boxes
+from dtg.geometry import project_boxes
 from dtg.losses.dtg_loss import (
     inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas,
 )

@@ -3,7 +3,7 @@ import torch
 from torchvision.models.detection import FasterRCNN
 
 from dtg.config import ModelConfig
-from dtg.data.transforms import project_boxes, teacher_to_student
+from dtg.geometry import project_boxes, teacher_to_student
 from dtg.engine.checkpoint import load_checkpoint
 from dtg.engine.trainer import Trainer, TrainingError
 from dtg.losses.pseudo_label import pseudo_targets
@@ -67,7 +67,7 @@ def test_teacher_boxes_land_on_the_object_in_the_student_view(tiny_dataset):
     from PIL import Image, ImageDraw
 
     from dtg.config import ViewConfig
-    from dtg.data.transforms import make_view
+    from dtg.data.augment import make_view
 
     img = Image.new("RGB", (160, 120), (0, 0, 0))
     ImageDraw.Draw(img).rectangle([40, 30, 89, 69], fill=(255, 0, 0))  # covers [40, 90) x [30, 70)

@@ -15,7 +15,7 @@ from dtg.cli import main
 from dtg.config import to_dict
 from dtg.data.coco import load_image, load_labeled
 from dtg.data.dataset import LabelMap
-from dtg.data.transforms import test_view
+from dtg.data.augment import test_view
 from dtg.engine.checkpoint import model_from_checkpoint
 from dtg.engine.trainer import Trainer
 from dtg.evaluation.inference import predict_source

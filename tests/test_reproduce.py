@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from dtg import runs as rn
 from dtg.bench import reproduce as rp
 from dtg.bench.report import RowResult, fmt_mean_std, gap_table, markdown_table, mean_curve, mean_std, paired_gap
 from dtg.cli import main
@@ -84,13 +85,13 @@ def test_run_one_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monk
         run.metrics_path.write_text("{}")
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(rp.subprocess, "run", fake_run)
+    monkeypatch.setattr(rn.subprocess, "run", fake_run)
     (run.out / "checkpoints").mkdir(parents=True)
     (run.out / "checkpoints" / "last.pth").write_bytes(b"x")
-    assert rp.run_one(run, threads=3)[0] == "resumed"
+    assert rn.run_one(run, threads=3)[0] == "resumed"
     assert calls[0][-2:] == ["--resume", "auto"] and "threads=3" in calls[0]
     assert (run.out / "run.yaml").is_file()
-    assert rp.run_one(run, threads=3) == ("cached", 0.0) and len(calls) == 1
+    assert rn.run_one(run, threads=3) == ("cached", 0.0) and len(calls) == 1
 
 
 @pytest.mark.slow

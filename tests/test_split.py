@@ -1,4 +1,4 @@
-"""dtg split coco (METHOD.md section 9) and dtg split voc, on small hand-made inputs."""
+"""dtg split coco (docs/method.md, "Splits") and dtg split voc, on small hand-made inputs."""
 
 import hashlib
 import json

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 from dtg.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from dtg.bench.reproduce import Run
+    from dtg.runs import Run
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file overriding the built-in defaults (which are configs/embedded.yaml)")
@@ -29,7 +29,11 @@ def _config(args: argparse.Namespace, *extra: str) -> Config:
     overrides = list(args.overrides) + list(extra)
     if getattr(args, "skip_bad", False):
         overrides.append("data.skip_bad=true")
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    from dtg.methods import check_method
+
+    check_method(cfg.method)
+    return cfg
 
 
 def _add_skip_bad(p: argparse.ArgumentParser) -> None:
@@ -44,13 +48,17 @@ def _err(msg: str) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from dtg.data.synth import generate
+    from dtg.data.synth import generate, read_marker
 
     cfg = _config(args)
     if args.out:
         cfg.synth.out_dir = args.out
     paths = generate(cfg.synth, progress=not args.no_progress)
-    print(f"embedded dataset in {paths.root}: labeled {paths.train_labeled}, unlabeled {paths.train_unlabeled}, val {paths.val}")
+    content = (read_marker(paths.root) or {}).get("content", "?")
+    print(f"embedded dataset in {paths.root}: labeled {paths.train_labeled}, unlabeled {paths.train_unlabeled}, "
+          f"val {paths.val}; tuning split {paths.tune_val} (held out of the unlabeled images), "
+          f"{paths.tune_unlabeled}, {paths.tune_full}")
+    print(f"content fingerprint {content} (sha256 over its json and image files; also in {paths.root / 'synth_config.json'})")
     return 0
 
 
@@ -84,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dtg.data.coco import load_labeled
     from dtg.data.dataset import LabelMap
     from dtg.engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from dtg.engine.trainer import resolve_device
+    from dtg.engine.runtime import resolve_device
     from dtg.evaluation.coco_eval import format_table, write_results
     from dtg.evaluation.inference import evaluate_model
 
@@ -112,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """A look inside: the teacher's R-CNN clusters and the student's INC labels and ranks on one image."""
-    from dtg.engine.trainer import resolve_device
+    from dtg.engine.runtime import resolve_device
     from dtg.explain import explain_checkpoint, render
 
     if args.max_clusters < 0:
@@ -130,7 +138,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _check_same_run(run: "Run") -> None:
     """Refuse to reuse (skip or resume) an output folder that holds a run of another config."""
-    from dtg.bench.reproduce import config_hash
+    from dtg.runs import config_hash
 
     saved = run.out / "config.yaml"
     if saved.is_file() and config_hash(load_config(str(saved))) != config_hash(run.cfg):
@@ -146,8 +154,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """
     import os
 
-    from dtg.bench.reproduce import Run, execute
     from dtg.data.synth import generate
+    from dtg.runs import Run, execute
     from dtg.evaluation.coco_eval import format_table
 
     cfg = _config(args)
@@ -184,6 +192,8 @@ def _usages(p: argparse.ArgumentParser) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dtg.methods import method_names
+
     parser = argparse.ArgumentParser(prog="dtg", description="Semi-supervised object detection with Dense Teacher Guidance")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -227,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_skip_bad(p)
     p.add_argument(
-        "--methods", nargs="+", default=["supervised", "sparse", "dtg"], choices=["supervised", "sparse", "dtg"],
+        "--methods", nargs="+", default=method_names(), choices=method_names(),
         help="methods to run side by side on the same schedule and seed (default: all three)",
     )
     p.add_argument("--jobs", type=int, default=0, help="methods trained at once (default: all of them)")
@@ -253,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dtg.data.coco import DatasetError
     from dtg.engine.checkpoint import CheckpointError
-    from dtg.engine.trainer import TrainingError
+    from dtg.engine.runtime import TrainingError
     from dtg.models.backbones import ModelError
 
     user_errors = (ConfigError, DatasetError, ModelError, CheckpointError, TrainingError, OSError)

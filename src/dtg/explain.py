@@ -1,8 +1,8 @@
-"""``dtg explain``: a look inside the R-CNN stage of DTG (METHOD.md sections 4 and 6).
+"""``dtg explain``: a look inside the R-CNN stage of DTG (docs/method.md, "INC in the R-CNN stage" and "Rank Matching").
 
 In the spirit of the DTG-SSOD paper's figures 2(b) and 3, for one image and one checkpoint:
 the teacher's R-CNN clusters on its weak view (candidates ``p >= tau_rcnn`` grouped by greedy
-NMS, exactly as :func:`dtg.losses.inc.rcnn_inc_targets` builds them), and the student RoIs
+NMS, exactly as training builds them with :func:`dtg.losses.inc.rcnn_image_targets`), and the student RoIs
 on the strong view (the same proposals mapped by ``M``) coloured by the INC label they
 induce, with each cluster's teacher rank vs student rank (what Rank Matching compares).
 
@@ -14,7 +14,7 @@ induce, with each cluster's teacher rank vs student rank (what Rank Matching com
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,12 @@ from torchvision.ops import clip_boxes_to_image
 
 from dtg.config import Config, ConfigError
 from dtg.data.coco import load_image
-from dtg.data.transforms import View, make_view, teacher_to_student
+from dtg.geometry import teacher_to_student
+from dtg.data.augment import View, make_view
 from dtg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from dtg.engine.dtg_method import ignore_samples
 from dtg.losses.correspondence import map_proposals
-from dtg.losses.inc import IncTargets, rcnn_inc_targets
+from dtg.losses.inc import IncOptions, IncTargets, rcnn_image_targets
+from dtg.methods.dtg import inc_options
 from dtg.models.detector import Detector
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -106,7 +107,7 @@ def _kendall(a: list[int], b: list[int]) -> float | None:
 def explain_rcnn(
     teacher_logits: Tensor, teacher_deltas: Tensor, proposals: Tensor, t2s: Tensor,
     teacher_size: tuple[int, int], student_size: tuple[int, int], box_coder: BoxCoder,
-    student_logits: Tensor | None, tau: float, iou_threshold: float = 0.5,
+    student_logits: Tensor | None, opts: IncOptions,
 ) -> Explanation:
     """Clusters, INC labels and ranks of one image, as :class:`DTGMethod` builds them.
 
@@ -117,13 +118,11 @@ def explain_rcnn(
         box_coder: the R-CNN box coder.
         student_logits: (P, K + 1) the student's R-CNN on the mapped RoIs (strong view), in the
             order of ``map_proposals(proposals, t2s, student_size)``; None: student scores 0.
-        tau: candidate threshold; iou_threshold: the clustering NMS IoU.
+        opts: the INC options of the run (``opts.tau_rcnn`` is the candidate threshold).
     """
-    rois = map_proposals(proposals, t2s, student_size)
-    tg = rcnn_inc_targets(teacher_logits, teacher_deltas, proposals, rois, t2s, student_size, box_coder,
-                          tau=tau, iou_threshold=iou_threshold, teacher_size=teacher_size)
-    outside = ((rois[:, 2] - rois[:, 0]) < 1) | ((rois[:, 3] - rois[:, 1]) < 1)  # as DTGMethod._rcnn
-    final = ignore_samples(tg, outside)
+    tau = opts.tau_rcnn
+    rois, final, tg, outside = rcnn_image_targets(teacher_logits, teacher_deltas, proposals, t2s, student_size,
+                                                  teacher_size, box_coder, opts)
     # The boxes NMS clustered (drawing only; the clustering itself is rcnn_inc_targets').
     num = teacher_logits.shape[0]
     p, c = teacher_logits.float().softmax(-1)[:, 1:].max(dim=1)
@@ -195,8 +194,9 @@ def explain_checkpoint(
     rois = map_proposals(proposals, m.to(device), strong.size)
     s = student.forward_dense([strong.image.to(device)])
     s_logits, _ = student.roi_forward(s.features, [rois], s.images.image_sizes)
+    opts = replace(inc_options(cfg), tau_rcnn=tau)
     ex = explain_rcnn(t_logits.cpu(), t_deltas.cpu(), proposals.cpu(), m, weak.size, strong.size,
-                      teacher.net.roi_heads.box_coder, s_logits.cpu(), tau, cfg.dtg.rcnn_nms)
+                      teacher.rcnn_box_coder, s_logits.cpu(), opts)
     ex.meta = {"checkpoint": Path(checkpoint).name, "image": Path(image).name, "seed": seed,
                "iteration": ckpt.get("iteration"), "method": cfg.method}
     return ex, weak, strong, names
@@ -213,12 +213,12 @@ def _pil(view: View, height: int) -> tuple[Image.Image, float, float]:
     return Image.fromarray(arr).convert("RGBA").resize((width, height), Image.Resampling.BILINEAR), width / w, height / h
 
 
-def _box(draw: ImageDraw.ImageDraw, b: list[float], sx: float, sy: float, color: tuple, width: int) -> None:
+def draw_box(draw: ImageDraw.ImageDraw, b: list[float], sx: float, sy: float, color: tuple, width: int) -> None:
     draw.rectangle([b[0] * sx, b[1] * sy, max(b[0] * sx, b[2] * sx - 1), max(b[1] * sy, b[3] * sy - 1)],
                    outline=color, width=width)
 
 
-def _tag(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, color: tuple, font: Any,
+def draw_tag(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, color: tuple, font: Any,
          taken: list[tuple[float, float, float, float]]) -> None:
     """Text on a filled box of ``color`` above ``xy`` (below it at the top edge), moved down
     past the boxes in ``taken`` (tags already drawn) so that tags never cover each other."""
@@ -257,24 +257,24 @@ def render(
     overlay = Image.new("RGBA", right.size, (0, 0, 0, 0))
     od = ImageDraw.Draw(overlay)
     for i in ex.background[:max_background]:
-        _box(od, ex.rois[i].tolist(), sxr, syr, BACKGROUND, 1)
+        draw_box(od, ex.rois[i].tolist(), sxr, syr, BACKGROUND, 1)
     right = Image.alpha_composite(right, overlay)
     dl, dr = ImageDraw.Draw(left), ImageDraw.Draw(right)
     for k, cl in reversed(list(enumerate(shown))):  # the highest-scoring cluster on top
         col = PALETTE[k % len(PALETTE)]
         for i, ign in zip(cl.members, cl.ignored):
-            _box(dl, ex.teacher_boxes[i].tolist(), sxl, syl, col, 3 if i == cl.kept else 1)
+            draw_box(dl, ex.teacher_boxes[i].tolist(), sxl, syl, col, 3 if i == cl.kept else 1)
             if not ign:
-                _box(dr, ex.rois[i].tolist(), sxr, syr, col, 3 if i == cl.kept else 1)
+                draw_box(dr, ex.rois[i].tolist(), sxr, syr, col, 3 if i == cl.kept else 1)
     taken_l: list[tuple[float, float, float, float]] = []
     taken_r: list[tuple[float, float, float, float]] = []
     for k, cl in enumerate(shown):
         col = PALETTE[k % len(PALETTE)]
         b = ex.teacher_boxes[cl.kept].tolist()
-        _tag(dl, (b[0] * sxl, b[1] * syl), f"{k} {names[cl.label - 1]} {cl.teacher_scores[0]:.2f}", col, small, taken_l)
+        draw_tag(dl, (b[0] * sxl, b[1] * syl), f"{k} {names[cl.label - 1]} {cl.teacher_scores[0]:.2f}", col, small, taken_l)
         if not cl.ignored[0]:
             r = ex.rois[cl.kept].tolist()
-            _tag(dr, (r[0] * sxr, r[1] * syr), str(k), col, small, taken_r)
+            draw_tag(dr, (r[0] * sxr, r[1] * syr), str(k), col, small, taken_r)
 
     cell, pad, line, head = 22, 8, 16, 44
     table_w = pad * 2 + 30 + cell * MAX_RANKS

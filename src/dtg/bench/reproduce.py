@@ -17,24 +17,19 @@ Writes ``OUT/results.md`` (also printed), ``OUT/results.json`` and ``OUT/results
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dtg.bench.report import STATS, RowResult, gap_table, markdown_table, plot, read_curve
-from dtg.config import Config, load_config, save_config, to_dict
+from dtg.config import Config, load_config, to_dict
+from dtg.runs import Run, dataset_fingerprint, ensure_generated, execute, run_key
 
 Paper = tuple[float, float, float]
 MAIN_ROWS = ("supervised", "sparse", "dtg")
-# Keys that cannot change what a run learns; left out of the run hash.
-VOLATILE_KEYS = ("output_dir", "threads", "log_period", "checkpoint_period")
 
 
 @dataclass(frozen=True)
@@ -82,20 +77,6 @@ RPN's regression / Rank Matching. Ours: COCO AP of the EMA teacher on this confi
 mean ± sample std (n - 1) over seeds; gaps are paired by seed."""
 
 
-@dataclass
-class Run:
-    """One training run (a resolved config), shared by every (row, seed) that resolves to it."""
-
-    key: str
-    cfg: Config
-    out: Path
-    uses: list[tuple[str, int]] = field(default_factory=list)
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.out / "metrics.json"
-
-
 def select_rows(names: Sequence[str]) -> list[Row]:
     """``main`` | ``all`` | explicit row names (comma or space separated), in table order, no repeats."""
     wanted: list[str] = []
@@ -111,12 +92,6 @@ def select_rows(names: Sequence[str]) -> list[Row]:
     return [ROW_BY_NAME[n] for n in dict.fromkeys(wanted)]
 
 
-def config_hash(cfg: Config) -> str:
-    """12 hex digits of the resolved config without :data:`VOLATILE_KEYS`."""
-    data = {k: v for k, v in to_dict(cfg).items() if k not in VOLATILE_KEYS}
-    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def resolve(config: str | None, overrides: Sequence[str], row: Row, seed: int, curve_points: int) -> Config:
     """The config of one (row, seed): file, then ``overrides``, then the row, then the seed.
 
@@ -130,60 +105,38 @@ def resolve(config: str | None, overrides: Sequence[str], row: Row, seed: int, c
 
 
 def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, overrides: Sequence[str], out: Path,
-         curve_points: int) -> dict[str, Run]:
-    """Runs by hash, each listing the (row, seed) pairs it serves."""
+         curve_points: int, log: Callable[[str], None] = lambda m: None) -> dict[str, Run]:
+    """Runs by identity (config hash + dataset fingerprint), each listing the (row, seed) pairs it serves.
+
+    Generated datasets are made (or remade when stale) first, so that their fingerprints are current.
+    """
+    cfgs = {(row.name, seed): resolve(config, overrides, row, seed, curve_points) for row in rows for seed in seeds}
+    ensure_generated(cfgs.values(), log)
+    prints: dict[str, str] = {}
     runs: dict[str, Run] = {}
-    for row in rows:
-        for seed in seeds:
-            cfg = resolve(config, overrides, row, seed, curve_points)
-            key = config_hash(cfg)
-            cfg.output_dir = str(out / "runs" / key)
-            runs.setdefault(key, Run(key, cfg, Path(cfg.output_dir))).uses.append((row.name, seed))
+    for (name, seed), cfg in cfgs.items():
+        data_key = json.dumps(to_dict(cfg.data), sort_keys=True)
+        if data_key not in prints:
+            prints[data_key] = dataset_fingerprint(cfg.data)
+        key = run_key(cfg, prints[data_key])
+        cfg.output_dir = str(out / "runs" / key)
+        runs.setdefault(key, Run(key, cfg, Path(cfg.output_dir))).uses.append((name, seed))
     return runs
 
 
-def run_one(run: Run, threads: int) -> tuple[str, float]:
-    """Train (or resume) one run in a subprocess unless its metrics exist: ``(status, seconds)``."""
-    if run.metrics_path.is_file():
-        return "cached", 0.0
-    run.out.mkdir(parents=True, exist_ok=True)
-    save_config(run.cfg, run.out / "run.yaml")
-    resume = (run.out / "checkpoints" / "last.pth").is_file()
-    cmd = [sys.executable, "-m", "dtg", "train", "--config", str(run.out / "run.yaml"),
-           "--set", f"threads={threads}", "--no-progress", *(["--resume", "auto"] if resume else [])]
-    t0 = time.perf_counter()
-    with open(run.out / "train.log", "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    seconds = time.perf_counter() - t0
-    if rc != 0 or not run.metrics_path.is_file():
-        return f"failed (exit {rc}, see {run.out / 'train.log'})", seconds
-    return ("resumed" if resume else "trained"), seconds
+def check_provenance(runs: dict[str, Run]) -> None:
+    """Refuse (one line) to report finished runs made on different data (dataset fingerprints differ)."""
+    from dtg.config import ConfigError
 
-
-def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], None]) -> dict[str, str]:
-    """Run everything, ``jobs`` at a time; returns each run's status."""
-    todo = [r for r in runs.values() if not r.metrics_path.is_file()]
-    status = {k: "cached" for k in runs}
-    if todo:
-        from dtg.data.synth import generate
-
-        for cfg in {json.dumps(to_dict(r.cfg.synth), sort_keys=True): r.cfg for r in todo}.values():
-            if Path(cfg.synth.out_dir).resolve() in Path(cfg.data.train_json).resolve().parents:
-                log(f"checking the generated dataset in {cfg.synth.out_dir} (made again if its config changed)")
-                generate(cfg.synth, progress=False)  # returns at once when it is complete and current
-    log(f"{len(runs)} runs: {len(runs) - len(todo)} cached, {len(todo)} to train ({jobs} at a time, {threads} threads each)")
-
-    def work(run: Run) -> None:
-        label = ", ".join(f"{row}/seed {s}" for row, s in run.uses)
-        log(f"start {run.key} ({label})")
-        status[run.key], seconds = run_one(run, threads)
-        log(f"{status[run.key]} {run.key} ({label}) in {seconds:.0f} s")
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(work, todo))
-    return status
+    seen: dict[str, str] = {}
+    for run in runs.values():
+        if not run.metrics_path.is_file():
+            continue
+        fp = json.loads(run.metrics_path.read_text()).get("provenance", {}).get("dataset_fingerprint", "unrecorded")
+        seen.setdefault(fp, str(run.out))
+    if len(seen) > 1:
+        raise ConfigError(f"runs of different datasets in one table (fingerprints {', '.join(seen)}; e.g. "
+                          f"{', '.join(seen.values())}); remove the stale runs or use another --out")
 
 
 def collect(rows: Sequence[Row], runs: dict[str, Run]) -> tuple[list[RowResult], dict[str, list]]:
@@ -262,14 +215,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // jobs)
     out = Path(args.out)
-    runs = plan(rows, args.seeds, args.config, args.overrides, out, args.curve_points)
     log = lambda m: print(f"[reproduce] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    runs = plan(rows, args.seeds, args.config, args.overrides, out, args.curve_points, log)
     if args.dry_run:
         for run in runs.values():
             state = "cached" if run.metrics_path.is_file() else "to train"
             print(f"{run.key}  {state:8s}  {', '.join(f'{r}/seed {s}' for r, s in run.uses)}")
         return 0
     status = execute(runs, jobs, threads, log)
+    check_provenance(runs)
     any_cfg = next(iter(runs.values())).cfg
     header = (f"Config: {args.config or 'built-in embedded default (configs/embedded.yaml)'}"
               f"{' + ' + ' '.join(args.overrides) if args.overrides else ''}; {any_cfg.solver.max_iter} iterations; "

@@ -145,7 +145,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
             shared = step_section(trainer, args, out)
         if args.profile:
             out.append(f"## profile of {args.profile_steps} dtg steps\n")
-            out.append(ss.profile_steps(trainer, shared["methods"]["dtg"], shared["mixed"][: args.profile_steps]))
+            out.append(ss.profile_steps(trainer, shared["steps"], "dtg", shared["mixed"][: args.profile_steps]))
         if "kernels" in sections:
             out.append("## (b) kernels\n\n### nms_clusters vs batched_nms (median ms)\n")
             out.append(sm.clustering_table(args.nms_sizes, args.repeat))

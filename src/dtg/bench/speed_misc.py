@@ -1,14 +1,11 @@
 """Kernel, data-path, evaluator and memory measurements for ``dtg bench speed``.
 
-The clustering, anchor-matching and evaluator cases reuse the box/anchor/detection makers of
-``bench/bench_clustering.py``, ``bench/bench_correspondence.py`` and ``bench/bench_evaluator.py``
-(loaded from the repository's ``bench/`` folder; a section says so and is skipped when the
-package runs from an install without it).
+The clustering, anchor-matching and evaluator cases are those of :mod:`dtg.bench.cases`, which
+the repository's ``bench/*.py`` scripts time too.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import statistics
@@ -17,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Callable
 
 import torch
@@ -25,27 +21,15 @@ from torchvision.ops import batched_nms
 
 from dtg.config import save_config
 from dtg.data.coco import load_image
-from dtg.data.transforms import make_view, teacher_to_student
-from dtg.engine.methods import Batch
+from dtg.geometry import teacher_to_student
+from dtg.data.augment import make_view
+from dtg.bench import cases
+from dtg.methods import Batch
 from dtg.engine.trainer import Trainer
 from dtg.losses.clustering import nms_clusters
-from dtg.losses.correspondence import anchor_grid, map_anchors, map_proposals, match_anchors, match_anchors_with_iou
-from dtg.losses.inc import rcnn_inc_targets, rpn_inc_targets
-
-BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
-
-
-def bench_module(name: str) -> ModuleType | None:
-    """``bench/<name>.py`` of the repository as a module, or None when it is not there."""
-    path = BENCH_DIR / f"{name}.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location(f"_dtg_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from dtg.losses.correspondence import anchor_grid, map_anchors, match_anchors, match_anchors_with_iou
+from dtg.losses.inc import rcnn_image_targets, rpn_image_targets
+from dtg.methods.dtg import inc_options
 
 def median_ms(fn: Callable[[], object], repeat: int) -> float:
     """Median wall time in ms of ``repeat`` calls after one warm-up call."""
@@ -60,16 +44,13 @@ def median_ms(fn: Callable[[], object], repeat: int) -> float:
 
 def clustering_table(sizes: list[int], repeat: int) -> str:
     """nms_clusters vs batched_nms alone at each N, both box sets of bench_clustering.py (interleaved)."""
-    bc = bench_module("bench_clustering")
-    if bc is None:
-        return f"skipped: {BENCH_DIR}/bench_clustering.py not found\n"
     g = torch.Generator().manual_seed(0)
     lines = ["| boxes | N | IoU | kept | batched_nms ms | nms_clusters ms | ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, make, thr in [("uniform, 80 cls", bc.uniform_boxes, 0.5), ("dense, 5 lvl", bc.dense_boxes, 0.7)]:
+    for name, make, thr in [("uniform, 80 cls", cases.uniform_boxes, 0.5), ("dense, 5 lvl", cases.dense_boxes, 0.7)]:
         for n in sizes:
             boxes, scores, labels = make(n, g)
             keep, _ = nms_clusters(boxes, scores, labels, thr)
-            t_nms, t_cl = bc.interleaved_times([lambda: batched_nms(boxes, scores, labels, thr),
+            t_nms, t_cl = cases.interleaved_times([lambda: batched_nms(boxes, scores, labels, thr),
                                                 lambda: nms_clusters(boxes, scores, labels, thr)], repeat)
             a, b = statistics.median(t_nms), statistics.median(t_cl)
             lines.append(f"| {name} | {n} | {thr} | {keep.numel()} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x |")
@@ -78,65 +59,55 @@ def clustering_table(sizes: list[int], repeat: int) -> str:
 
 def matching_table(counts: list[int], repeat: int) -> str:
     """match_anchors on an 800 x 1344 student grid for N teacher anchors (bench_correspondence.py's setup)."""
-    bco = bench_module("bench_correspondence")
-    if bco is None:
-        return f"skipped: {BENCH_DIR}/bench_correspondence.py not found\n"
     gen = torch.Generator().manual_seed(0)
-    grid = bco.build_grid(800, 1344)
+    grid = cases.build_grid(800, 1344)
     lines = [f"student grid: {len(grid.anchors):,} anchors\n", "| N | with partner | match_anchors ms | us / anchor |",
              "|---:|---:|---:|---:|"]
     for n in counts:
         teacher = grid.anchors[torch.randperm(len(grid.anchors), generator=gen)[:n]]
-        mapped = bco.map_unclipped(teacher, bco.random_similarity(800, 1344, gen))
-        partner, _ = match_anchors_with_iou(mapped, grid, bco.CANON, 1)
-        ms = median_ms(lambda: match_anchors_with_iou(mapped, grid, bco.CANON, 1), repeat)
+        mapped = cases.map_unclipped(teacher, cases.random_similarity(800, 1344, gen))
+        partner, _ = match_anchors_with_iou(mapped, grid, cases.CANON, 1)
+        ms = median_ms(lambda: match_anchors_with_iou(mapped, grid, cases.CANON, 1), repeat)
         lines.append(f"| {n:,} | {int((partner >= 0).sum()):,} | {ms:.1f} | {1e3 * ms / n:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()
 def inc_table(trainer: Trainer, batch: Batch, repeat: int) -> str:
-    """Per-image cost of DTG's target building on a real batch, with the calls dtg_method.py makes."""
+    """Per-image cost of DTG's target building on a real batch, with the functions training calls."""
     cfg, dev, teacher, student = trainer.cfg, trainer.device, trainer.teacher, trainer.model
-    assert teacher is not None
-    d, items = cfg.dtg, batch["unsup"]
+    opts, items = inc_options(cfg), batch["unsup"]
     t = teacher.forward_dense([it["weak"].to(dev) for it in items], train_top_n=True)
     t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
     s = student.forward_dense([it["strong"].to(dev) for it in items])
     mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(dev) for it in items]
     counts = [len(p) for p in t.proposals]
     logits, deltas = t_logits.split(counts), t_deltas.split(counts)
-    coder_r, coder_a = teacher.net.roi_heads.box_coder, student.net.rpn.box_coder
-    canonical = float(cfg.model.anchor_sizes[0])
     feats = [tuple(f.shape[-2:]) for f in s.features.values()]
     size_s = tuple(s.images.tensors.shape[-2:])
 
     def rcnn(i: int) -> object:
-        roi = map_proposals(t.proposals[i], mats[i], s.images.image_sizes[i])
-        return rcnn_inc_targets(logits[i], deltas[i], t.proposals[i], roi, mats[i], s.images.image_sizes[i], coder_r,
-                                tau=d.tau_rcnn, iou_threshold=d.rcnn_nms, reg_target=d.reg_target,
-                                teacher_size=t.images.image_sizes[i])
+        return rcnn_image_targets(logits[i], deltas[i], t.proposals[i], mats[i], s.images.image_sizes[i],
+                                  t.images.image_sizes[i], teacher.rcnn_box_coder, opts)
 
     def grid() -> object:
         return anchor_grid(s.rpn.anchors, s.rpn.num_anchors_per_level, feats, size_s)
 
     g = grid()
-    partners = [match_anchors(map_anchors(t.rpn.anchors, m), g, canonical, d.anchor_radius) for m in mats]
 
     def rpn(i: int) -> object:
-        return rpn_inc_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, partners[i],
-                               s.rpn.anchors, mats[i], s.images.image_sizes[i], t.images.image_sizes[i], coder_a,
-                               tau=d.tau_rpn, iou_threshold=d.rpn_nms, candidates=d.rpn_candidates)
+        return rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, g, mats[i],
+                                 s.images.image_sizes[i], t.images.image_sizes[i], student.rpn_box_coder, opts)
 
     n = len(items)
     each = lambda f: median_ms(lambda: [f(i) for i in range(n)], repeat) / n  # noqa: E731
     rows = [
-        ("R-CNN: map_proposals + rcnn_inc_targets", each(rcnn), f"{statistics.fmean(counts):.0f} proposals"),
+        ("R-CNN: rcnn_image_targets (mapping + INC)", each(rcnn), f"{statistics.fmean(counts):.0f} proposals"),
         ("RPN: anchor_grid (once per batch; per image here)", median_ms(grid, repeat) / n, f"{len(s.rpn.anchors):,} anchors"),
         ("RPN: map_anchors + match_anchors", each(lambda i: match_anchors(map_anchors(t.rpn.anchors, mats[i]), g,
-                                                                         canonical, d.anchor_radius)),
+                                                                         opts.canonical, opts.anchor_radius)),
          f"{len(t.rpn.anchors):,} teacher anchors"),
-        ("RPN: rpn_inc_targets", each(rpn), f"tau_rpn {d.tau_rpn:.3f}"),
+        ("RPN: rpn_image_targets (matching + INC)", each(rpn), f"tau_rpn {opts.tau_rpn:.3f}"),
     ]
     lines = ["| part | ms / image | size |", "|---|---:|---|"] + [f"| {a} | {b:.2f} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"
@@ -144,7 +115,7 @@ def inc_table(trainer: Trainer, batch: Batch, repeat: int) -> str:
 
 def augmentation_table(trainer: Trainer, count: int) -> str:
     """Per-image cost of decoding an image and building its weak and strong views (this process)."""
-    recs = (trainer.unlabeled or trainer.labeled).records[:count]
+    recs = (trainer.data.unlabeled or trainer.data.labeled).records[:count]
     d = trainer.cfg.data
     imgs = [load_image(r.path) for r in recs]
     rng = random.Random(0)
@@ -172,16 +143,13 @@ def loader_rate(trainer: Trainer, batches: int) -> tuple[float, int]:
 
 def evaluator_table(images: int, repeat: int) -> str:
     """evaluate_bbox per backend on bench_evaluator.py's synthetic GT and detections."""
-    be = bench_module("bench_evaluator")
-    if be is None:
-        return f"skipped: {BENCH_DIR}/bench_evaluator.py not found\n"
     import numpy as np
 
     from dtg.evaluation.coco_eval import BACKENDS, evaluate_bbox
 
     rng = np.random.default_rng(0)
-    gt = be.make_gt(images, 20, rng)
-    dets = be.make_dets(gt, 100, 20, rng)
+    gt = cases.make_gt(images, 20, rng)
+    dets = cases.make_dets(gt, 100, 20, rng)
     lines = [f"{images} images x 100 detections, 20 categories\n", "| backend | s | images/s | AP |", "|---|---:|---:|---:|"]
     for backend in BACKENDS:
         stats: dict = {}

@@ -1,8 +1,9 @@
-"""Training-step timings for ``dtg bench speed``: the three methods, the Mean Teacher lower bound, a profile.
+"""Training-step timings for ``dtg bench speed``: every registered method, the Mean Teacher lower bound, a profile.
 
-Steps run through :meth:`dtg.engine.trainer.Trainer.step` itself (losses, backward, clipping,
-SGD, EMA), with the method swapped (:func:`use_method`) and ``trainer.iteration`` set past
-burn-in and warm-up so that alpha has its full value. Every method sees the same batches.
+Each method is timed through its own :class:`dtg.engine.step.TrainStep` (losses, backward,
+clipping, SGD, EMA), built here on the trainer's student and teacher (:func:`build_steps`),
+at an iteration past burn-in and warm-up so that alpha has its full value. Every method sees
+the same batches.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import torch
 from dtg.config import Config
 from dtg.data.dataset import TrainData, collate
 from dtg.data.sampler import MixedBatchSampler
-from dtg.data.transforms import teacher_to_student
-from dtg.engine.methods import Batch, Method, SparseMethod, SupervisedMethod, labeled_losses
+from dtg.geometry import teacher_to_student
+from dtg.engine.step import TrainStep
 from dtg.engine.trainer import Trainer
+from dtg.methods import REGISTRY
+from dtg.methods.base import Batch
 from dtg.losses.correspondence import map_proposals
 from dtg.models.detector import Detector
 
@@ -34,7 +37,7 @@ from dtg.models.detector import Detector
 class LowerBoundMethod:
     """What any Mean Teacher step must do, and nothing of DTG's or sparse's own work.
 
-    Labeled: the ordinary supervised losses. Unlabeled: the teacher's forward on the weak views
+    Labeled: the ordinary supervised losses (the step's own). Unlabeled: the teacher's forward on the weak views
     (backbone, dense RPN, proposals, R-CNN on its proposals; no gradient) and the student's
     forward on the strong views (backbone, dense RPN, R-CNN on the teacher's proposals mapped
     into the student view, as DTG's RoIs are), with a zero-weight dummy loss over all student
@@ -43,18 +46,12 @@ class LowerBoundMethod:
 
     name = "lower bound"
     uses_unlabeled = True
-    uses_teacher = True
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device = device
 
-    def losses(self, student: Detector, teacher: Detector | None, batch: Batch, iteration: int
-               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        assert teacher is not None
-        losses = labeled_losses(student, batch["sup"], self.device)
-        items = batch["unsup"]
-        if not items:
-            return losses, {}
+    def unlabeled_losses(self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         with torch.no_grad():
             t = teacher.forward_dense([it["weak"].to(self.device) for it in items], train_top_n=True)
             teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
@@ -63,8 +60,7 @@ class LowerBoundMethod:
                 for p, it, size in zip(t.proposals, items, s.images.image_sizes)]
         logits, deltas = student.roi_forward(s.features, rois, s.images.image_sizes)
         dummy = logits.sum() + deltas.sum() + s.rpn.objectness.sum() + s.rpn.deltas.sum()
-        losses["unsup_dummy"] = dummy * 0.0
-        return losses, {}
+        return {"unsup_dummy": dummy * 0.0}, {}
 
 
 @dataclass
@@ -82,10 +78,10 @@ class StepTimes:
 
 def draw_batches(trainer: Trainer, n_labeled: int, n_unlabeled: int, count: int, seed: int = 0) -> list[Batch]:
     """``count`` collated batches of the trainer's data, made in this process (no DataLoader)."""
-    d = trainer.cfg.data
-    n_unl = len(trainer.unlabeled.records) if (trainer.unlabeled and n_unlabeled) else 0
-    sampler = iter(MixedBatchSampler(len(trainer.labeled.records), n_unl, n_labeled, n_unlabeled if n_unl else 0, seed=seed))
-    data = TrainData(trainer.labeled, trainer.unlabeled, trainer.labels, d.labeled_view, d.weak_view, d.strong_view)
+    d, src = trainer.cfg.data, trainer.data
+    n_unl = len(src.unlabeled.records) if (src.unlabeled and n_unlabeled) else 0
+    sampler = iter(MixedBatchSampler(len(src.labeled.records), n_unl, n_labeled, n_unlabeled if n_unl else 0, seed=seed))
+    data = TrainData(src.labeled, src.unlabeled, src.labels, d.labeled_view, d.weak_view, d.strong_view)
     return [collate([data[k] for k in next(sampler)]) for _ in range(count)]
 
 
@@ -124,21 +120,12 @@ def calibrate(teacher: Detector, batch: Batch, cfg: Config, rpn_frac: float, rcn
     return out
 
 
-def build_methods(cfg: Config, device: torch.device) -> dict[str, Method]:
-    """supervised, sparse, dtg and the lower bound, all reading ``cfg`` as it is now."""
-    from dtg.engine.dtg_method import DTGMethod
-
-    return {"supervised": SupervisedMethod(device), "sparse": SparseMethod(device, cfg.semi),
-            "dtg": DTGMethod(device, cfg), "lower bound": LowerBoundMethod(device)}
-
-
-def use_method(trainer: Trainer, method: Method) -> None:
-    """Make ``trainer.step`` compute ``method``'s losses (the trainer may hold it in a loss module, DDP-wrapped)."""
-    trainer.method = method
-    holder = getattr(trainer, "student_loss", None)
-    holder = getattr(holder, "module", holder)
-    if holder is not None and hasattr(holder, "method"):
-        holder.method = method
+def build_steps(trainer: Trainer, cfg: Config) -> dict[str, TrainStep]:
+    """A :class:`TrainStep` per registered method and the lower bound, on the trainer's models, reading ``cfg`` as it is now."""
+    methods = {name: cls(cfg, trainer.device) for name, cls in REGISTRY.items()}
+    methods["lower bound"] = LowerBoundMethod(cfg, trainer.device)
+    return {name: TrainStep(cfg, trainer.model, trainer.teacher, m, trainer.dist, trainer.device, lambda msg: None)
+            for name, m in methods.items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -146,23 +133,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(trainer: Trainer, methods: dict[str, Method], batches: dict[str, list[Batch]], warmup: int,
+def time_steps(trainer: Trainer, steps: dict[str, TrainStep], batches: dict[str, list[Batch]], warmup: int,
                repeat: int, interleave: bool = True) -> dict[str, StepTimes]:
-    """Median-ready wall times of ``Trainer.step`` per method.
+    """Median-ready wall times of each method's :class:`TrainStep` (``steps``, from :func:`build_steps`).
 
     ``batches[name]`` holds at least ``warmup + repeat`` batches. ``interleave`` (CPU default)
     runs the methods in turn, step by step, so a shared machine's load hits them alike; without
     it (GPU) each method runs alone and its peak GPU memory is recorded.
     """
-    out = {name: StepTimes() for name in methods}
+    out = {name: StepTimes() for name in steps}
     start = full_alpha_iteration(trainer.cfg)
 
     def one(name: str, i: int, record: bool) -> None:
-        use_method(trainer, methods[name])
-        trainer.iteration = start + i
         _sync(trainer.device)
         t0 = time.perf_counter()
-        scalars = trainer.step(batches[name][i])
+        scalars = steps[name](batches[name][i], start + i)
         _sync(trainer.device)
         if record:
             out[name].times.append(time.perf_counter() - t0)
@@ -173,10 +158,10 @@ def time_steps(trainer: Trainer, methods: dict[str, Method], batches: dict[str, 
     cuda = trainer.device.type == "cuda"
     if interleave:
         for i in range(warmup + repeat):
-            for name in methods:
+            for name in steps:
                 one(name, i, i >= warmup)
     else:
-        for name in methods:
+        for name in steps:
             for i in range(warmup):
                 one(name, i, False)
             if cuda:
@@ -196,7 +181,7 @@ def _ratio(a: float, b: float, target: float) -> str:
 def measure(trainer: Trainer, args: Any, interleave: bool) -> tuple[list[str], dict[str, Any]]:
     """The step-cost table of ``trainer``'s config (``args``: repeat, warmup, profile_steps, thresholds).
 
-    Returns markdown lines and ``{"mixed": batches, "methods": ..., "dtg_median": s}`` for later sections.
+    Returns markdown lines and ``{"mixed": batches, "steps": ..., "dtg_median": s}`` for later sections.
     """
     cfg, dev, out = trainer.cfg, trainer.device, []
     n_l, n_u = cfg.data.batch_labeled, cfg.data.batch_unlabeled
@@ -211,9 +196,9 @@ def measure(trainer: Trainer, args: Any, interleave: bool) -> tuple[list[str], d
         out.append(f"Thresholds calibrated on batch 0's weak views (top {100 * args.rpn_frac:g} % of anchors, "
                    f"top {100 * args.rcnn_frac:g} % of proposals, {args.pseudo_per_image:g} pseudo boxes / image): "
                    + ", ".join(f"{k} = {v:.4f}" for k, v in th.items()) + ".\n")
-    methods = build_methods(cfg, dev)
-    batches = {name: (sup if name == "supervised" else mixed) for name in methods}
-    res = time_steps(trainer, methods, batches, args.warmup, args.repeat, interleave)
+    steps = build_steps(trainer, cfg)
+    batches = {name: (sup if name == "supervised" else mixed) for name in steps}
+    res = time_steps(trainer, steps, batches, args.warmup, args.repeat, interleave)
     lb = res["lower bound"].median
     out.append(f"{args.repeat} measured steps per method after {args.warmup} warm-up steps"
                f"{', methods interleaved' if interleave else ', one method at a time'}; alpha at its full value; "
@@ -231,32 +216,30 @@ def measure(trainer: Trainer, args: Any, interleave: bool) -> tuple[list[str], d
                f"dtg / sparse = {_ratio(res['dtg'].median, res['sparse'].median, 1.05)} by medians, "
                f"{_ratio(best['dtg'], best['sparse'], 1.05)} by minima (on a loaded machine the minima are "
                "closer to the uncontended cost).\n")
-    return out, {"mixed": mixed, "methods": methods, "dtg_median": res["dtg"].median}
+    return out, {"mixed": mixed, "steps": steps, "dtg_median": res["dtg"].median}
 
 
-def profile_steps(trainer: Trainer, method: Method, batches: list[Batch], top: int = 25) -> str:
-    """torch.profiler over the steps (top ops by self CPU time) and cProfile (top dtg functions, cumulative)."""
+def profile_steps(trainer: Trainer, steps: dict[str, TrainStep], name: str, batches: list[Batch], top: int = 25
+                  ) -> str:
+    """torch.profiler over method ``name``'s steps (top ops by self CPU time) and cProfile (top dtg functions, cumulative)."""
     from torch.profiler import ProfilerActivity, profile
 
-    use_method(trainer, method)
-    start = full_alpha_iteration(trainer.cfg)
-    trainer.iteration = start  # the timed steps before this one were the warm-up
+    step = steps[name]
+    start = full_alpha_iteration(trainer.cfg)  # the timed steps before these were the warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
     prof_py = cProfile.Profile()
     with profile(activities=acts) as prof:
         prof_py.enable()
         for i, b in enumerate(batches):
-            trainer.iteration = start + i
-            trainer.step(b)
+            step(b, start + i)
         prof_py.disable()
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
     buf = io.StringIO()
     st = pstats.Stats(prof_py, stream=buf)
     st.sort_stats("cumulative").print_stats(r"dtg[/\\](engine|losses|models)", top)
-    syncs = count_host_syncs(trainer, batches[-1], start + len(batches))
-    use_method(trainer, LowerBoundMethod(trainer.device))
-    base = count_host_syncs(trainer, batches[-1], start + len(batches) + 1).split(":", 1)[1].split("(", 1)[0].strip()
-    use_method(trainer, method)
+    syncs = count_host_syncs(step, batches[-1], start + len(batches))
+    base = count_host_syncs(steps["lower bound"], batches[-1], start + len(batches) + 1)
+    base = base.split(":", 1)[1].split("(", 1)[0].strip()
     syncs += f"\n(the lower bound's step, for comparison: {base})\n"
     return f"### torch.profiler: top {top} ops by self CPU time over {len(batches)} steps\n\n```\n{ops}\n```\n\n" \
            f"### cProfile: dtg functions by cumulative time\n\n```\n{_trim_pstats(buf.getvalue())}\n```\n\n{syncs}"
@@ -272,8 +255,8 @@ def _trim_pstats(text: str) -> str:
 _SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "unique")
 
 
-def count_host_syncs(trainer: Trainer, batch: Batch, iteration: int, top: int = 15) -> str:
-    """Count, in one ``Trainer.step``, the calls that read a tensor's value on the host.
+def count_host_syncs(step: TrainStep, batch: Batch, iteration: int, top: int = 15) -> str:
+    """Count, in one training ``step``, the calls that read a tensor's value on the host.
 
     ``.item() / .tolist() / bool() / int() / float()``, ``nonzero`` and ``unique`` (output size
     depends on the data) are wrapped for the step and attributed to the innermost frame in
@@ -312,8 +295,7 @@ def count_host_syncs(trainer: Trainer, batch: Batch, iteration: int, top: int = 
             setattr(torch.Tensor, name, wrap(fn))
         for name, fn in saved_fn.items():
             setattr(torch, name, wrap(fn))
-        trainer.iteration = iteration
-        trainer.step(batch)
+        step(batch, iteration)
     finally:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)

@@ -28,7 +28,7 @@ import numpy as np
 
 # Image file I/O lives in image_io; its public names are re-exported here.
 from dtg.data.image_io import ALPHA_BACKGROUND, DatasetError, load_image, to_rgb  # noqa: F401
-from dtg.data.image_io import _check_files, _Img, _name, _reason, _show
+from dtg.data.image_io import check_image_files, ImageEntry, file_label, error_reason, show_value
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BOX_TOLERANCE = 1.0  # px a box may extend beyond the image border
@@ -69,7 +69,7 @@ class CocoSource:
 # ----------------------------------------------------------------------------- small helpers
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and -_INT64 <= v < _INT64
 
 
@@ -77,31 +77,31 @@ def _as_side(v: Any) -> int | None:
     """A positive image side (int or integral float) as int, else None."""
     if isinstance(v, float) and math.isfinite(v) and v.is_integer():
         v = int(v)
-    return v if _is_int(v) and 0 < v < _MAX_SIDE else None
+    return v if is_int(v) and 0 < v < _MAX_SIDE else None
 
 
 # ----------------------------------------------------------------------------- json structure
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, bad path
-        raise DatasetError(f"{path}: cannot read a json file ({_reason(e)})") from None
+        raise DatasetError(f"{path}: cannot read a json file ({error_reason(e)})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except (RecursionError, ValueError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({_reason(e)})") from None
+        raise DatasetError(f"{path}: not valid JSON ({error_reason(e)})") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: not a COCO json (top level is a {type(data).__name__}, expected an object)")
     return data
 
 
-def _lists(data: dict, path: Path, required: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, list]:
+def json_lists(data: dict, path: Path, required: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, list]:
     """The top-level lists; a missing required key or a non-list is a fatal, one-line error."""
     out, errors = {}, []
     for key in required + optional:
@@ -124,12 +124,12 @@ def _categories(entries: list, problems: list[str], prefix: str, strict: bool = 
     out: dict[int, dict] = {}
     for i, c in enumerate(entries):
         cid = c.get("id") if isinstance(c, dict) else None
-        if not isinstance(c, dict) or not _is_int(cid):
-            msg = f"category #{i}: id {_show(cid)} is not an integer" if isinstance(c, dict) else f"category #{i}: entry {_show(c)} is not an object"
+        if not isinstance(c, dict) or not is_int(cid):
+            msg = f"category #{i}: id {show_value(cid)} is not an integer" if isinstance(c, dict) else f"category #{i}: entry {show_value(c)} is not an object"
         elif cid in out:
             msg = f"category {cid}: duplicate category id"
         elif not isinstance(c.get("name"), str):
-            msg = f"category {cid}: name {_show(c.get('name'))} is not a string"
+            msg = f"category {cid}: name {show_value(c.get('name'))} is not a string"
         else:
             out[cid] = {"id": cid, "name": c["name"]}
             continue
@@ -138,36 +138,36 @@ def _categories(entries: list, problems: list[str], prefix: str, strict: bool = 
     return [out[k] for k in sorted(out)]
 
 
-def _images(entries: list, problems: list[str], prefix: str) -> tuple[dict[int, _Img], set[int], int]:
+def parse_images(entries: list, problems: list[str], prefix: str) -> tuple[dict[int, ImageEntry], set[int], int]:
     """Image entries by id (bad ones with ``ok=False``), all declared ids, and the number of entries."""
-    imgs: dict[int, _Img] = {}
+    imgs: dict[int, ImageEntry] = {}
     declared: set[int] = set()
     for i, e in enumerate(entries):
         iid = e.get("id") if isinstance(e, dict) else None
         if not isinstance(e, dict):
-            problems.append(f"{prefix}image #{i}: entry {_show(e)} is not an object")
+            problems.append(f"{prefix}image #{i}: entry {show_value(e)} is not an object")
             continue
-        if not _is_int(iid):
-            problems.append(f"{prefix}image #{i}: id {_show(iid)} is not an integer")
+        if not is_int(iid):
+            problems.append(f"{prefix}image #{i}: id {show_value(iid)} is not an integer")
             continue
         fn = e.get("file_name")
-        label = f"{prefix}image {iid} ({_name(fn)})"
+        label = f"{prefix}image {iid} ({file_label(fn)})"
         if iid in declared:
-            problems.append(f"{label}: duplicate image id (also used by {_name(imgs[iid].file_name)})")
+            problems.append(f"{label}: duplicate image id (also used by {file_label(imgs[iid].file_name)})")
             imgs[iid].ok = False
             continue
         declared.add(iid)
-        img = _Img(iid, fn if isinstance(fn, str) else "", None, None)
+        img = ImageEntry(iid, fn if isinstance(fn, str) else "", None, None)
         imgs[iid] = img
         if not isinstance(fn, str) or not fn.strip():
-            problems.append(f"{label}: file_name {_show(fn)} is not a non-empty string")
+            problems.append(f"{label}: file_name {show_value(fn)} is not a non-empty string")
             img.ok = False
             continue
         for key in ("width", "height"):
             if key in e:
                 side = _as_side(e[key])
                 if side is None:
-                    problems.append(f"{label}: {key} {_show(e[key])} is not a positive integer")
+                    problems.append(f"{label}: {key} {show_value(e[key])} is not a positive integer")
                     img.ok = False
                 setattr(img, key, side)
     return imgs, declared, len(entries)
@@ -179,54 +179,54 @@ def _images(entries: list, problems: list[str], prefix: str) -> tuple[dict[int, 
 def _box(bbox: Any, width: int | None, height: int | None) -> tuple[list[float] | None, str]:
     """COCO xywh -> clipped xyxy, or ``(None, reason)``."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
-        return None, f"bbox {_show(bbox)} is not a list of 4 numbers"
+        return None, f"bbox {show_value(bbox)} is not a list of 4 numbers"
     try:
         x, y, w, h = (float(v) for v in bbox)
     except OverflowError:
-        return None, f"box {_show(bbox)} has non-finite values"
+        return None, f"box {show_value(bbox)} has non-finite values"
     if not all(math.isfinite(v) for v in (x, y, w, h)):
-        return None, f"box {_show(bbox)} has non-finite values"
+        return None, f"box {show_value(bbox)} has non-finite values"
     if w <= 0 or h <= 0:
         which = "width and height" if w <= 0 and h <= 0 else "width" if w <= 0 else "height"
-        return None, f"box {_show(bbox)} has non-positive {which}"
+        return None, f"box {show_value(bbox)} has non-positive {which}"
     if width is None or height is None:
         return [x, y, x + w, y + h], ""
     t = BOX_TOLERANCE
     if x < -t or y < -t or x + w > width + t or y + h > height + t:
-        return None, f"box {_show(bbox)} lies outside the {width}x{height} image"
+        return None, f"box {show_value(bbox)} lies outside the {width}x{height} image"
     x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
     if x2 <= x1 or y2 <= y1:
-        return None, f"box {_show(bbox)} has no area inside the {width}x{height} image"
+        return None, f"box {show_value(bbox)} has no area inside the {width}x{height} image"
     return [x1, y1, x2, y2], ""
 
 
 def _annotations(
-    entries: list, imgs: dict[int, _Img], declared: set[int], cat_ids: set[int], problems: list[str], prefix: str
+    entries: list, imgs: dict[int, ImageEntry], declared: set[int], cat_ids: set[int], problems: list[str], prefix: str
 ) -> tuple[dict[int, list[tuple[list[float], int]]], int, int, int]:
     """Valid (xyxy, category) per image id, plus counts: bad annotations, crowd, on dropped images."""
     out: dict[int, list[tuple[list[float], int]]] = {}
     bad = crowd = orphaned = 0
     for i, a in enumerate(entries):
         if not isinstance(a, dict):
-            problems.append(f"{prefix}annotation #{i}: entry {_show(a)} is not an object")
+            problems.append(f"{prefix}annotation #{i}: entry {show_value(a)} is not an object")
             bad += 1
             continue
         aid, iid = a.get("id"), a.get("image_id")
-        label = f"{prefix}annotation {aid}" if _is_int(aid) else f"{prefix}annotation #{i}"
-        if not _is_int(iid) or iid not in declared:
-            problems.append(f"{label}: image_id {_show(iid)} is not a declared image")
+        label = f"{prefix}annotation {aid}" if is_int(aid) else f"{prefix}annotation #{i}"
+        if not is_int(iid) or iid not in declared:
+            problems.append(f"{label}: image_id {show_value(iid)} is not a declared image")
             bad += 1
             continue
         label = f"{label} (image {iid})"
         iscrowd, cid = a.get("iscrowd", 0), a.get("category_id")
         img = imgs[iid]
         if iscrowd not in (0, 1):
-            reason = f"iscrowd {_show(iscrowd)} is not 0 or 1"
+            reason = f"iscrowd {show_value(iscrowd)} is not 0 or 1"
         elif iscrowd == 1:
             crowd += 1
             continue
-        elif not _is_int(cid) or cid not in cat_ids:
-            reason = f"category {_show(cid)} is not declared"
+        elif not is_int(cid) or cid not in cat_ids:
+            reason = f"category {show_value(cid)} is not declared"
         else:
             box, reason = _box(a.get("bbox"), img.width, img.height)
             if box is not None:
@@ -243,7 +243,7 @@ def _annotations(
 # ----------------------------------------------------------------------------- assembling
 
 
-def _finish(problems: list[str], src: Path, skip_bad: bool, log: Callable[[str], None], n_imgs: int, n_boxes: int, extra: str = "") -> None:
+def finish_load(problems: list[str], src: Path, skip_bad: bool, log: Callable[[str], None], n_imgs: int, n_boxes: int, extra: str = "") -> None:
     """Log every problem; raise one error unless ``skip_bad``, else log the summary."""
     if not problems:
         return
@@ -255,7 +255,7 @@ def _finish(problems: list[str], src: Path, skip_bad: bool, log: Callable[[str],
     log(f"skipped {n_imgs} images and {n_boxes} boxes from {src}{extra}")
 
 
-def _records(imgs: dict[int, _Img], image_dir: Path, boxes: dict[int, list[tuple[list[float], int]]]) -> list[ImageRecord]:
+def _records(imgs: dict[int, ImageEntry], image_dir: Path, boxes: dict[int, list[tuple[list[float], int]]]) -> list[ImageRecord]:
     recs = []
     for iid in sorted(i for i, img in imgs.items() if img.ok):
         img, items = imgs[iid], boxes.get(iid, [])
@@ -279,18 +279,18 @@ def load_labeled(
 ) -> CocoSource:
     """Load and validate a labeled COCO json; see the module docstring for the rules."""
     src, image_dir = Path(json_path), Path(image_dir)
-    parts = _lists(_read_json(src), src, ("images", "categories"), ("annotations",))
+    parts = json_lists(read_json(src), src, ("images", "categories"), ("annotations",))
     _check_dir(image_dir, src, check_files)
     problems: list[str] = []
     prefix = f"{src}: "
     cats = _categories(parts["categories"], problems, prefix)
-    imgs, declared, n_entries = _images(parts["images"], problems, prefix)
-    _check_files(imgs, image_dir, problems, prefix, check_files)
+    imgs, declared, n_entries = parse_images(parts["images"], problems, prefix)
+    check_image_files(imgs, image_dir, problems, prefix, check_files)
     boxes, bad, crowd, orphaned = _annotations(parts["annotations"], imgs, declared, {c["id"] for c in cats}, problems, prefix)
     records = _records(imgs, image_dir, boxes)
     n_skipped = n_entries - len(records)
     extra = f" (plus {orphaned} valid boxes on the skipped images)" if orphaned else ""
-    _finish(problems, src, skip_bad, log, n_skipped, bad, extra)
+    finish_load(problems, src, skip_bad, log, n_skipped, bad, extra)
     if crowd:
         log(f"{src}: {crowd} crowd annotations (iscrowd=1) kept out of the training targets")
     if not cats:
@@ -327,19 +327,19 @@ def load_unlabeled(
         if image_dir is None:
             raise DatasetError(f"{src}: an image folder is required with an unlabeled json")
         json_path, image_dir = src, Path(image_dir)
-        data = _read_json(src)
-        parts = _lists(data, src, ("images",), ("annotations", "categories"))
+        data = read_json(src)
+        parts = json_lists(data, src, ("images",), ("annotations", "categories"))
         _check_dir(image_dir, src, check_files)
         entries, cats = parts["images"], _categories(parts["categories"], [], "", strict=False)
         if parts["annotations"]:
             log(f"{src}: ignoring {len(parts['annotations'])} annotations (used as unlabeled data)")
     problems: list[str] = []
     prefix = f"{src}: "
-    imgs, _, n_entries = _images(entries, problems, prefix)
-    _check_files(imgs, image_dir, problems, prefix, check_files)
+    imgs, _, n_entries = parse_images(entries, problems, prefix)
+    check_image_files(imgs, image_dir, problems, prefix, check_files)
     records = _records(imgs, image_dir, {})
     n_skipped = n_entries - len(records)
-    _finish(problems, src, skip_bad, log, n_skipped, 0)
+    finish_load(problems, src, skip_bad, log, n_skipped, 0)
     if not records:
         raise DatasetError(f"{src}: no usable images")
     return CocoSource(json_path, image_dir, records, cats, n_skipped, 0, 0)

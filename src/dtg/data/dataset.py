@@ -10,15 +10,17 @@ of one unlabeled image with their 3x3 matrices, so that
 from __future__ import annotations
 
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from dtg.config import ViewConfig
-from dtg.data.coco import CocoSource, ImageRecord, load_image
-from dtg.data.sampler import LABELED, SampleKey
-from dtg.data.transforms import make_view, project_boxes, test_view, valid_boxes
+from dtg.config import DataConfig, ViewConfig
+from dtg.data.coco import CocoSource, ImageRecord, load_image, load_labeled, load_unlabeled
+from dtg.data.sampler import LABELED, MixedBatchSampler, SampleKey
+from dtg.geometry import project_boxes, valid_boxes
+from dtg.data.augment import make_view, test_view
 
 
 class LabelMap:
@@ -122,3 +124,51 @@ class EvalData(Dataset):
 
 def collate_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
+
+
+# ----------------------------------------------------------------------------- what a run reads
+
+
+@dataclass
+class Sources:
+    """The validated COCO sources of a run and its label map (``unlabeled`` / ``val`` may be absent)."""
+
+    labeled: CocoSource
+    unlabeled: CocoSource | None
+    val: CocoSource | None
+    labels: LabelMap
+
+    def summary(self) -> str:
+        n = lambda s: len(s.records) if s is not None else 0  # noqa: E731
+        return (f"data: {n(self.labeled)} labeled, {n(self.unlabeled)} unlabeled, {n(self.val)} val images; "
+                f"{self.labels.num_classes} classes")
+
+
+def load_sources(d: DataConfig, with_unlabeled: bool, log: Callable[[str], None]) -> Sources:
+    """Validate and load the labeled, unlabeled (when ``with_unlabeled``) and val sources of ``d``."""
+    kw = {"skip_bad": d.skip_bad, "log": log}
+    labeled = load_labeled(d.train_json, d.train_images, **kw)
+    unlabeled = load_unlabeled(d.unlabeled, d.unlabeled_images, **kw) if with_unlabeled else None
+    val = load_labeled(d.val_json, d.val_images, **kw) if d.val_json else None
+    return Sources(labeled, unlabeled, val, LabelMap(labeled.categories))
+
+
+def train_loader(src: Sources, d: DataConfig, n_unlabeled: int, seed: int, rank: int, world_size: int,
+                 start_batch: int) -> DataLoader:
+    """The infinite training loader: ``d.batch_labeled`` + ``n_unlabeled`` items per batch from batch ``start_batch``."""
+    sampler = MixedBatchSampler(
+        len(src.labeled.records), len(src.unlabeled.records) if src.unlabeled else 0,
+        d.batch_labeled, n_unlabeled, seed=seed, rank=rank, world_size=world_size, start_batch=start_batch,
+    )
+    data = TrainData(src.labeled, src.unlabeled, src.labels, d.labeled_view, d.weak_view, d.strong_view)
+    workers = d.num_workers
+    return DataLoader(
+        data,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        # Its own generator: creating the loader must not consume the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(seed),
+    )

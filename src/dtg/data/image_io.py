@@ -1,9 +1,9 @@
 """Image file I/O for the COCO sources: decoding, integrity probing and file checks.
 
 :func:`load_image` decodes any PIL-readable file as RGB, as displayed (EXIF orientation
-applied, alpha composited over :data:`ALPHA_BACKGROUND`). :func:`_probe_image` is the
+applied, alpha composited over :data:`ALPHA_BACKGROUND`). :func:`probe_image` is the
 validator's cheap integrity check returning a file's displayed size, and
-:func:`_check_files` applies it to the image entries of a COCO json. Also holds
+:func:`check_image_files` applies it to the image entries of a COCO json. Also holds
 :class:`DatasetError` and the one-line message helpers, shared with (and re-exported
 by) :mod:`dtg.data.coco`.
 """
@@ -26,7 +26,7 @@ class DatasetError(ValueError):
     """A dataset cannot be used; the message is one line naming the file."""
 
 
-class _Bad(Exception):
+class BadImage(Exception):
     """Internal: one problem with one file, carrying the reason text."""
 
 
@@ -38,7 +38,7 @@ def _one_line(text: Any, limit: int = 160) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def show_value(value: Any, limit: int = 60) -> str:
     """A short one-line rendering of a json value (NaN shown as NaN, strings quoted)."""
     try:
         s = json.dumps(value, default=str)
@@ -47,11 +47,11 @@ def _show(value: Any, limit: int = 60) -> str:
     return _one_line(s, limit)
 
 
-def _name(file_name: Any) -> str:
-    return file_name if isinstance(file_name, str) and file_name.isprintable() and len(file_name) < 80 else _show(file_name)
+def file_label(file_name: Any) -> str:
+    return file_name if isinstance(file_name, str) and file_name.isprintable() and len(file_name) < 80 else show_value(file_name)
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
     if isinstance(e, Image.UnidentifiedImageError):
         return "not a recognised image format"
     return _one_line(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, 100)
@@ -69,20 +69,20 @@ def _orientation(im: Image.Image) -> int:
     return o if o in (1, 2, 3, 4, 5, 6, 7, 8) else 1
 
 
-def _probe_image(path: Path) -> tuple[int, int, bool]:
+def probe_image(path: Path) -> tuple[int, int, bool]:
     """Displayed ``(width, height)`` of an image file and whether EXIF swaps its sides, after a cheap integrity check.
 
     PNG: header + CRC check of every chunk; JPEG: reduced-size decode (reads all entropy
-    data, so truncation is caught); other formats: full decode. Raises ``_Bad``.
+    data, so truncation is caught); other formats: full decode. Raises ``BadImage``.
     """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise _Bad("file not found") from None
+        raise BadImage("file not found") from None
     except IsADirectoryError:
-        raise _Bad("is a directory, not an image file") from None
+        raise BadImage("is a directory, not an image file") from None
     except (OSError, ValueError) as e:
-        raise _Bad(f"file cannot be read ({_reason(e)})") from None
+        raise BadImage(f"file cannot be read ({error_reason(e)})") from None
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h, fmt = im.width, im.height, im.format
@@ -99,7 +99,7 @@ def _probe_image(path: Path) -> tuple[int, int, bool]:
                 im.load()
                 orient = _orientation(im)
     except Exception as e:  # PIL raises many types for corrupt data
-        raise _Bad(f"cannot be decoded ({_reason(e)})") from None
+        raise BadImage(f"cannot be decoded ({error_reason(e)})") from None
     return (h, w, True) if orient in (5, 6, 7, 8) else (w, h, False)
 
 
@@ -142,14 +142,14 @@ def load_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found") from None
     except Exception as e:
-        raise DatasetError(f"{path}: cannot decode image ({_reason(e)})") from None
+        raise DatasetError(f"{path}: cannot decode image ({error_reason(e)})") from None
 
 
 # ----------------------------------------------------------------------------- checking listed files
 
 
 @dataclass
-class _Img:
+class ImageEntry:
     id: int
     file_name: str
     width: int | None
@@ -157,20 +157,20 @@ class _Img:
     ok: bool = True
 
 
-def _check_files(imgs: dict[int, _Img], image_dir: Path, problems: list[str], prefix: str, check: bool) -> None:
+def check_image_files(imgs: dict[int, ImageEntry], image_dir: Path, problems: list[str], prefix: str, check: bool) -> None:
     """Open each usable image; mark missing/corrupt files and declared sizes that differ from the file."""
     for img in imgs.values():
         if not img.ok:
             continue
-        label = f"{prefix}image {img.id} ({_name(img.file_name)})"
+        label = f"{prefix}image {img.id} ({file_label(img.file_name)})"
         if not check:
             if img.width is None or img.height is None:
                 problems.append(f"{label}: width/height missing (and file checks are off)")
                 img.ok = False
             continue
         try:
-            w, h, rotated = _probe_image(image_dir / img.file_name)
-        except _Bad as e:
+            w, h, rotated = probe_image(image_dir / img.file_name)
+        except BadImage as e:
             where = f" in {image_dir}" if str(e) == "file not found" else ""
             problems.append(f"{label}: {e}{where}")
             img.ok = False

@@ -7,7 +7,7 @@ Image ``index`` of split ``code`` is rendered from ``numpy.random.default_rng([s
 code, index])`` alone, so files are byte-identical from run to run.
 
 This module holds :data:`VERSION`, :class:`SynthPaths`, :func:`num_labeled`,
-:func:`generate` and the file writing; the drawing (and the box conventions) lives in
+:func:`tune_split`, :func:`content_fingerprint`, :func:`generate` and the file writing; the drawing (and the box conventions) lives in
 :mod:`dtg.data.synth_draw`, whose public names are re-exported here.
 """
 
@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from dtg.fingerprint import tree_fingerprint
+
 from dtg.data.synth_draw import (  # noqa: F401  (re-exported)
     CLASS_NAMES,
     MAX_HIDDEN,
@@ -31,13 +33,15 @@ from dtg.data.synth_draw import (  # noqa: F401  (re-exported)
     SHAPES,
     Layer,
     Poly,
-    _annotate,
+    annotate,
     background,
     render_image,
     shape_mask,
 )
 
 VERSION = "1"
+MARKER = "synth_config.json"  # written last: generator version, config and content fingerprint
+TUNE_VAL_MAX = 200  # images held out of the unlabeled split for choosing defaults (at most a quarter of it)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -54,18 +58,52 @@ class SynthPaths:
     train_unlabeled: Path
     train_full: Path
     val: Path
+    # The tuning split (docs/method.md, "Splits"): defaults are chosen on tune_val, a held-out
+    # part of the train images, never on val. tune_unlabeled is train_unlabeled without it,
+    # tune_full the labeled images plus tune_unlabeled with their boxes (the ceiling).
+    tune_val: Path
+    tune_unlabeled: Path
+    tune_full: Path
 
     @classmethod
     def under(cls, root: Path) -> SynthPaths:
         ann = root / "annotations"
         return cls(root, root / "images" / "train", root / "images" / "val", ann / "train_labeled.json",
-                   ann / "train_unlabeled.json", ann / "train_full.json", ann / "val.json")  # fmt: skip
+                   ann / "train_unlabeled.json", ann / "train_full.json", ann / "val.json",
+                   ann / "tune_val.json", ann / "tune_unlabeled.json", ann / "tune_full.json")  # fmt: skip
 
 
 def _fingerprint(cfg: Any) -> dict:
     """What determines the files: generator version and config (``out_dir`` excluded)."""
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"}
     return {"version": VERSION, "config": conf}
+
+
+def content_fingerprint(root: Path) -> str:
+    """16 hex digits of sha256 over every json and PNG under ``root`` (names and bytes), the marker excluded."""
+    return tree_fingerprint(Path(root), (".json", ".png"), exclude=(MARKER,))
+
+
+def read_marker(root: Path) -> dict | None:
+    """The marker :func:`generate` wrote last under ``root`` (version, config, content), or None."""
+    try:
+        data = json.loads((Path(root) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def tune_split(unlabeled_ids: list[int], seed: int) -> tuple[list[int], list[int]]:
+    """(held-out ids, remaining ids) of the unlabeled train images, for choosing defaults.
+
+    The held-out part is the first ``min(TUNE_VAL_MAX, n // 4)`` ids of
+    ``default_rng([seed, 3]).permutation(sorted ids)``; both lists are sorted.
+    """
+    ids = sorted(unlabeled_ids)
+    n = min(TUNE_VAL_MAX, len(ids) // 4)
+    perm = np.random.default_rng([seed, 3]).permutation(len(ids))
+    held = {ids[i] for i in perm[:n].tolist()}
+    return sorted(held), [i for i in ids if i not in held]
 
 
 def num_labeled(num_train: int, labeled_percent: float) -> int:
@@ -97,17 +135,12 @@ def _render_split(
     return images, anns
 
 
-def _is_complete(paths: SynthPaths, marker: Path, fingerprint: dict, cfg: Any) -> bool:
-    try:
-        if json.loads(marker.read_text()) != fingerprint:
-            return False
-    except (OSError, ValueError):
+def _is_complete(paths: SynthPaths, fingerprint: dict) -> bool:
+    """Whether the marker names this version and config, and the files still hash to its content fingerprint."""
+    marker = read_marker(paths.root)
+    if marker is None or {k: marker.get(k) for k in fingerprint} != fingerprint or "content" not in marker:
         return False
-    jsons = (paths.train_labeled, paths.train_unlabeled, paths.train_full, paths.val)
-    if not all(p.is_file() for p in jsons):
-        return False
-    return (len(list(paths.train_images.glob("*.png"))) == cfg.num_train
-            and len(list(paths.val_images.glob("*.png"))) == cfg.num_val)  # fmt: skip
+    return content_fingerprint(paths.root) == marker["content"]
 
 
 def _check(cfg: Any) -> None:
@@ -126,15 +159,17 @@ def _check(cfg: Any) -> None:
 def generate(cfg: Any, progress: bool = True) -> SynthPaths:
     """Write the dataset under ``cfg.out_dir`` (a :class:`dtg.config.SynthConfig`); return its paths.
 
-    Skips the work when ``out_dir`` already holds a complete dataset made from the same
-    config: ``synth_config.json`` is written last and compared. Train image ids are
-    1..num_train, val ids follow; the labeled split is a seeded choice of train ids.
+    Skips the work when ``out_dir`` already holds the dataset of the same generator version
+    and config whose files still hash to the content fingerprint recorded with them
+    (:data:`MARKER`, written last); otherwise (re)generates it. Train image ids are
+    1..num_train, val ids follow; the labeled split is a seeded choice of train ids, the
+    tuning split a seeded choice of the unlabeled ones (:func:`tune_split`).
     """
     _check(cfg)
     root = Path(cfg.out_dir)
     paths = SynthPaths.under(root)
-    marker, fingerprint = root / "synth_config.json", _fingerprint(cfg)
-    if _is_complete(paths, marker, fingerprint, cfg):
+    marker, fingerprint = root / MARKER, _fingerprint(cfg)
+    if _is_complete(paths, fingerprint):
         return paths
     marker.unlink(missing_ok=True)
     for d in (root / "images", root / "annotations"):
@@ -160,5 +195,10 @@ def generate(cfg: Any, progress: bool = True) -> SynthPaths:
     _write_json(paths.train_labeled, coco([im for im in train_imgs if im["id"] in labeled], train_anns))
     _write_json(paths.train_unlabeled, coco([im for im in train_imgs if im["id"] not in labeled], []))
     _write_json(paths.val, coco(val_imgs, val_anns))
-    _write_json(marker, fingerprint)
+    held, rest = tune_split([im["id"] for im in train_imgs if im["id"] not in labeled], cfg.seed)
+    held_set, rest_set = set(held), set(rest)
+    _write_json(paths.tune_val, coco([im for im in train_imgs if im["id"] in held_set], train_anns))
+    _write_json(paths.tune_unlabeled, coco([im for im in train_imgs if im["id"] in rest_set], []))
+    _write_json(paths.tune_full, coco([im for im in train_imgs if im["id"] not in held_set], train_anns))
+    _write_json(marker, {**fingerprint, "content": content_fingerprint(root)})
     return paths

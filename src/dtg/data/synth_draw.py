@@ -299,7 +299,7 @@ def _place_object(rng: np.random.Generator, cfg: Any, w: int, h: int) -> Layer:
     return Layer(mask, x, y, cat + 1)
 
 
-def _annotate(layers: list[Layer], w: int, h: int) -> list[dict]:
+def annotate(layers: list[Layer], w: int, h: int) -> list[dict]:
     """Objects hidden at most ``MAX_HIDDEN`` (by later layers or the border), in drawing order."""
     covered = np.zeros((h, w), bool)
     objects = []
@@ -342,4 +342,4 @@ def render_image(
     low = getattr(cfg, "low_contrast_prob", LOW_CONTRAST_PROB)
     for layer in layers:
         _paint(canvas, layer, rng, low)
-    return Image.fromarray(np.round(canvas).astype(np.uint8), "RGB"), _annotate(layers, w, h)
+    return Image.fromarray(np.round(canvas).astype(np.uint8), "RGB"), annotate(layers, w, h)

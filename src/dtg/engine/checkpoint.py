@@ -1,6 +1,16 @@
-"""Atomic checkpoints: written to a temporary file in the same folder, fsynced, then renamed.
+"""The checkpoint format, whole: what a training checkpoint holds, how it is written and read back.
 
-A reader therefore sees either the previous complete file or the new complete
+A training checkpoint is a dict:
+
+* ``student``, ``teacher``: plain torchvision ``FasterRCNN`` state dicts;
+* ``optimizer``, ``scheduler``, ``scaler``, ``nonfinite``: the step's state (:class:`~dtg.engine.step.TrainStep`);
+* ``iteration``; ``sampler``: ``{"batches_drawn", "seed", "world_size"}``;
+* ``rng`` (rank 0's generators) and, under torchrun, ``rng_ranks`` (every rank's);
+* ``config`` (the resolved config as a dict), ``categories`` (COCO categories, by id);
+* ``best_ap``, ``history`` (per evaluation: iteration and AP of each model).
+
+Checkpoints are written atomically: to a temporary file in the same folder, fsynced, then
+renamed. A reader therefore sees either the previous complete file or the new complete
 file, never a partial one, even if the process is killed mid-write.
 """
 
@@ -10,7 +20,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +28,14 @@ import torch
 if TYPE_CHECKING:
     from dtg.config import Config
     from dtg.models.detector import Detector
+
+
+class StepState(Protocol):
+    """What a checkpoint needs of the training step (:class:`dtg.engine.step.TrainStep`)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 TEMP_SUFFIX = ".tmp"
@@ -114,3 +132,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+
+def training_state(
+    student: "Detector", teacher: "Detector", step: StepState, iteration: int, cfg: "Config",
+    categories: list[dict], best_ap: float, history: list[dict], rngs: list[dict[str, Any]], world_size: int,
+) -> dict[str, Any]:
+    """The whole training state as a checkpoint dict (see the module docstring).
+
+    Args:
+        rngs: :func:`rng_state` of every rank, in rank order (one entry in a single process).
+    """
+    from dtg.config import to_dict
+
+    state = {
+        "student": student.net.state_dict(),
+        **step.state_dict(),
+        "iteration": iteration,
+        "sampler": {"batches_drawn": iteration, "seed": cfg.seed, "world_size": world_size},
+        "rng": rngs[0],
+        "config": to_dict(cfg),
+        "categories": categories,
+        "best_ap": best_ap,
+        "history": history,
+        "teacher": teacher.net.state_dict(),
+    }
+    if world_size > 1:
+        state["rng_ranks"] = rngs
+    return state
+
+
+def restore_training(
+    ckpt: dict[str, Any], path: str | Path, student: "Detector", teacher: "Detector", step: StepState,
+    categories: list[dict], train_json: str, seed: int, rank: int, world_size: int,
+) -> tuple[int, float, list[dict], str | None]:
+    """Load a training checkpoint into the models and the step; set this rank's RNG state.
+
+    Raises:
+        CheckpointError: (one line naming ``path``) categories or seed differ, or no teacher.
+
+    Returns:
+        ``(iteration, best_ap, history, note)``; ``note`` says when the world size changed
+        (the data order and random streams then differ from an uninterrupted run).
+    """
+    if ckpt.get("categories") != categories:
+        raise CheckpointError(f"{path}: checkpoint categories differ from {train_json}")
+    if "teacher" not in ckpt:
+        raise CheckpointError(f"{path}: has no teacher")
+    if ckpt["sampler"]["seed"] != seed:
+        raise CheckpointError(f"{path}: saved with seed {ckpt['sampler']['seed']}, this run uses {seed}")
+    student.net.load_state_dict(ckpt["student"])
+    teacher.net.load_state_dict(ckpt["teacher"])
+    step.load_state_dict(ckpt)
+    note = None
+    saved_world = int(ckpt["sampler"].get("world_size", 1))
+    if saved_world == world_size:
+        set_rng_state(ckpt["rng_ranks"][rank] if "rng_ranks" in ckpt else ckpt["rng"])
+    else:
+        set_rng_state(ckpt["rng"])
+        note = (f"{path}: written by {saved_world} processes, resumed by {world_size}: "
+                "the data order and random streams differ from an uninterrupted run")
+    return int(ckpt["iteration"]), float(ckpt.get("best_ap", -1.0)), list(ckpt.get("history", [])), note

@@ -8,8 +8,8 @@ from tqdm import tqdm
 
 from dtg.data.coco import CocoSource
 from dtg.data.dataset import LabelMap, EvalData, collate_list
-from dtg.data.transforms import project_boxes
-from dtg.engine.distributed import DistInfo, broadcast_from_main, gather_to_main
+from dtg.geometry import project_boxes
+from dtg.dist import DistInfo, broadcast_from_main, gather_to_main
 from dtg.evaluation.coco_eval import evaluate_bbox
 from dtg.models.detector import Detector
 

@@ -1,4 +1,4 @@
-"""Greedy-NMS clustering: which kept box suppressed each candidate (METHOD.md sections 4-5).
+"""Greedy-NMS clustering: which kept box suppressed each candidate (docs/method.md, "INC in the R-CNN stage").
 
 ``nms_clusters`` runs ``torchvision.ops.batched_nms`` for the kept boxes and then, vectorised
 and chunked, finds for every suppressed candidate its suppressor: the first kept box in

@@ -1,11 +1,11 @@
-"""Teacher -> student correspondences for DTG (METHOD.md section 5, steps 2 and R-CNN RoIs).
+"""Teacher -> student correspondences for DTG (docs/method.md, "Correspondence").
 
 RPN stage: each teacher anchor box, mapped into the student view, gets at most one partner
 student anchor: the anchor with the largest IoU among the anchors of its FPN level whose
 grid cells lie around the mapped centre. R-CNN stage: teacher proposals map one to one
 onto student RoIs (:func:`map_proposals`).
 
-All boxes are ``xyxy`` in continuous pixel coordinates (see :mod:`dtg.data.transforms`).
+All boxes are ``xyxy`` in continuous pixel coordinates (see :mod:`dtg.geometry`).
 
 Anchor layout (torchvision ``AnchorGenerator``): level ``l`` has an ``H_l x W_l`` feature map,
 stride ``s_l = padded_size // feature_size`` per axis (floor division, so it is NOT always
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dtg.data.transforms import map_points, project_boxes
+from dtg.geometry import map_points, project_boxes
 
 MAX_CANDIDATES_PER_CHUNK = 1 << 21  # rows x candidates gathered at once (~32 MB of float32 boxes)
 
@@ -107,7 +107,7 @@ def anchor_grid(
 
 
 def fpn_level(boxes: Tensor, num_levels: int, canonical: float = 32.0) -> Tensor:
-    """FPN level ``clamp(round(log2(sqrt(w h) / canonical)), 0, L - 1)`` of each box (METHOD.md 5.2).
+    """FPN level ``clamp(round(log2(sqrt(w h) / canonical)), 0, L - 1)`` of each box (docs/method.md, "Correspondence").
 
     Args:
         boxes: (N, 4) xyxy.
@@ -211,7 +211,7 @@ def match_anchors_with_iou(
 
 
 def match_anchors(mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int = 1) -> Tensor:
-    """Partner student anchor of each teacher anchor mapped into the student view (METHOD.md 5.2).
+    """Partner student anchor of each teacher anchor mapped into the student view (docs/method.md, "Correspondence").
 
     The box's level is ``m = fpn_level(box, L, canonical)``; the candidates are the R anchors of
     every level-``m`` cell within ``radius`` cells of the cell nearest the box centre, and the
@@ -257,7 +257,7 @@ def map_proposals(proposals: Tensor, teacher_to_student: Tensor, student_size: t
 
     Returns:
         (P, 4) xyxy in ``proposals.dtype``: the min/max of the 4 mapped corners, clipped to the
-        student image (:func:`dtg.data.transforms.project_boxes`); degenerate RoIs are kept so
+        student image (:func:`dtg.geometry.project_boxes`); degenerate RoIs are kept so
         that row ``i`` always corresponds to teacher proposal ``i``.
     """
     return project_boxes(proposals, teacher_to_student, student_size)

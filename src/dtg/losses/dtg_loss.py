@@ -1,4 +1,4 @@
-"""INC losses on :class:`dtg.losses.inc.IncTargets` (paper Eq. (2)-(3), METHOD.md 4.7).
+"""INC losses on :class:`dtg.losses.inc.IncTargets` (paper Eq. (2)-(3); docs/method.md, "Normalisation").
 
 Two normalisations (**switch** ``normalize``):
 

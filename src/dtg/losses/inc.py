@@ -1,4 +1,4 @@
-"""Inverse NMS Clustering (INC) targets for the R-CNN and RPN stages (METHOD.md sections 4-5).
+"""Inverse NMS Clustering (INC) targets for the R-CNN and RPN stages (docs/method.md, "INC in the R-CNN stage" and "INC in the RPN stage").
 
 The teacher's dense predictions are clustered by its own greedy NMS
 (:func:`dtg.losses.clustering.nms_clusters`); every cluster member's student sample gets the
@@ -13,15 +13,17 @@ encoding relative to, or toward, a sub-pixel box gives meaningless (or infinite)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import clip_boxes_to_image
 
-from dtg.data.transforms import project_boxes, valid_boxes
+from dtg.geometry import project_boxes, valid_boxes
 from dtg.losses.clustering import nms_clusters
+from dtg.losses.correspondence import AnchorGrid, map_anchors, map_proposals, match_anchors
 
 MIN_BOX_SIZE = 1.0  # px; smaller mapped targets / reference boxes get no regression target
 RPN_CANDIDATE_MODES = ("threshold_then_nms", "nms_then_threshold")
@@ -111,7 +113,7 @@ def rcnn_inc_targets(
     teacher_size: tuple[int, int] | None = None,
     uncertain: float | None = None,
 ) -> IncTargets:
-    """INC targets of the R-CNN stage for the P student RoIs of one image (METHOD.md 4).
+    """INC targets of the R-CNN stage for the P student RoIs of one image (docs/method.md).
 
     Per teacher proposal: ``c`` = argmax over the foreground classes 1..K of the softmax, ``p``
     its probability, the box decoded with class ``c``'s deltas. Candidates (``p >= tau``) are
@@ -199,7 +201,7 @@ def rpn_inc_targets(
     pre_nms_top_n: int = 2000,
     uncertain: float | None = None,
 ) -> IncTargets:
-    """INC targets of the RPN stage for the A_s student anchors of one image (METHOD.md 5).
+    """INC targets of the RPN stage for the A_s student anchors of one image (docs/method.md).
 
     Teacher proposals are the RPN deltas decoded on the teacher anchors, clipped to
     ``teacher_size``; scores are ``sigmoid(objectness)``; NMS runs per FPN level.
@@ -252,25 +254,8 @@ def rpn_inc_targets(
     score = teacher_objectness.to(torch.promote_types(teacher_objectness.dtype, torch.float32)).sigmoid()
     boxes = box_coder.decode_single(teacher_deltas.reshape(-1, 4).to(dtype), teacher_anchors.to(dtype))
     boxes = clip_boxes_to_image(boxes, teacher_size)
-
-    above = score >= tau
-    pool_mask = above if candidates == "threshold_then_nms" else above | _top_n_per_level(
-        score, teacher_levels, pre_nms_top_n)
-    pool = pool_mask.nonzero().squeeze(1)
-    keep, clus = nms_clusters(boxes[pool], score[pool], teacher_levels[pool], iou_threshold)
-    kept_of = torch.full((num_t,), -1, dtype=torch.int64, device=device)  # kept teacher anchor of members
-    kept_of[pool] = pool[keep[clus]]
-    if candidates == "nms_then_threshold":
-        kept_of = torch.where((kept_of >= 0) & above[kept_of.clamp(min=0)], kept_of, -1)
-
-    # Conflicts: the teacher anchor of highest score (rank) decides its partner's label.
-    order = torch.argsort(score, stable=True)  # ascending, so the higher rank wins
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(num_t, device=device)
-    has = partner >= 0
-    best = torch.full((num_s,), -1, dtype=torch.int64, device=device)
-    best = best.scatter_reduce(0, partner[has], rank[has], reduce="amax", include_self=True)
-    decider = torch.where(best >= 0, order[best.clamp(min=0)], -1)  # (A_s,) teacher anchor or -1
+    kept_of = rpn_clusters(score, boxes, teacher_levels, tau, iou_threshold, candidates, pre_nms_top_n)
+    decider = deciding_teacher_anchor(score, partner, num_s)
     d = decider.clamp(min=0)
     positive = (decider >= 0) & (kept_of[d] >= 0)
     negative = decider >= 0
@@ -285,3 +270,169 @@ def rpn_inc_targets(
     rows = positive.nonzero().squeeze(1)
     target[rows] = project_boxes(boxes[source[rows]], teacher_to_student, student_size)
     return _assemble(classes, cluster, score[d], target, student_anchors, box_coder, cls_labels, reg_labels)
+
+
+def rpn_clusters(score: Tensor, boxes: Tensor, levels: Tensor, tau: float, iou_threshold: float,
+                 candidates: str, pre_nms_top_n: int) -> Tensor:
+    """The kept teacher anchor of each member of an RPN cluster, -1 for non-members.
+
+    Args:
+        score: (A_t,) objectness probabilities; boxes: (A_t, 4) decoded, clipped proposals;
+        levels: (A_t,) int64 FPN level (NMS runs per level).
+        candidates: see :func:`rpn_inc_targets`.
+
+    Returns:
+        (A_t,) int64 teacher anchor index of the member's kept box (members of clusters whose
+        kept box scores ``>= tau``), -1 elsewhere.
+    """
+    above = score >= tau
+    pool_mask = above if candidates == "threshold_then_nms" else above | _top_n_per_level(score, levels, pre_nms_top_n)
+    pool = pool_mask.nonzero().squeeze(1)
+    keep, clus = nms_clusters(boxes[pool], score[pool], levels[pool], iou_threshold)
+    kept_of = torch.full_like(levels, -1)
+    kept_of[pool] = pool[keep[clus]]
+    if candidates == "nms_then_threshold":
+        kept_of = torch.where((kept_of >= 0) & above[kept_of.clamp(min=0)], kept_of, -1)
+    return kept_of
+
+
+def deciding_teacher_anchor(score: Tensor, partner: Tensor, num_student: int) -> Tensor:
+    """Per student anchor, the teacher anchor that decides its label: the partner of highest score.
+
+    Args:
+        score: (A_t,) teacher objectness probabilities; partner: (A_t,) int64 student anchor of
+        each teacher anchor, -1 for none; num_student: A_s.
+
+    Returns:
+        (A_s,) int64 teacher anchor index, -1 where no teacher anchor chose the student anchor.
+        Ties in score go to the higher teacher index (a stable ascending rank, ``amax``).
+    """
+    num_t = score.shape[0]
+    order = torch.argsort(score, stable=True)  # ascending, so the higher rank wins
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(num_t, device=score.device)
+    has = partner >= 0
+    best = torch.full((num_student,), -1, dtype=torch.int64, device=score.device)
+    best = best.scatter_reduce(0, partner[has], rank[has], reduce="amax", include_self=True)
+    return torch.where(best >= 0, order[best.clamp(min=0)], -1)
+
+
+# ----------------------------------------------------------------------------- per image, as training builds them
+
+
+@dataclass(frozen=True)
+class IncOptions:
+    """Thresholds and switches of INC target building in both stages (docs/method.md, "INC in the R-CNN stage" and "INC in the RPN stage").
+
+    Built from ``DTGConfig`` by :func:`dtg.methods.dtg.inc_options`; ``canonical`` is the anchor
+    size of FPN level 0 (``model.anchor_sizes[0]``).
+    """
+
+    tau_rcnn: float = 0.45
+    rcnn_nms: float = 0.5
+    uncertain_rcnn: float | None = None
+    tau_rpn: float = 0.9
+    rpn_nms: float = 0.7
+    uncertain_rpn: float | None = None
+    rpn_candidates: str = "threshold_then_nms"
+    reg_target: str = "kept"
+    cls_labels: bool = True
+    reg_labels: bool = True
+    anchor_radius: int = 1
+    canonical: float = 32.0
+
+
+class RcnnImageTargets(NamedTuple):
+    """What :func:`rcnn_image_targets` builds for one image."""
+
+    rois: Tensor  # (P, 4) xyxy student RoIs, row i = teacher proposal i mapped into the student view
+    targets: IncTargets  # over the P RoIs, the RoIs that left the student view ignored: what the losses use
+    clustered: IncTargets  # the same before that: every candidate's cluster (for drawing and diagnostics)
+    outside: Tensor  # (P,) bool, RoIs that left the student view
+
+
+def rcnn_image_targets(
+    teacher_logits: Tensor, teacher_deltas: Tensor, proposals: Tensor, teacher_to_student: Tensor,
+    student_size: tuple[int, int], teacher_size: tuple[int, int], box_coder: BoxCoder, opts: IncOptions,
+) -> RcnnImageTargets:
+    """The student RoIs of one image and their R-CNN INC targets, exactly as training builds them.
+
+    The teacher's P proposals are mapped one to one into the student view
+    (:func:`~dtg.losses.correspondence.map_proposals`); RoIs that left the view (narrower or
+    shorter than 1 px) are ignored.
+
+    Args:
+        teacher_logits: (P, K + 1); teacher_deltas: (P, (K + 1) * 4) the teacher's R-CNN on its
+            own (P, 4) xyxy ``proposals`` (weak view).
+        teacher_to_student: (3, 3); student_size / teacher_size: ``(H, W)``.
+        box_coder: the R-CNN box coder (:attr:`dtg.models.detector.Detector.rcnn_box_coder`).
+
+    Returns:
+        :class:`RcnnImageTargets`.
+    """
+    rois = map_proposals(proposals, teacher_to_student, student_size)
+    tg = rcnn_inc_targets(
+        teacher_logits, teacher_deltas, proposals, rois, teacher_to_student, student_size, box_coder,
+        tau=opts.tau_rcnn, iou_threshold=opts.rcnn_nms, reg_target=opts.reg_target,
+        cls_labels=opts.cls_labels, reg_labels=opts.reg_labels, teacher_size=teacher_size,
+        uncertain=opts.uncertain_rcnn,
+    )
+    outside = ~valid_boxes(rois, MIN_BOX_SIZE)  # left the student view
+    return RcnnImageTargets(rois, ignore_samples(tg, outside), tg, outside)
+
+
+def rpn_image_targets(
+    teacher_objectness: Tensor, teacher_deltas: Tensor, teacher_anchors: Tensor, teacher_levels: Tensor,
+    grid: AnchorGrid, teacher_to_student: Tensor, student_size: tuple[int, int], teacher_size: tuple[int, int],
+    box_coder: BoxCoder, opts: IncOptions,
+) -> IncTargets:
+    """RPN INC targets over the student anchors of one image, with the anchor correspondence.
+
+    Each teacher anchor is mapped into the student view and paired with a student anchor
+    (:func:`~dtg.losses.correspondence.match_anchors`), then :func:`rpn_inc_targets`.
+
+    Args:
+        teacher_objectness: (A_t,) logits; teacher_deltas: (A_t, 4); teacher_anchors: (A_t, 4)
+            xyxy; teacher_levels: (A_t,) int64 FPN level.
+        grid: the student anchor layout (:func:`~dtg.losses.correspondence.anchor_grid`).
+        box_coder: the RPN box coder (:attr:`dtg.models.detector.Detector.rpn_box_coder`).
+
+    Returns:
+        :class:`IncTargets` over ``grid.anchors``.
+    """
+    partner = match_anchors(map_anchors(teacher_anchors, teacher_to_student), grid, opts.canonical, opts.anchor_radius)
+    return rpn_inc_targets(
+        teacher_objectness, teacher_deltas, teacher_anchors, teacher_levels, partner, grid.anchors,
+        teacher_to_student, student_size, teacher_size, box_coder,
+        tau=opts.tau_rpn, iou_threshold=opts.rpn_nms, candidates=opts.rpn_candidates,
+        cls_labels=opts.cls_labels, reg_labels=opts.reg_labels, reg_target=opts.reg_target,
+        uncertain=opts.uncertain_rpn,
+    )
+
+
+def concat_targets(parts: list[IncTargets]) -> IncTargets:
+    """Concatenate per-image targets; cluster ids are offset so that images never share a cluster."""
+    offset, clusters = 0, []
+    for p in parts:
+        clusters.append(torch.where(p.cluster >= 0, p.cluster + offset, p.cluster))
+        offset += int(p.cluster.max()) + 1 if p.cluster.numel() else 0  # max is -1 without members
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return IncTargets(
+        labels=cat("labels"), reg_targets=cat("reg_targets"), reg_mask=cat("reg_mask"),
+        cluster=torch.cat(clusters), teacher_scores=cat("teacher_scores"),
+        num_clusters=sum(p.num_clusters for p in parts), classes=cat("classes"),
+    )
+
+
+def ignore_samples(t: IncTargets, ignore: Tensor) -> IncTargets:
+    """Targets with the samples in the (N,) bool mask ``ignore`` removed from every loss."""
+    neg = torch.full_like(t.labels, -1)
+    cluster = torch.where(ignore, neg, t.cluster)
+    return replace(
+        t,
+        labels=torch.where(ignore, neg, t.labels),
+        classes=torch.where(ignore, neg, t.classes),
+        reg_mask=t.reg_mask & ~ignore,
+        cluster=cluster,
+        num_clusters=int(cluster[cluster >= 0].unique().numel()),  # clusters with a member left
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import box_iou
 
-from dtg.data.transforms import project_boxes, valid_boxes
+from dtg.geometry import project_boxes, valid_boxes
 
 
 def pseudo_targets(

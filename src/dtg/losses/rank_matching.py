@@ -1,4 +1,4 @@
-"""Rank Matching loss (METHOD.md section 6): match the student's within-cluster score ranking
+"""Rank Matching loss (docs/method.md, "Rank Matching"): match the student's within-cluster score ranking
 to the teacher's with a KL divergence between per-cluster softmax distributions.
 
 For each cluster with at least ``min_size`` members ``i``:

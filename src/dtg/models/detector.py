@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
@@ -133,6 +134,16 @@ class Detector(nn.Module):
         """Foreground classes K."""
         return self.net.roi_heads.box_predictor.cls_score.out_features - 1
 
+    @property
+    def rpn_box_coder(self) -> BoxCoder:
+        """The RPN's box coder (anchor -> proposal deltas, weights 1, 1, 1, 1)."""
+        return self.net.rpn.box_coder
+
+    @property
+    def rcnn_box_coder(self) -> BoxCoder:
+        """The R-CNN head's box coder (RoI -> box deltas, weights 10, 10, 5, 5)."""
+        return self.net.roi_heads.box_coder
+
     # ------------------------------------------------------------------ stages
     def preprocess(self, images: list[Tensor]) -> ImageList:
         """Normalise (3, H, W) float images in [0, 1] and pad them into one batch."""
@@ -164,7 +175,7 @@ class Detector(nn.Module):
         """Decode, clip and NMS the RPN's boxes (torchvision's own proposal filter).
 
         ``train_top_n``: use the training (True) or test (False) pre/post-NMS top-N; default: the
-        module's mode. A teacher in eval mode proposes with the training top-N for DTG (METHOD.md 4.1).
+        module's mode. A teacher in eval mode proposes with the training top-N for DTG (docs/method.md, "INC in the R-CNN stage").
         """
         b = rpn.objectness.shape[0]
         boxes = self.net.rpn.box_coder.decode_single(

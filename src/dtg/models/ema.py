@@ -1,4 +1,4 @@
-"""The EMA teacher of the Mean Teacher (METHOD.md section 1)."""
+"""The EMA teacher of the Mean Teacher (docs/method.md, "The frame")."""
 
 from __future__ import annotations
 

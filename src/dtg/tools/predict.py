@@ -58,7 +58,7 @@ def render_detections(img: Image.Image, dets: list[dict], names: dict[int, str])
     """``img`` with each COCO result drawn: a box in its class colour and a ``name score`` tag."""
     from PIL import ImageDraw, ImageFont
 
-    from dtg.explain import PALETTE, _box, _tag
+    from dtg.explain import PALETTE, draw_box, draw_tag
 
     canvas = img.convert("RGB")
     draw = ImageDraw.Draw(canvas)
@@ -70,13 +70,13 @@ def render_detections(img: Image.Image, dets: list[dict], names: dict[int, str])
     color = {cid: PALETTE[k % len(PALETTE)] for k, cid in enumerate(order)}
     for r in reversed(ranked):  # the highest score drawn last, on top
         x, y, w, h = r["bbox"]
-        _box(draw, [x, y, x + w, y + h], 1.0, 1.0, color[r["category_id"]], width)
+        draw_box(draw, [x, y, x + w, y + h], 1.0, 1.0, color[r["category_id"]], width)
     taken: list[tuple[float, float, float, float]] = []
     for r in ranked:
         x, y = r["bbox"][:2]
         text = f"{names[r['category_id']]} {r['score']:.2f}"
         x = max(0.0, min(x, canvas.width - draw.textlength(text, font=font) - 4))  # keep the tag inside the image
-        _tag(draw, (x, y), text, color[r["category_id"]], font, taken)
+        draw_tag(draw, (x, y), text, color[r["category_id"]], font, taken)
     return canvas
 
 
@@ -99,14 +99,14 @@ def predict_images(
     import numpy as np
 
     from dtg.data.coco import CocoSource, ImageRecord, load_image
-    from dtg.data.image_io import _Bad, _probe_image
+    from dtg.data.image_io import BadImage, probe_image
     from dtg.evaluation.inference import predict_source
 
     bad = {}
     for p in paths:  # cheap integrity pass first: fail before any work
         try:
-            _probe_image(p)
-        except _Bad as e:
+            probe_image(p)
+        except BadImage as e:
             bad[p] = f"{p}: {e}"
     if bad and not skip_bad:
         first, n = next(iter(bad.values())), len(bad)

@@ -1,4 +1,4 @@
-"""``dtg split coco``: the COCO partial-label protocol (METHOD.md section 9).
+"""``dtg split coco``: the COCO partial-label protocol (docs/method.md, "Splits").
 
 For each ``percent`` and ``fold`` (1..F) a labeled json holds ``floor(N * percent / 100)``
 (at least 1) of the N images of the input json, with their annotations, and an unlabeled
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dtg.config import ConfigError
-from dtg.data.coco import DatasetError, _is_int, _lists, _read_json, _show
+from dtg.data.coco import DatasetError, is_int, json_lists, read_json, show_value
 from dtg.tools.files import Staged, json_bytes
 
 SALT = "dtg-coco-split"
@@ -75,16 +75,16 @@ def read_coco(path: Path) -> tuple[dict[str, Any], dict[int, dict], dict[int, li
     Raises one :class:`DatasetError` naming the file and the first problem (entries that are
     not objects, ids that are not integers or repeat, annotations of undeclared images).
     """
-    data = _read_json(path)
-    parts = _lists(data, path, ("images",), ("annotations",))
+    data = read_json(path)
+    parts = json_lists(data, path, ("images",), ("annotations",))
     problems: list[str] = []
     images: dict[int, dict] = {}
     for i, e in enumerate(parts["images"]):
         iid = e.get("id") if isinstance(e, dict) else None
         if not isinstance(e, dict):
-            problems.append(f"image #{i}: entry {_show(e)} is not an object")
-        elif not _is_int(iid):
-            problems.append(f"image #{i}: id {_show(iid)} is not an integer")
+            problems.append(f"image #{i}: entry {show_value(e)} is not an object")
+        elif not is_int(iid):
+            problems.append(f"image #{i}: id {show_value(iid)} is not an integer")
         elif iid in images:
             problems.append(f"image {iid}: duplicate image id")
         else:
@@ -93,16 +93,16 @@ def read_coco(path: Path) -> tuple[dict[str, Any], dict[int, dict], dict[int, li
     for i, a in enumerate(parts["annotations"]):
         iid = a.get("image_id") if isinstance(a, dict) else None
         if not isinstance(a, dict):
-            problems.append(f"annotation #{i}: entry {_show(a)} is not an object")
-        elif not _is_int(iid) or iid not in images:
-            problems.append(f"annotation #{i}: image_id {_show(iid)} is not a declared image")
+            problems.append(f"annotation #{i}: entry {show_value(a)} is not an object")
+        elif not is_int(iid) or iid not in images:
+            problems.append(f"annotation #{i}: image_id {show_value(iid)} is not a declared image")
         else:
             anns.setdefault(iid, []).append(a)
     if problems:
         n = len(problems)
         raise DatasetError(f"{path}: {n} problem{'s' * (n != 1)} found (first: {problems[0]})")
     for lst in anns.values():  # stable: annotations without an integer id keep their input order
-        lst.sort(key=lambda a: a["id"] if _is_int(a.get("id")) else float("inf"))
+        lst.sort(key=lambda a: a["id"] if is_int(a.get("id")) else float("inf"))
     return data, images, anns
 
 
@@ -159,7 +159,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("split", help="make semi-supervised splits: COCO partial labels, VOC07/12 as COCO json")
     sub = p.add_subparsers(dest="split_kind", required=True, metavar="KIND")
     c = sub.add_parser(
-        "coco", help="labeled/unlabeled COCO json per percent and fold (METHOD.md section 9)",
+        "coco", help="labeled/unlabeled COCO json per percent and fold (docs/method.md, section Splits)",
         description="Labeled and unlabeled COCO json for each percent and fold, keyed by image id, "
         "byte-identical on every run: OUT/{stem}.{fold}@{percent}.json and OUT/{stem}.{fold}@{percent}-unlabeled.json.",
     )

@@ -35,8 +35,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable
 
-from dtg.data.coco import BOX_TOLERANCE, DatasetError, _finish, _images, _lists, _read_json
-from dtg.data.image_io import _Bad, _probe_image, _show
+from dtg.data.coco import BOX_TOLERANCE, DatasetError, finish_load, parse_images, json_lists, read_json
+from dtg.data.image_io import BadImage, probe_image, show_value
 from dtg.tools.files import Staged, json_bytes
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -89,21 +89,21 @@ def _number(obj: ET.Element, tag: str) -> float:
     try:
         return float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise _Bad(f"{tag} {_show(text)} is not a number") from None
+        raise BadImage(f"{tag} {show_value(text)} is not a number") from None
 
 
 def _voc_box(obj: ET.Element, w: int, h: int) -> list[float]:
-    """COCO ``[x, y, w, h]`` of an ``<object>``; raises ``_Bad``."""
+    """COCO ``[x, y, w, h]`` of an ``<object>``; raises ``BadImage``."""
     bb = obj.find("bndbox")
     if bb is None:
-        raise _Bad("no <bndbox>")
+        raise BadImage("no <bndbox>")
     x1, y1, x2, y2 = (_number(bb, t) for t in ("xmin", "ymin", "xmax", "ymax"))
     x1, y1 = x1 - 1.0, y1 - 1.0  # 1-based inclusive -> continuous
     if x2 <= x1 or y2 <= y1:
-        raise _Bad(f"empty box (xmin {x1 + 1:g}, ymin {y1 + 1:g}, xmax {x2:g}, ymax {y2:g})")
+        raise BadImage(f"empty box (xmin {x1 + 1:g}, ymin {y1 + 1:g}, xmax {x2:g}, ymax {y2:g})")
     t = BOX_TOLERANCE
     if x1 < -t or y1 < -t or x2 > w + t or y2 > h + t:
-        raise _Bad(f"box (xmin {x1 + 1:g}, ymin {y1 + 1:g}, xmax {x2:g}, ymax {y2:g}) lies outside the {w}x{h} image")
+        raise BadImage(f"box (xmin {x1 + 1:g}, ymin {y1 + 1:g}, xmax {x2:g}, ymax {y2:g}) lies outside the {w}x{h} image")
     x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)
     return [x1, y1, x2 - x1, y2 - y1]
 
@@ -116,7 +116,7 @@ def _size(root: ET.Element, image: Path) -> tuple[int, int]:
         w = h = 0
     if w > 0 and h > 0:
         return w, h
-    w, h, _ = _probe_image(image)
+    w, h, _ = probe_image(image)
     return w, h
 
 
@@ -138,7 +138,7 @@ def read_voc_set(
             if not image.is_file() and tree.findtext("filename"):
                 image = root / "JPEGImages" / str(tree.findtext("filename")).strip()
             if not image.is_file():
-                raise _Bad(f"image file {image} not found")
+                raise BadImage(f"image file {image} not found")
             w, h = _size(tree, image)
         except FileNotFoundError:
             problems.append(f"{xml}: annotation file not found")
@@ -146,7 +146,7 @@ def read_voc_set(
         except (ET.ParseError, OSError) as e:
             problems.append(f"{xml}: cannot parse xml ({type(e).__name__}: {e})")
             continue
-        except _Bad as e:
+        except BadImage as e:
             problems.append(f"{xml}: {e}")
             continue
         objs = []
@@ -154,10 +154,10 @@ def read_voc_set(
             try:
                 cls = (obj.findtext("name") or "").strip()
                 if cls not in VOC_CLASSES:
-                    raise _Bad(f"class {_show(cls)} is not one of the 20 VOC classes")
+                    raise BadImage(f"class {show_value(cls)} is not one of the 20 VOC classes")
                 diff = (obj.findtext("difficult") or "0").strip() not in ("0", "")
                 box = _voc_box(obj, w, h)
-            except _Bad as e:
+            except BadImage as e:
                 problems.append(f"{xml}: object #{k}: {e}")
                 bad_objects += 1
                 continue
@@ -198,15 +198,15 @@ def to_coco(images: list[dict], anns: list[list[dict]], image_root: Path, desc: 
 
 def coco20_images(ann: Path, images_dir: Path, image_root: Path, problems: list[str]) -> list[dict]:
     """Images of a COCO json with at least one non-crowd annotation of a VOC class (ids kept)."""
-    data = _read_json(ann)
-    parts = _lists(data, ann, ("images", "categories"), ("annotations",))
+    data = read_json(ann)
+    parts = json_lists(data, ann, ("images", "categories"), ("annotations",))
     names = {c.get("id"): c.get("name") for c in parts["categories"] if isinstance(c, dict)}
     voc_cats = {cid for cid, n in names.items() if n in COCO_TO_VOC}
     if not voc_cats:
         raise DatasetError(f"{ann}: none of its categories is one of the 20 VOC classes (COCO names, e.g. 'airplane', 'tv')")
     keep = {a.get("image_id") for a in parts["annotations"]
             if isinstance(a, dict) and a.get("category_id") in voc_cats and not a.get("iscrowd", 0)}
-    imgs, _, _ = _images(parts["images"], problems, f"{ann}: ")
+    imgs, _, _ = parse_images(parts["images"], problems, f"{ann}: ")
     out = []
     for iid in sorted(i for i in imgs if i in keep and imgs[i].ok):
         img = imgs[iid]
@@ -261,7 +261,7 @@ def split_voc(
                 raise DatasetError(f"{c20}: image id {min(clash)} is also the id of a VOC2012 image")
             images, anns = images + extra, anns + [[] for _ in extra]
         src = root / "ImageSets" / "Main" / f"{'test' if key == 'val' else 'trainval'}.txt"
-        _finish(problems, src, skip_bad, log, skipped, bad)
+        finish_load(problems, src, skip_bad, log, skipped, bad)
         if not images:
             raise DatasetError(f"{src}: no usable images")
         desc = {"labeled": "VOC2007 trainval (labeled)", "val": "VOC2007 test",

@@ -1,4 +1,4 @@
-"""Multi-process training with ``torchrun``: process group, DDP wrapper, cross-rank BatchNorm, collectives.
+"""Ranks and collectives for ``torchrun`` jobs: process group, rank info, collectives, cross-rank BatchNorm.
 
 ``torchrun --nproc-per-node N -m dtg train ...`` (any number of nodes) starts one
 process per device with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
@@ -8,8 +8,8 @@ process and every helper here is a no-op.
 
 Semantics under ``W`` processes: each rank draws its own disjoint share of one
 global sample stream (:class:`~dtg.data.sampler.MixedBatchSampler`), so the global
-batch is ``W`` x the per-rank batch; gradients are averaged over ranks (DDP), so a
-step equals a one-process step on the mean of the per-rank losses; trainable
+batch is ``W`` x the per-rank batch; gradients are averaged over ranks (DDP, see
+:mod:`dtg.engine.step`), so a step equals a one-process step on the mean of the per-rank losses; trainable
 BatchNorm layers normalise with the statistics of the global batch (SyncBatchNorm
 on GPUs, :class:`CrossRankBatchNorm2d` on CPUs), so their running statistics, and
 therefore the EMA teacher, are identical on every rank.
@@ -18,7 +18,6 @@ therefore the EMA teacher, are identical on every rank.
 from __future__ import annotations
 
 import atexit
-import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,7 +25,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 _BN_GROUP: Any = None  # process group of the CPU BatchNorm collectives (kept apart from DDP's gradient all-reduce)
 
@@ -151,52 +149,6 @@ def mean_scalars(info: DistInfo, scalars: dict[str, float]) -> dict[str, float]:
     per_rank = all_gather_objects(info, scalars)
     keys = dict.fromkeys(k for d in per_rank for k in d)
     return {k: sum(d[k] for d in per_rank if k in d) / sum(1 for d in per_rank if k in d) for k in keys}
-
-
-# ----------------------------------------------------------------------------- the student under DDP
-
-
-class StudentLoss(nn.Module):
-    """The method's whole loss computation as this module's ``forward``, so that DDP syncs the student.
-
-    DDP all-reduces gradients only in a backward that follows a call of the DDP
-    module's own ``forward`` (that call arms its reducer). The methods never call the
-    student's ``forward``: they call its pieces (``supervised_losses``,
-    ``forward_dense``, ``roi_forward``), once or twice per step. Wrapping the
-    ``Detector`` itself would therefore silently let every rank train on its own
-    gradients. Wrapping this module instead, whose ``forward`` runs the method on the
-    student it holds, arms the reducer once per step for every student pass inside
-    it, and DDP's usual bucketed all-reduce (overlapped with backward) averages all
-    student gradients. This is simpler and safer than an explicit all-reduce after
-    backward: no per-parameter bookkeeping, no forgotten gradients, and DDP's own
-    check that every trainable parameter received a gradient. The teacher is an
-    argument, not a submodule: it has no gradients and is never synchronised (it is
-    the same EMA on every rank by construction).
-    """
-
-    def __init__(self, student: nn.Module, method: Any) -> None:
-        super().__init__()
-        self.student = student
-        self.method = method
-
-    def forward(
-        self, teacher: nn.Module | None, batch: dict[str, list[dict[str, Any]]], iteration: int
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        return self.method.losses(self.student, teacher, batch, iteration)
-
-
-def wrap_student(module: StudentLoss, info: DistInfo) -> nn.Module:
-    """``module`` wrapped in DDP under torchrun, else itself.
-
-    ``device_ids=None`` keeps DDP from moving the batch (the methods move what they
-    use); buffers are not re-broadcast at every forward because the only trainable
-    buffers, BatchNorm statistics, are computed from the global batch on every rank.
-    """
-    if not info.enabled:
-        return module
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-        return DistributedDataParallel(module, device_ids=None, forward_sync_buffers=False)  # torch >= 2.12
-    return DistributedDataParallel(module, device_ids=None, broadcast_buffers=False)
 
 
 # ----------------------------------------------------------------------------- BatchNorm over the global batch

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dtg.config import ViewConfig
-from dtg.data import transforms as T
+from dtg import geometry as G
+from dtg.data import augment as A
 
 BOX_COLOR = (180, 0, 0)  # stays "R - B > 40" under every photometric op, unlike the fill colour
 TOL = 1.5  # px: thresholded bilinear pixels vs. continuous geometry
@@ -49,7 +50,7 @@ def red_bbox(x: Image.Image | torch.Tensor) -> torch.Tensor:
 
 
 def projected(box: list[float], M: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return T.project_boxes(torch.tensor([box], dtype=torch.float64), M, size)[0]
+    return G.project_boxes(torch.tensor([box], dtype=torch.float64), M, size)[0]
 
 
 def assert_close_box(got: torch.Tensor, want: torch.Tensor, tol: float = TOL) -> None:
@@ -71,23 +72,23 @@ def assert_view_box(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def test_flip_twice_is_identity():
     boxes = torch.tensor([[3.0, 4.0, 50.5, 60.0], [0.0, 0.0, 120.0, 80.0]])
-    F = T.hflip_matrix(120)
-    once = T.project_boxes(boxes, F, (80, 120))
+    F = G.hflip_matrix(120)
+    once = G.project_boxes(boxes, F, (80, 120))
     assert torch.allclose(once[0], torch.tensor([69.5, 4.0, 117.0, 60.0]))
-    assert torch.allclose(T.project_boxes(once, F, (80, 120)), boxes)
+    assert torch.allclose(G.project_boxes(once, F, (80, 120)), boxes)
     assert torch.equal(F @ F, torch.eye(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_project_boxes_empty(dtype):
-    out = T.project_boxes(torch.zeros(0, 4, dtype=dtype), T.scale_matrix(2, 2), (10, 10))
+    out = G.project_boxes(torch.zeros(0, 4, dtype=dtype), G.scale_matrix(2, 2), (10, 10))
     assert out.shape == (0, 4) and out.dtype == dtype
-    assert T.valid_boxes(out).shape == (0,)
+    assert G.valid_boxes(out).shape == (0,)
 
 
 def test_project_boxes_dtypes():
     boxes = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float32)
-    out = T.project_boxes(boxes, T.scale_matrix(2, 3).float(), (100, 100))
+    out = G.project_boxes(boxes, G.scale_matrix(2, 3).float(), (100, 100))
     assert out.dtype == torch.float32
     assert torch.equal(out, torch.tensor([[2.0, 6.0, 6.0, 12.0]]))
 
@@ -95,34 +96,34 @@ def test_project_boxes_dtypes():
 def test_clipping_and_removal():
     boxes = torch.tensor([[-10.0, 5.0, 30.0, 200.0], [50.0, 50.0, 60.0, 60.0], [95.0, 10.0, 99.5, 20.0]])
     labels = torch.tensor([1, 2, 3])
-    M = T.translate_matrix(5.0, 0.0)
-    out = T.project_boxes(boxes, M, (100, 100))  # (height, width)
+    M = G.translate_matrix(5.0, 0.0)
+    out = G.project_boxes(boxes, M, (100, 100))  # (height, width)
     assert torch.equal(out, torch.tensor([[0.0, 5.0, 35.0, 100.0], [55.0, 50.0, 65.0, 60.0], [100.0, 10.0, 100.0, 20.0]]))
-    assert T.valid_boxes(out).tolist() == [True, True, False]
-    kept, kept_labels = T.project_targets(boxes, labels, M, (100, 100))
+    assert G.valid_boxes(out).tolist() == [True, True, False]
+    kept, kept_labels = G.project_targets(boxes, labels, M, (100, 100))
     assert torch.equal(kept, out[:2]) and kept_labels.tolist() == [1, 2]
-    assert T.valid_boxes(torch.tensor([[0.0, 0.0, 0.9, 5.0]])).tolist() == [False]
+    assert G.valid_boxes(torch.tensor([[0.0, 0.0, 0.9, 5.0]])).tolist() == [False]
 
 
 def test_composition_order_matches_sequential_projection():
     boxes = torch.tensor([[10.0, 20.0, 40.0, 30.0]], dtype=torch.float64)
     big = (10_000, 10_000)
-    A, B = T.rotate_matrix(20, (50, 50)), T.scale_matrix(2.0, 0.5)
-    B_after_A = T.project_boxes(T.project_boxes(boxes, A, big), B, big)
+    A, B = G.rotate_matrix(20, (50, 50)), G.scale_matrix(2.0, 0.5)
+    B_after_A = G.project_boxes(G.project_boxes(boxes, A, big), B, big)
     # an axis-aligned op after the rotation commutes with taking the bbox
-    assert torch.allclose(T.project_boxes(boxes, B @ A, big), B_after_A)
-    assert not torch.allclose(T.project_boxes(boxes, A @ B, big), B_after_A)
-    S, F = T.translate_matrix(30.0, 0.0), T.hflip_matrix(100)
-    assert torch.allclose(T.project_boxes(boxes, F @ S, big), T.project_boxes(T.project_boxes(boxes, S, big), F, big))
+    assert torch.allclose(G.project_boxes(boxes, B @ A, big), B_after_A)
+    assert not torch.allclose(G.project_boxes(boxes, A @ B, big), B_after_A)
+    S, F = G.translate_matrix(30.0, 0.0), G.hflip_matrix(100)
+    assert torch.allclose(G.project_boxes(boxes, F @ S, big), G.project_boxes(G.project_boxes(boxes, S, big), F, big))
     assert not torch.allclose(F @ S, S @ F)
 
 
 def test_rotation_convention_counter_clockwise():
-    M = T.rotate_matrix(90, (0.0, 0.0))
+    M = G.rotate_matrix(90, (0.0, 0.0))
     # a point right of the centre moves up on screen (y decreases)
-    assert torch.allclose(T.map_points(torch.tensor([[1.0, 0.0]]), M), torch.tensor([[0.0, -1.0]], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(G.map_points(torch.tensor([[1.0, 0.0]]), M), torch.tensor([[0.0, -1.0]], dtype=torch.float64), atol=1e-12)
     img = canvas((100, 160), [100, 45, 140, 55])  # a bar right of the centre
-    rotated = T.warp_affine(img, T.rotate_matrix(90, (80, 50)))
+    rotated = A.warp_affine(img, G.rotate_matrix(90, (80, 50)))
     assert white_bbox(rotated)[3] <= 50  # now above the centre
     assert_close_box(white_bbox(rotated), white_bbox(img.rotate(90)))  # same sense as PIL
 
@@ -137,8 +138,8 @@ SIZES = [(120, 200), (210, 130)]  # (H, W), non-square both ways
 def test_rotate_moves_pixels(size, angle):
     box = [50, 40, 90, 75]
     img = canvas(size, box)
-    M = T.rotate_matrix(angle, (size[1] / 2, size[0] / 2))
-    assert_close_box(white_bbox(T.warp_affine(img, M)), projected(box, M, size))
+    M = G.rotate_matrix(angle, (size[1] / 2, size[0] / 2))
+    assert_close_box(white_bbox(A.warp_affine(img, M)), projected(box, M, size))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -146,8 +147,8 @@ def test_rotate_moves_pixels(size, angle):
 def test_shear_moves_pixels(size, shear):
     box = [45, 40, 85, 80]
     img = canvas(size, box)
-    M = T.shear_matrix(*shear, center=(size[1] / 2, size[0] / 2))
-    assert_close_box(white_bbox(T.warp_affine(img, M)), projected(box, M, size))
+    M = G.shear_matrix(*shear, center=(size[1] / 2, size[0] / 2))
+    assert_close_box(white_bbox(A.warp_affine(img, M)), projected(box, M, size))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -155,15 +156,15 @@ def test_shear_moves_pixels(size, shear):
 def test_translate_moves_pixels_and_clips(size, shift):
     box = [30, 40, 90, 90]
     img = canvas(size, box)
-    M = T.translate_matrix(*shift)
-    assert_close_box(white_bbox(T.warp_affine(img, M)), projected(box, M, size))
+    M = G.translate_matrix(*shift)
+    assert_close_box(white_bbox(A.warp_affine(img, M)), projected(box, M, size))
 
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("new_size", [(77, 131), (160, 90), (300, 410)])
 def test_resize_moves_pixels(size, new_size):
     box = [31, 22, 97, 81]
-    out, M = T.resize(canvas(size, box), new_size)
+    out, M = A.resize(canvas(size, box), new_size)
     assert (out.height, out.width) == new_size
     assert_close_box(white_bbox(out), projected(box, M, new_size))
 
@@ -171,7 +172,7 @@ def test_resize_moves_pixels(size, new_size):
 @pytest.mark.parametrize("size", SIZES)
 def test_hflip_moves_pixels(size):
     box = [7, 22, 61, 81]
-    out, M = T.hflip(canvas(size, box))
+    out, M = A.hflip(canvas(size, box))
     assert torch.equal(white_bbox(out), projected(box, M, size))  # exact: flips whole pixels
 
 
@@ -187,10 +188,10 @@ def test_grid_preserving_ops_are_exact(op):
     img = canvas(size, box)
     kind, arg = op
     if kind == "resize":
-        out, M = T.resize(img, arg)
+        out, M = A.resize(img, arg)
     else:
-        M = T.rotate_matrix(arg, (100, 60)) if kind == "rotate" else T.translate_matrix(*arg)
-        out = T.warp_affine(img, M)
+        M = G.rotate_matrix(arg, (100, 60)) if kind == "rotate" else G.translate_matrix(*arg)
+        out = A.warp_affine(img, M)
     assert torch.equal(white_bbox(out), projected(box, M, (out.height, out.width)).round())
     assert torch.allclose(white_bbox(out), projected(box, M, (out.height, out.width)), atol=1e-6)
 
@@ -200,9 +201,9 @@ def test_random_geometric_and_resize_move_pixels(seed):
     rng = random.Random(seed)
     size, box = (150, 230), [80, 50, 150, 100]
     cfg = ViewConfig(strong=True)
-    img, R = T.random_resize(canvas(size, box), rng, (100, 180), 260)
+    img, R = A.random_resize(canvas(size, box), rng, (100, 180), 260)
     assert min(img.size) in range(100, 181) or max(img.size) == 260
-    out, G = T.random_geometric(img, rng, cfg)
+    out, G = A.random_geometric(img, rng, cfg)
     assert out.size == img.size
     out_size = (out.height, out.width)
     assert_close_box(white_bbox(out), projected(box, G @ R, out_size), tol=2.0)
@@ -214,20 +215,20 @@ def test_random_geometric_respects_config():
     centre = torch.tensor([[100.0, 60.0]])
     kinds = set()
     for seed in range(60):
-        _, G = T.random_geometric(img, random.Random(seed), cfg)
-        A, t = G[:2, :2], G[:2, 2]
-        if torch.allclose(A, torch.eye(2, dtype=torch.float64)):
+        _, M = A.random_geometric(img, random.Random(seed), cfg)
+        L, t = M[:2, :2], M[:2, 2]
+        if torch.allclose(L, torch.eye(2, dtype=torch.float64)):
             kinds.add("translate")
             assert abs(t[0]) <= 20.0 + 1e-9 and abs(t[1]) <= 12.0 + 1e-9
             continue
-        assert torch.allclose(T.map_points(centre, G), centre.double(), atol=1e-9)  # about the centre
-        if torch.allclose(A @ A.T, torch.eye(2, dtype=torch.float64), atol=1e-9):
+        assert torch.allclose(G.map_points(centre, M), centre.double(), atol=1e-9)  # about the centre
+        if torch.allclose(L @ L.T, torch.eye(2, dtype=torch.float64), atol=1e-9):
             kinds.add("rotate")
-            assert abs(math.degrees(math.atan2(A[0, 1].item(), A[0, 0].item()))) <= 30.0 + 1e-9
+            assert abs(math.degrees(math.atan2(L[0, 1].item(), L[0, 0].item()))) <= 30.0 + 1e-9
         else:
             kinds.add("shear")
-            assert A.diagonal().eq(1).all() and (A[0, 1] == 0 or A[1, 0] == 0)
-            assert max(abs(A[0, 1].item()), abs(A[1, 0].item())) <= math.tan(math.radians(20.0)) + 1e-9
+            assert L.diagonal().eq(1).all() and (L[0, 1] == 0 or L[1, 0] == 0)
+            assert max(abs(L[0, 1].item()), abs(L[1, 0].item())) <= math.tan(math.radians(20.0)) + 1e-9
     assert kinds == {"translate", "rotate", "shear"}
 
 
@@ -239,20 +240,20 @@ NO_CUTOUT = ViewConfig(strong=True, cutout_patches=[0, 0])
 @pytest.mark.parametrize("seed", range(24))
 def test_strong_view_matrix_moves_the_box(seed):
     size, box = (180, 260), [90, 60, 170, 120]
-    view = T.make_view(canvas(size, box, BOX_COLOR), random.Random(seed), NO_CUTOUT)
+    view = A.make_view(canvas(size, box, BOX_COLOR), random.Random(seed), NO_CUTOUT)
     assert view.image.dtype == torch.float32 and view.image.shape[0] == 3
     assert 0.0 <= view.image.min() and view.image.max() <= 1.0
     assert view.matrix.dtype == torch.float64 and view.matrix.shape == (3, 3)
     assert_view_box(red_bbox(view.image), projected(box, view.matrix, view.size))
 
 
-@pytest.mark.parametrize("name", sorted(T.PHOTOMETRIC_OPS))
+@pytest.mark.parametrize("name", sorted(A.PHOTOMETRIC_OPS))
 def test_photometric_ops_do_not_move_pixels(name):
     box = [20, 30, 70, 50]
     img = canvas((90, 110), box, BOX_COLOR)
-    img.paste(T.FILL, (80, 0, 110, 90))  # a warp's fill must not look like the box
+    img.paste(A.FILL, (80, 0, 110, 90))  # a warp's fill must not look like the box
     for seed in range(8):
-        out = T.PHOTOMETRIC_OPS[name](img, random.Random(seed))
+        out = A.PHOTOMETRIC_OPS[name](img, random.Random(seed))
         assert out.size == img.size and out.mode == "RGB"
         assert torch.equal(red_bbox(out), torch.tensor(box, dtype=torch.float64))
 
@@ -260,14 +261,14 @@ def test_photometric_ops_do_not_move_pixels(name):
 def test_cutout_and_photometric_leave_matrix_unchanged():
     img = canvas((180, 260), [90, 60, 170, 120], BOX_COLOR)
     for seed in range(10):
-        with_cutout = T.make_view(img, random.Random(seed), ViewConfig(strong=True, cutout_patches=[2, 5]))
-        without = T.make_view(img, random.Random(seed), NO_CUTOUT)
+        with_cutout = A.make_view(img, random.Random(seed), ViewConfig(strong=True, cutout_patches=[2, 5]))
+        without = A.make_view(img, random.Random(seed), NO_CUTOUT)
         assert torch.equal(with_cutout.matrix, without.matrix)
         assert not torch.equal(with_cutout.image, without.image)
     rng = random.Random(0)
     plain = Image.new("RGB", (64, 48), (10, 200, 30))
-    assert T.cutout(plain, rng, (0, 0), (0.1, 0.2)) is plain
-    out = np.asarray(T.cutout(plain, rng, (3, 3), (0.1, 0.2)))
+    assert A.cutout(plain, rng, (0, 0), (0.1, 0.2)) is plain
+    out = np.asarray(A.cutout(plain, rng, (3, 3), (0.1, 0.2)))
     changed = (out != np.asarray(plain)).any(-1).mean()
     assert out.shape == (48, 64, 3) and 0 < changed <= 3 * 0.2 * 0.2 + 1e-9
 
@@ -277,7 +278,7 @@ def test_weak_view_is_resize_and_flip():
     img = canvas((120, 200), [10, 20, 60, 70])
     flips = 0
     for seed in range(20):
-        v = T.make_view(img, random.Random(seed), cfg)
+        v = A.make_view(img, random.Random(seed), cfg)
         h, w = v.size
         assert 100 <= min(h, w) <= 140 and max(h, w) <= 180
         M = v.matrix
@@ -291,12 +292,12 @@ def test_weak_view_is_resize_and_flip():
 def test_teacher_to_student_lands_on_student_pixels(seeds):
     size, box = (180, 260), [90, 60, 170, 120]
     img = canvas(size, box, BOX_COLOR)
-    teacher = T.make_view(img, random.Random(seeds[0]), ViewConfig())
-    student = T.make_view(img, random.Random(seeds[1]), NO_CUTOUT)
-    M = T.teacher_to_student(teacher.matrix, student.matrix)
+    teacher = A.make_view(img, random.Random(seeds[0]), ViewConfig())
+    student = A.make_view(img, random.Random(seeds[1]), NO_CUTOUT)
+    M = G.teacher_to_student(teacher.matrix, student.matrix)
     assert torch.allclose(M @ teacher.matrix, student.matrix, atol=1e-9)
     seen_by_teacher = red_bbox(teacher.image)
-    moved = T.project_boxes(seen_by_teacher[None], M, student.size)[0]
+    moved = G.project_boxes(seen_by_teacher[None], M, student.size)[0]
     assert_view_box(red_bbox(student.image), moved)
 
 
@@ -304,27 +305,27 @@ def test_determinism():
     arr = np.random.default_rng(0).integers(0, 256, (150, 210, 3), dtype=np.uint8)
     img = Image.fromarray(arr)
     cfg = ViewConfig(strong=True)
-    a, b = (T.make_view(img, random.Random(7), cfg) for _ in range(2))
+    a, b = (A.make_view(img, random.Random(7), cfg) for _ in range(2))
     assert torch.equal(a.image, b.image) and torch.equal(a.matrix, b.matrix)
-    c = T.make_view(img, random.Random(8), cfg)
+    c = A.make_view(img, random.Random(8), cfg)
     assert a.size != c.size or not torch.equal(a.image, c.image)
     assert not torch.equal(a.matrix, c.matrix)
 
 
 def test_test_view_is_deterministic_resize():
     img = canvas((120, 200), [10, 20, 60, 70])
-    v = T.test_view(img, 192, 320)
+    v = A.test_view(img, 192, 320)
     assert v.size == (192, 320)
-    assert torch.allclose(v.matrix, T.scale_matrix(320 / 200, 192 / 120))
-    assert torch.equal(v.image, T.test_view(img, 192, 320).image)
-    assert T.test_view(img, 192, 250).size == (150, 250)  # long edge capped
+    assert torch.allclose(v.matrix, G.scale_matrix(320 / 200, 192 / 120))
+    assert torch.equal(v.image, A.test_view(img, 192, 320).image)
+    assert A.test_view(img, 192, 250).size == (150, 250)  # long edge capped
 
 
 def test_warp_affine_rejects_perspective():
     M = torch.eye(3, dtype=torch.float64)
     M[2, 0] = 0.01
     with pytest.raises(ValueError):
-        T.warp_affine(Image.new("RGB", (8, 8)), M)
+        A.warp_affine(Image.new("RGB", (8, 8)), M)
 
 
 # ----------------------------------------------------------------------------- properties
@@ -336,12 +337,12 @@ coord = st.floats(-200, 600, allow_nan=False)
 def affine_and_boxes(draw):
     h, w = draw(st.integers(8, 400)), draw(st.integers(8, 400))
     center = (w / 2, h / 2)
-    M = T.scale_matrix(draw(st.floats(0.2, 4.0)), draw(st.floats(0.2, 4.0)))
+    M = G.scale_matrix(draw(st.floats(0.2, 4.0)), draw(st.floats(0.2, 4.0)))
     if draw(st.booleans()):
-        M = T.hflip_matrix(w) @ M
-    M = T.rotate_matrix(draw(st.floats(-180, 180)), center) @ M
-    M = T.shear_matrix(draw(st.floats(-40, 40)), draw(st.floats(-40, 40)), center) @ M
-    M = T.translate_matrix(draw(coord), draw(coord)) @ M
+        M = G.hflip_matrix(w) @ M
+    M = G.rotate_matrix(draw(st.floats(-180, 180)), center) @ M
+    M = G.shear_matrix(draw(st.floats(-40, 40)), draw(st.floats(-40, 40)), center) @ M
+    M = G.translate_matrix(draw(coord), draw(coord)) @ M
     n = draw(st.integers(0, 6))
     pts = torch.tensor(draw(st.lists(st.tuples(coord, coord, coord, coord), min_size=n, max_size=n)) or [[0.0] * 4])[:n]
     boxes = torch.cat([torch.minimum(pts[:, :2], pts[:, 2:]), torch.maximum(pts[:, :2], pts[:, 2:])], dim=1)
@@ -352,13 +353,13 @@ def affine_and_boxes(draw):
 @given(affine_and_boxes())
 def test_projection_properties(case):
     boxes, M, (h, w) = case
-    out = T.project_boxes(boxes, M, (h, w))
+    out = G.project_boxes(boxes, M, (h, w))
     assert out.shape == boxes.shape and out.dtype == boxes.dtype
     assert (out[:, 0] >= 0).all() and (out[:, 2] <= w).all() and (out[:, 1] >= 0).all() and (out[:, 3] <= h).all()
     assert (out[:, 2] >= out[:, 0]).all() and (out[:, 3] >= out[:, 1]).all()
     corners = boxes[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 4, 2)
-    mapped = T.map_points(corners, M)
-    assert torch.allclose(T.map_points(mapped, torch.linalg.inv(M)), corners, atol=1e-6)
+    mapped = G.map_points(corners, M)
+    assert torch.allclose(G.map_points(mapped, torch.linalg.inv(M)), corners, atol=1e-6)
     # every mapped corner that lands on the canvas lies inside its projected box
     inside = (mapped[..., 0] >= 0) & (mapped[..., 0] <= w) & (mapped[..., 1] >= 0) & (mapped[..., 1] <= h)
     lo, hi = out[:, None, :2] - 1e-6, out[:, None, 2:] + 1e-6

@@ -1,0 +1,125 @@
+"""``method=dtg``: Dense Teacher Guidance in the R-CNN and RPN stages (docs/method.md).
+
+Orchestration only: the math lives in :mod:`dtg.losses` (clustering, correspondence,
+INC targets, Rank Matching). Per unlabeled batch: one teacher pass on the weak views
+(dense RPN outputs, proposals, R-CNN outputs on its own proposals), one student pass on
+the strong views, then for each enabled stage ``L_u = L_cls + L_reg + beta * L_RM``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dtg.config import Config
+from dtg.geometry import teacher_to_student
+from dtg.losses.correspondence import anchor_grid
+from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas
+from dtg.losses.inc import IncOptions, concat_targets, rcnn_image_targets, rpn_image_targets
+from dtg.losses.rank_matching import rank_matching_loss
+from dtg.methods.base import strong_images, weak_images
+from dtg.models.detector import DenseOutputs, Detector
+
+
+def inc_options(cfg: Config) -> IncOptions:
+    """The :class:`IncOptions` of a run's ``dtg.*`` keys (and the anchor size of FPN level 0)."""
+    d = cfg.dtg
+    return IncOptions(
+        tau_rcnn=d.tau_rcnn, rcnn_nms=d.rcnn_nms, uncertain_rcnn=d.uncertain_rcnn,
+        tau_rpn=d.tau_rpn, rpn_nms=d.rpn_nms, uncertain_rpn=d.uncertain_rpn, rpn_candidates=d.rpn_candidates,
+        reg_target=d.reg_target, cls_labels=d.inc_cls, reg_labels=d.inc_reg,
+        anchor_radius=d.anchor_radius, canonical=float(cfg.model.anchor_sizes[0]),
+    )
+
+
+class DTGMethod:
+    """Dense-to-dense guidance; every switch is a ``dtg.*`` config key."""
+
+    name = "dtg"
+    uses_unlabeled = True
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.device, self.cfg, self.d = device, cfg, cfg.dtg
+        self.opts = inc_options(cfg)
+
+    def unlabeled_losses(
+        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        with torch.no_grad():
+            t = teacher.forward_dense(weak_images(items, self.device), train_top_n=True)
+            t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
+        s = student.forward_dense(strong_images(items, self.device))
+        mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(self.device) for it in items]
+        losses: dict[str, Tensor] = {}
+        stats: dict[str, float] = {}
+        if self.d.rcnn:
+            losses.update(self._rcnn(student, teacher, t, t_logits, t_deltas, s, mats, stats))
+        if self.d.rpn:
+            losses.update(self._rpn(student, t, s, mats, stats))
+        return losses, stats
+
+    # ------------------------------------------------------------------ R-CNN
+    def _rcnn(
+        self, student: Detector, teacher: Detector, t: DenseOutputs, t_logits: Tensor, t_deltas: Tensor,
+        s: DenseOutputs, mats: list[Tensor], stats: dict[str, float],
+    ) -> dict[str, Tensor]:
+        d, counts = self.d, [len(p) for p in t.proposals]
+        rois, parts = [], []
+        for i, (logits, deltas) in enumerate(zip(t_logits.split(counts), t_deltas.split(counts))):
+            built = rcnn_image_targets(logits, deltas, t.proposals[i], mats[i], s.images.image_sizes[i],
+                                       t.images.image_sizes[i], teacher.rcnn_box_coder, self.opts)
+            rois.append(built.rois)
+            parts.append(built.targets)
+        tgt = concat_targets(parts)
+        s_logits, s_deltas = student.roi_forward(s.features, rois, s.images.image_sizes)
+        out = {
+            "unsup_rcnn_cls": inc_classification_loss(s_logits, tgt, d.normalize, self.cfg.model.focal_gamma),
+            "unsup_rcnn_reg": inc_regression_loss(select_class_deltas(s_deltas, tgt.classes), tgt, d.normalize),
+        }
+        if d.rank_matching:
+            member = tgt.cluster >= 0
+            cls = tgt.classes[member].clamp(min=0)
+            if d.rm_input == "prob":
+                p_s = torch.softmax(s_logits[member], -1).gather(1, cls[:, None]).squeeze(1)
+                p_t = tgt.teacher_scores[member]
+            else:
+                p_s = s_logits[member].gather(1, cls[:, None]).squeeze(1)
+                p_t = t_logits[member].gather(1, cls[:, None]).squeeze(1)
+            out["unsup_rcnn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+        n = max(len(rois), 1)
+        stats["rcnn_clusters_per_image"] = tgt.num_clusters / n
+        stats["rcnn_members_per_image"] = float((tgt.cluster >= 0).sum()) / n
+        return out
+
+    # ------------------------------------------------------------------ RPN
+    def _rpn(self, student: Detector, t: DenseOutputs, s: DenseOutputs, mats: list[Tensor],
+             stats: dict[str, float]) -> dict[str, Tensor]:
+        d = self.d
+        grid = anchor_grid(
+            s.rpn.anchors, s.rpn.num_anchors_per_level,
+            [tuple(f.shape[-2:]) for f in s.features.values()], tuple(s.images.tensors.shape[-2:]),
+        )
+        parts = [
+            rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, grid, m,
+                              s.images.image_sizes[i], t.images.image_sizes[i], student.rpn_box_coder, self.opts)
+            for i, m in enumerate(mats)
+        ]
+        tgt = concat_targets(parts)
+        obj = s.rpn.objectness.reshape(-1)  # (B, A_s) -> (B * A_s,), image-major like the targets
+        out = {
+            "unsup_rpn_cls": inc_objectness_loss(obj, tgt, d.normalize),
+            "unsup_rpn_reg": inc_regression_loss(s.rpn.deltas.reshape(-1, 4), tgt, d.normalize),
+        }
+        if d.rank_matching:
+            member = tgt.cluster >= 0
+            if d.rm_input == "prob":
+                p_s, p_t = obj[member].sigmoid(), tgt.teacher_scores[member]
+            else:
+                p_s, p_t = obj[member], torch.logit(tgt.teacher_scores[member], eps=1e-6)
+            out["unsup_rpn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+        n = max(len(mats), 1)
+        stats["rpn_clusters_per_image"] = tgt.num_clusters / n
+        stats["rpn_members_per_image"] = float((tgt.cluster >= 0).sum()) / n
+        return out

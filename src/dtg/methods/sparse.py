@@ -1,0 +1,50 @@
+"""``method=sparse``: the sparse-to-dense pseudo-label baseline (docs/method.md, "Baselines").
+
+The teacher's final detections on the weak view with score >= threshold, mapped into the
+strong view, are ordinary targets for the student's RPN and R-CNN assignment; an image
+without pseudo boxes still gives background samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dtg.config import Config
+from dtg.geometry import teacher_to_student
+from dtg.losses.pseudo_label import pseudo_targets
+from dtg.methods.base import strong_images, weak_images
+from dtg.models.detector import Detector
+
+
+class SparseMethod:
+    """Teacher detections >= ``semi.pseudo_score_thresh`` as pseudo boxes; optional ignore band."""
+
+    name = "sparse"
+    uses_unlabeled = True
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.device, self.semi = device, cfg.semi
+
+    @torch.no_grad()
+    def pseudo_labels(self, teacher: Detector, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """Per unlabeled item: pseudo ``boxes`` (m, 4) in its strong view and ``labels`` (m,) (+ ``ignore``)."""
+        dets = teacher.predict(weak_images(items, self.device))
+        semi = self.semi
+        unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
+        out = []
+        for it, det in zip(items, dets):
+            m = teacher_to_student(it["weak_matrix"], it["strong_matrix"])
+            size = (int(it["strong"].shape[-2]), int(it["strong"].shape[-1]))
+            t = pseudo_targets({k: v.cpu() for k, v in det.items()}, m, size, semi.pseudo_score_thresh, unsure)
+            out.append({k: v.to(self.device) for k, v in t.items()})
+        return out
+
+    def unlabeled_losses(
+        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        targets = self.pseudo_labels(teacher, items)
+        unsup = student.supervised_losses(strong_images(items, self.device), targets, cls_loss=self.semi.unsup_cls_loss)
+        n_boxes = sum(len(t["boxes"]) for t in targets)
+        return {f"unsup_{k}": v for k, v in unsup.items()}, {"pseudo_boxes_per_image": n_boxes / max(len(items), 1)}

@@ -1,0 +1,26 @@
+"""``method=supervised``: labeled data only (docs/method.md, "Baselines")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dtg.config import Config
+from dtg.models.detector import Detector
+
+
+class SupervisedMethod:
+    """No unlabeled loss. The step still keeps the EMA teacher, so that every method is
+    compared teacher to teacher, as the paper reports."""
+
+    name = "supervised"
+    uses_unlabeled = False
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.device = device
+
+    def unlabeled_losses(
+        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return {}, {}

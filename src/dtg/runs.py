@@ -1,0 +1,197 @@
+"""A run's identity and provenance, and the execution of runs as subprocesses.
+
+* Identity: :func:`config_hash` of the resolved config (without the keys that cannot change
+  what a run learns, :data:`VOLATILE_KEYS`) plus the dataset fingerprint, so that a cached run
+  is reused only for the same config on the same data.
+* Provenance: :func:`provenance` records what a run ran on (git commit and dirty flag of the
+  source tree, dataset fingerprint, library versions, threads, CPU); the trainer writes it
+  into ``metrics.json``.
+* Execution: :func:`execute` trains runs as ``python -m dtg train`` subprocesses, ``jobs`` at a
+  time; a run whose ``metrics.json`` exists is not trained again, one with a checkpoint is
+  resumed. ``dtg demo`` and ``dtg bench reproduce`` both run on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from dtg.config import Config, DataConfig, save_config, to_dict
+from dtg.data.coco import IMAGE_EXTENSIONS
+from dtg.fingerprint import files_fingerprint
+
+# Keys that cannot change what a run learns; left out of the run hash. eval_period is not
+# among them: it decides the AP curve and best.pth of a run (not its final weights).
+VOLATILE_KEYS = ("output_dir", "threads", "log_period", "checkpoint_period")
+
+
+def config_hash(cfg: Config) -> str:
+    """12 hex digits of the resolved config without :data:`VOLATILE_KEYS`."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in VOLATILE_KEYS}
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_key(cfg: Config, fingerprint: str) -> str:
+    """A run's identity: 12 hex digits of its :func:`config_hash` and its dataset fingerprint."""
+    return hashlib.sha1(f"{config_hash(cfg)}:{fingerprint}".encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def _images_of(json_path: Path, image_dir: Path) -> list[Path]:
+    try:
+        data = json.loads(json_path.read_text())
+        names = [im["file_name"] for im in data.get("images", []) if isinstance(im, dict) and "file_name" in im]
+    except (OSError, ValueError, TypeError):
+        return []
+    return [image_dir / n for n in names if (image_dir / n).is_file()]
+
+
+def dataset_fingerprint(d: DataConfig, with_unlabeled: bool = True) -> str:
+    """Fingerprint of what a run reads: the json files and the bytes of every image they name.
+
+    The labeled json, the unlabeled json (or every image of the unlabeled folder) and the val
+    json, with their images. Missing files are left out (the run itself reports them).
+    """
+    jsons: list[Path] = []
+    images: set[Path] = set()
+    pairs = [(d.train_json, d.train_images)] + ([(d.unlabeled, d.unlabeled_images)] if with_unlabeled else [])
+    pairs += [(d.val_json, d.val_images)] if d.val_json else []
+    for src, folder in pairs:
+        src_p, folder_p = Path(src), Path(folder)
+        if src_p.is_dir():
+            images.update(p for p in src_p.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif src_p.is_file():
+            jsons.append(src_p)
+            images.update(_images_of(src_p, folder_p))
+    h = hashlib.sha256()
+    h.update(files_fingerprint(jsons).encode())
+    h.update(files_fingerprint(images).encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def git_state(path: Path) -> tuple[str, bool | None]:
+    """``(commit, dirty)`` of the git checkout holding ``path``; ``("unknown", None)`` outside one."""
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+    return commit, bool(status.strip())
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (else ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide a run's numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "Pillow", "faster-coco-eval", "dtg"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def provenance(cfg: Config, threads: int, fingerprint: str) -> dict[str, Any]:
+    """What a run ran on, for its ``metrics.json`` (``threads``: torch's intra-op threads)."""
+    commit, dirty = git_state(Path(__file__).resolve().parent)
+    return {
+        "commit": commit, "dirty": dirty, "dataset_fingerprint": fingerprint, "versions": library_versions(),
+        "threads": threads, "cpu": cpu_name(), "cores": _cores(), "config_hash": config_hash(cfg),
+    }
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+@dataclass
+class Run:
+    """One training run (a resolved config), shared by every (row, seed) that resolves to it."""
+
+    key: str
+    cfg: Config
+    out: Path
+    uses: list[tuple[str, int]] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # more ``dtg train`` arguments (e.g. --init-from)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.json"
+
+
+def run_one(run: Run, threads: int, progress_every: float = 0.0) -> tuple[str, float]:
+    """Train (or resume) one run in a subprocess unless its metrics exist: ``(status, seconds)``."""
+    if run.metrics_path.is_file():
+        return "cached", 0.0
+    run.out.mkdir(parents=True, exist_ok=True)
+    save_config(run.cfg, run.out / "run.yaml")
+    resume = (run.out / "checkpoints" / "last.pth").is_file()
+    cmd = [sys.executable, "-m", "dtg", "train", "--config", str(run.out / "run.yaml"),
+           "--set", f"threads={threads}", "--no-progress", *(["--resume", "auto"] if resume else run.extra_args)]
+    t0 = time.perf_counter()
+    with open(run.out / "train.log", "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - t0
+    if rc != 0 or not run.metrics_path.is_file():
+        return f"failed (exit {rc}, see {run.out / 'train.log'})", seconds
+    return ("resumed" if resume else "trained"), seconds
+
+
+def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], None]) -> dict[str, str]:
+    """Run everything, ``jobs`` at a time; returns each run's status."""
+    todo = [r for r in runs.values() if not r.metrics_path.is_file()]
+    status = {k: "cached" for k in runs}
+    log(f"{len(runs)} runs: {len(runs) - len(todo)} cached, {len(todo)} to train ({jobs} at a time, {threads} threads each)")
+
+    def work(run: Run) -> None:
+        label = ", ".join(f"{row}/seed {s}" for row, s in run.uses)
+        log(f"start {run.key} ({label})")
+        status[run.key], seconds = run_one(run, threads)
+        log(f"{status[run.key]} {run.key} ({label}) in {seconds:.0f} s")
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(work, todo))
+    return status
+
+
+def ensure_generated(cfgs: Iterable[Config], log: Callable[[str], None]) -> None:
+    """Generate (or regenerate, when stale) each distinct embedded dataset these configs read."""
+    from dtg.data.synth import generate
+
+    for cfg in {json.dumps(to_dict(c.synth), sort_keys=True): c for c in cfgs}.values():
+        if Path(cfg.synth.out_dir).resolve() in Path(cfg.data.train_json).resolve().parents:
+            log(f"checking the generated dataset in {cfg.synth.out_dir} (made again if its config or content changed)")
+            generate(cfg.synth, progress=False)  # returns at once when it is complete and current
