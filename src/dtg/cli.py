@@ -154,12 +154,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """
     import os
 
-    from dtg.data.synth import generate
-    from dtg.runs import Run, execute
+    from dtg.data.synth import generate, read_marker
     from dtg.evaluation.coco_eval import format_table
+    from dtg.runs import Run, execute, git_state
 
     cfg = _config(args)
-    generate(cfg.synth, progress=not args.no_progress)
+    paths = generate(cfg.synth, progress=not args.no_progress)
+    commit, dirty = git_state(Path(__file__).resolve().parent)
+    print(f"[demo] dataset {paths.root}, content fingerprint {(read_marker(paths.root) or {}).get('content', '?')}; "
+          f"code {commit}{' (dirty)' if dirty else ''}", file=sys.stderr, flush=True)
     runs = {}
     for method in dict.fromkeys(args.methods):
         run = _config(args, f"method={method}")
