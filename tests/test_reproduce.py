@@ -8,7 +8,10 @@ import pytest
 
 from dtg import runs as rn
 from dtg.bench import reproduce as rp
-from dtg.bench.report import RowResult, fmt_mean_std, gap_table, markdown_table, mean_curve, mean_std, paired_gap
+from dtg.bench.report import (
+    RowResult, fmt_interval, fmt_mean_std, gap_share, gap_table, markdown_table, mean_curve, mean_std, paired_gap,
+    t_interval,
+)
 from dtg.cli import main
 from dtg.config import save_config
 
@@ -40,7 +43,9 @@ def test_gaps_are_paired_by_seed_and_table_has_paper_columns():
     table = gap_table({"dtg": dtg, "supervised": sup}, [("dtg", "supervised"), ("dtg", "sparse")])
     lines = table.splitlines()
     assert len(lines) == 3  # header, rule, one gap (no sparse row)
-    assert lines[2] == "| dtg - supervised | 2 | 2.00 ± 1.41 | 4.00 ± 2.83 | 1.00 ± 0.71 | +9.5 | +11.5 | +10.4 |"
+    # 95 % paired t interval, 1 degree of freedom: 2 +- 12.706 * 1.414 / sqrt(2)
+    assert lines[2] == ("| dtg - supervised | 2 | 2.00 ± 1.41 | [-10.71, +14.71] | 4.00 ± 2.83 | 1.00 ± 0.71 "
+                        "| +9.5 | +11.5 | +10.4 |")
 
     none = row("dtg-rcnn-only", None, {0: 1.0})
     none.failed = [1]
@@ -51,8 +56,51 @@ def test_gaps_are_paired_by_seed_and_table_has_paper_columns():
     assert mean_curve([[(1, 1.0), (2, 3.0)], [(1, 3.0), (2, 5.0), (3, 9.0)]]) == [(1, 2.0), (2, 4.0)]
 
 
+def test_t_interval_on_hand_made_numbers():
+    mean, lo, hi = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # std sqrt(2.5), t(4) = 2.776
+    assert mean == 3.0 and hi - mean == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5)) and mean - lo == hi - mean
+    assert math.isnan(t_interval([4.0])[1]) and fmt_interval([4.0]) == "-"
+    assert fmt_interval([1.0, 1.0, 1.0]) == "[+1.00, +1.00]"
+    assert t_interval([0.0] * 40 + [4.0] * 40)[2] - 2.0 == pytest.approx(1.96 * mean_std([0.0] * 40 + [4.0] * 40)[1] / math.sqrt(80))
+
+
+def test_gap_share_is_paired_over_seeds_all_three_rows_finished():
+    def row(name, aps):
+        r = RowResult(name, "", None, "T")
+        r.per_seed = {s: {"AP": ap, "AP50": ap, "AP75": ap} for s, ap in aps.items()}
+        return r
+
+    rows = {"supervised": row("supervised", {0: 10.0, 1: 12.0, 2: 11.0}),
+            "full-labels": row("full-labels", {0: 30.0, 1: 32.0}),
+            "sparse": row("sparse", {0: 15.0, 1: 19.0, 2: 40.0}),  # seed 2 has no ceiling: left out
+            "dtg": row("dtg", {0: 20.0})}
+    lines = gap_share(rows, "supervised", "full-labels", ["sparse", "dtg"]).splitlines()
+    assert lines[2].startswith("| headroom: full-labels - supervised | 2 | 20.00 ± 0.00 |") and lines[2].endswith("100 % |")
+    assert lines[3].startswith("| sparse | 2 | 6.00 ± 1.41 |") and lines[3].endswith("| 30 % |")  # 6 / 20
+    assert lines[4] == "| dtg | 1 | 10.00 | - | 50 % |"
+    assert gap_share({"supervised": rows["supervised"]}, "supervised", "full-labels", ["dtg"]) == ""
+
+
+def test_full_labels_row_trains_on_full_json_and_dataset_presets_move_every_path(tmp_path):
+    from dtg.config import ConfigError
+    from dtg.data.synth import DATASETS
+
+    ceiling = rp.ROW_BY_NAME["full-labels"]
+    cfg = rp.resolve(None, [], ceiling, 3, 0)
+    assert cfg.method == "supervised" and cfg.seed == 3
+    assert cfg.data.train_json == cfg.data.full_json == "data/embedded/annotations/train_full.json"
+    with pytest.raises(ConfigError, match="data.full_json"):
+        rp.resolve(None, ["data.full_json="], ceiling, 0, 0)
+    other = rp.resolve(None, DATASETS["shapes2"], rp.ROW_BY_NAME["dtg"], 0, 0)
+    paths = [other.data.train_json, other.data.train_images, other.data.unlabeled, other.data.unlabeled_images,
+             other.data.val_json, other.data.val_images, other.data.full_json, other.synth.out_dir]
+    assert all(p.startswith("data/shapes2") for p in paths) and other.synth.first_class == 5
+    runs = rp.plan([rp.ROW_BY_NAME["supervised"], ceiling], [0], None, ["solver.max_iter=10"], tmp_path, 0)
+    assert len(runs) == 2  # the ceiling is its own run, on the same dataset fingerprint
+
+
 def test_row_selection():
-    assert [r.name for r in rp.select_rows(["main"])] == ["supervised", "sparse", "dtg"]
+    assert [r.name for r in rp.select_rows(["main"])] == ["supervised", "sparse", "dtg", "full-labels"]
     assert len(rp.select_rows(["all"])) == len(rp.ROWS)
     assert [r.name for r in rp.select_rows(["dtg,reg-own", "dtg", "T0.5"])] == ["dtg", "reg-own", "T0.5"]
     with pytest.raises(ValueError, match="unknown row 'nope'"):

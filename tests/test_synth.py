@@ -187,7 +187,7 @@ def test_regenerates_when_incomplete_or_changed(tmp_path: Path) -> None:
 # The content fingerprint of tiny(num_train=4, num_val=2): a change of the generator, of its
 # defaults or of the PNG/json writing changes it. If the change is intended, bump
 # dtg.data.synth.VERSION, update this value, and say in the commit that every number changes.
-PINNED_FINGERPRINT = "9aab56ba169282dd"
+PINNED_FINGERPRINT = "e62a894b01a07440"
 
 
 def test_pinned_content_fingerprint_of_a_small_fixed_config(tmp_path: Path) -> None:
@@ -261,3 +261,14 @@ def test_difficulty_knobs(tmp_path: Path) -> None:
     for bad in ({"num_classes": 11}, {"flat_prob": 1.5}, {"rotation": -1.0}):
         with pytest.raises(ConfigError, match=f"synth.{next(iter(bad))}"):
             generate(tiny(tmp_path / "bad", **bad), progress=False)
+
+
+def test_first_class_picks_another_family_of_shapes(tmp_path: Path) -> None:
+    from dtg.config import ConfigError
+
+    base = load(generate(tiny(tmp_path / "a", num_classes=3), progress=False).train_full)
+    other = load(generate(tiny(tmp_path / "b", num_classes=3, first_class=5), progress=False).train_full)
+    assert [c["name"] for c in other["categories"]] == list(CLASS_NAMES[5:8])
+    assert [a["bbox"] for a in other["annotations"]] != [a["bbox"] for a in base["annotations"]]
+    with pytest.raises(ConfigError, match="synth.first_class"):
+        generate(tiny(tmp_path / "c", num_classes=3, first_class=len(CLASS_NAMES) - 2), progress=False)

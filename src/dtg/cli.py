@@ -160,15 +160,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     paths = generate(cfg.synth, progress=not args.no_progress)
-    commit, dirty = git_state(Path(__file__).resolve().parent)
-    print(f"[demo] dataset {paths.root}, content fingerprint {(read_marker(paths.root) or {}).get('content', '?')}; "
-          f"code {commit}{' (dirty)' if dirty else ''}", file=sys.stderr, flush=True)
     runs = {}
     for method in dict.fromkeys(args.methods):
         run = _config(args, f"method={method}")
         run.output_dir = str(Path(cfg.output_dir) / method)
         runs[method] = Run(method, run, Path(run.output_dir), [(method, run.seed)])
         _check_same_run(runs[method])
+    commit, dirty = git_state(Path(__file__).resolve().parent)
+    print(f"[demo] dataset {paths.root}, content fingerprint {(read_marker(paths.root) or {}).get('content', '?')}; "
+          f"code {commit}{' (dirty)' if dirty else ''}", file=sys.stderr, flush=True)
     jobs = max(1, min(args.jobs or len(runs), len(runs)))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = cfg.threads or max(1, cores // jobs)

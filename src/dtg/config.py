@@ -42,7 +42,8 @@ class SynthConfig:
     photo_prob: float = 0.0  # otherwise: chance of a photograph background (else a procedural pattern)
     low_contrast_prob: float = 0.0  # chance that an object differs from what lies below by only 30..60
     rotation: float = 0.0  # objects are rotated by up to +-this many degrees
-    num_classes: int = 5  # the first K shapes of dtg.data.synth_draw.CLASS_NAMES
+    num_classes: int = 5  # K shapes of dtg.data.synth_draw.CLASS_NAMES, from first_class on
+    first_class: int = 0  # index of the first shape used (another family of shapes: 5)
     seed: int = 0
 
 
@@ -76,6 +77,9 @@ class DataConfig:
     unlabeled_images: str = "data/embedded/images/train"
     val_json: str = "data/embedded/annotations/val.json"
     val_images: str = "data/embedded/images/val"
+    # Every train image with its boxes (train_images): the fully-labeled ceiling of dtg bench
+    # reproduce (row full-labels); "" when the data has none.
+    full_json: str = "data/embedded/annotations/train_full.json"
     skip_bad: bool = False
     num_workers: int = 1
     batch_labeled: int = 4

@@ -67,6 +67,7 @@ def dataset_fingerprint(d: DataConfig, with_unlabeled: bool = True) -> str:
     images: set[Path] = set()
     pairs = [(d.train_json, d.train_images)] + ([(d.unlabeled, d.unlabeled_images)] if with_unlabeled else [])
     pairs += [(d.val_json, d.val_images)] if d.val_json else []
+    pairs += [(d.full_json, d.train_images)] if d.full_json else []
     for src, folder in pairs:
         src_p, folder_p = Path(src), Path(folder)
         if src_p.is_dir():

@@ -40,6 +40,36 @@ def _signed(x: float, digits: int = 2) -> str:
     return f"{x:+.{digits}f}"
 
 
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (df > 30: the normal's 1.96).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042}
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95 % Student-t interval of the mean; low = high = NaN for n < 2.
+
+    For paired differences (one value per seed) this is the paired t interval.
+
+    Raises:
+        ValueError: on an empty sequence.
+    """
+    mean, std = mean_std(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = T975.get(len(values) - 1, 1.96) * std / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def fmt_interval(values: Sequence[float], digits: int = 2) -> str:
+    """``"[-0.12, +3.45]"`` (95 % t interval), ``"-"`` for fewer than 2 values."""
+    if len(values) < 2:
+        return "-"
+    _, lo, hi = t_interval(values)
+    return f"[{_signed(lo, digits)}, {_signed(hi, digits)}]"
+
+
 @dataclass
 class RowResult:
     """One table row: a name, its overrides, the paper's numbers and ours per seed.
@@ -85,16 +115,44 @@ def markdown_table(rows: Sequence[RowResult]) -> str:
 
 
 def gap_table(rows: dict[str, RowResult], pairs: Sequence[tuple[str, str]]) -> str:
-    """``a - b`` rows (paired by seed, mean ± std) beside the paper's gap, for the pairs present."""
-    lines = ["| gap | seeds | AP | AP50 | AP75 | paper AP | paper AP50 | paper AP75 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """``a - b`` rows (paired by seed: mean ± std, the 95 % t interval of AP) beside the paper's gap."""
+    lines = ["| gap | seeds | AP | AP 95 % interval | AP50 | AP75 | paper AP | paper AP50 | paper AP75 |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for a, b in pairs:
         if a not in rows or b not in rows:
             continue
         gap = paired_gap(rows[a], rows[b])
         ours = [fmt_mean_std(gap[s]) for s in STATS]
+        ours.insert(1, fmt_interval(gap["AP"]))
         pa, pb = rows[a].paper, rows[b].paper
         paper = [_signed(pa[i] - pb[i], 1) if pa and pb else "-" for i in range(3)]
         lines.append(f"| {a} - {b} | {len(gap['AP'])} | " + " | ".join(ours + paper) + " |")
+    return "\n".join(lines)
+
+
+def gap_share(rows: dict[str, RowResult], base: str, ceiling: str, methods: Sequence[str]) -> str:
+    """Share of the ``base``-to-``ceiling`` AP gap each method recovers, over the seeds all three finished.
+
+    share = mean_seeds(method - base) / mean_seeds(ceiling - base); the headroom row gives
+    ceiling - base itself. Empty string when ``base`` or ``ceiling`` is missing.
+    """
+    if base not in rows or ceiling not in rows:
+        return ""
+    lines = ["| | seeds | AP gain over " + base + " | 95 % interval | share of the gap |", "|---|---:|---:|---|---:|"]
+    head = paired_gap(rows[ceiling], rows[base])["AP"]
+    if head:
+        lines.append(f"| headroom: {ceiling} - {base} | {len(head)} | {fmt_mean_std(head)} | {fmt_interval(head)} | 100 % |")
+    for m in methods:
+        if m not in rows:
+            continue
+        seeds = sorted(set(rows[m].per_seed) & set(rows[base].per_seed) & set(rows[ceiling].per_seed))
+        gain = [rows[m].per_seed[k]["AP"] - rows[base].per_seed[k]["AP"] for k in seeds]
+        room = [rows[ceiling].per_seed[k]["AP"] - rows[base].per_seed[k]["AP"] for k in seeds]
+        if not seeds:
+            continue
+        mean_room = statistics.fmean(room)
+        share = f"{100.0 * statistics.fmean(gain) / mean_room:.0f} %" if mean_room > 0 else "- (no headroom)"
+        lines.append(f"| {m} | {len(seeds)} | {fmt_mean_std(gain)} | {fmt_interval(gain)} | {share} |")
     return "\n".join(lines)
 
 

@@ -292,7 +292,8 @@ def _place_object(rng: np.random.Generator, cfg: Any, w: int, h: int) -> Layer:
     max_rot = float(getattr(cfg, "rotation", 180.0))
     if max_rot < 180.0:  # the same draw, mapped linearly onto [-max_rot, max_rot] degrees
         angle = (angle / np.pi - 1.0) * np.deg2rad(max_rot)
-    mask = shape_mask(CLASS_NAMES[cat], size, angle, aspect, (float(offset[0]), float(offset[1])))
+    first = int(getattr(cfg, "first_class", 0))
+    mask = shape_mask(CLASS_NAMES[first + cat], size, angle, aspect, (float(offset[0]), float(offset[1])))
     mh, mw = mask.shape
     x = int(rng.integers(-int(0.2 * mw), max(-int(0.2 * mw), w - int(0.8 * mw)) + 1))
     y = int(rng.integers(-int(0.2 * mh), max(-int(0.2 * mh), h - int(0.8 * mh)) + 1))
