@@ -99,6 +99,20 @@ def test_full_labels_row_trains_on_full_json_and_dataset_presets_move_every_path
     assert len(runs) == 2  # the ceiling is its own run, on the same dataset fingerprint
 
 
+def test_runs_of_different_datasets_are_not_mixed_in_one_table(tmp_path):
+    from dtg.config import ConfigError
+
+    runs = rp.plan(rp.select_rows(["supervised", "dtg"]), [0], None, [], tmp_path, 0)
+    a, b = runs.values()
+    for run, fp in ((a, "1111111111111111"), (b, "1111111111111111")):
+        run.out.mkdir(parents=True)
+        run.metrics_path.write_text(json.dumps({"provenance": {"dataset_fingerprint": fp}}))
+    assert rp.check_provenance(runs) == "1111111111111111"
+    b.metrics_path.write_text(json.dumps({"provenance": {"dataset_fingerprint": "2222222222222222"}}))
+    with pytest.raises(ConfigError, match="runs of different datasets in one table"):
+        rp.check_provenance(runs)
+
+
 def test_row_selection():
     assert [r.name for r in rp.select_rows(["main"])] == ["supervised", "sparse", "dtg", "full-labels"]
     assert len(rp.select_rows(["all"])) == len(rp.ROWS)

@@ -125,8 +125,23 @@ def provenance(cfg: Config, threads: int, fingerprint: str) -> dict[str, Any]:
     commit, dirty = git_state(Path(__file__).resolve().parent)
     return {
         "commit": commit, "dirty": dirty, "dataset_fingerprint": fingerprint, "versions": library_versions(),
-        "threads": threads, "cpu": cpu_name(), "cores": _cores(), "config_hash": config_hash(cfg),
+        "threads": threads, "cpu": cpu_name(), "cpu_capability": cpu_capability(), "cores": _cores(),
+        "config_hash": config_hash(cfg),
     }
+
+
+def cpu_capability() -> str:
+    """The vector ISA torch's CPU kernels dispatch to here (``AVX512``, ``AVX2``, ...; env ``ATEN_CPU_CAPABILITY``).
+
+    Kernels of different ISAs round differently, and 1000 training steps amplify that into
+    different weights: runs agree bit for bit only on the same capability and thread count.
+    """
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
 
 
 def _cores() -> int:
