@@ -102,14 +102,23 @@ def test_full_labels_row_trains_on_full_json_and_dataset_presets_move_every_path
 def test_runs_of_different_datasets_are_not_mixed_in_one_table(tmp_path):
     from dtg.config import ConfigError
 
-    runs = rp.plan(rp.select_rows(["supervised", "dtg"]), [0], None, [], tmp_path, 0)
-    a, b = runs.values()
-    for run, fp in ((a, "1111111111111111"), (b, "1111111111111111")):
-        run.out.mkdir(parents=True)
-        run.metrics_path.write_text(json.dumps({"provenance": {"dataset_fingerprint": fp}}))
+    runs = rp.plan(rp.select_rows(["supervised", "dtg", "full-labels"]), [0], None, [], tmp_path, 0)
+    a, b, ceiling = runs.values()
+    assert ceiling.uses == [("full-labels", 0)]
+
+    def write(run, fp, val="vvvvvvvvvvvvvvvv"):
+        run.out.mkdir(parents=True, exist_ok=True)
+        run.metrics_path.write_text(json.dumps({"provenance": {"dataset_fingerprint": fp, "val_fingerprint": val}}))
+
+    write(a, "1111111111111111"), write(b, "1111111111111111")
+    write(ceiling, "3333333333333333")  # reads train_full.json as its labeled json: compared on its own
     assert rp.check_provenance(runs) == "1111111111111111"
-    b.metrics_path.write_text(json.dumps({"provenance": {"dataset_fingerprint": "2222222222222222"}}))
+    write(b, "2222222222222222")
     with pytest.raises(ConfigError, match="runs of different datasets in one table"):
+        rp.check_provenance(runs)
+    write(b, "1111111111111111")
+    write(ceiling, "3333333333333333", val="wwwwwwwwwwwwwwww")  # evaluated on another val set
+    with pytest.raises(ConfigError, match="runs of different val sets in one table"):
         rp.check_provenance(runs)
 
 

@@ -8,7 +8,7 @@ from torchvision.models.detection import FasterRCNN
 from dtg.engine.checkpoint import load_checkpoint
 from dtg.engine.trainer import Trainer, TrainingError
 from dtg.models.detector import build_faster_rcnn
-from dtg.runs import dataset_fingerprint
+from dtg.runs import dataset_fingerprint, val_fingerprint
 
 from conftest import tiny_config
 
@@ -55,6 +55,7 @@ def test_run_writes_resolved_config_metrics_and_loadable_checkpoint(tiny_dataset
     assert set(summary["student"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     prov = metrics["provenance"]  # what the run ran on
     assert prov["dataset_fingerprint"] == dataset_fingerprint(cfg.data) and len(prov["dataset_fingerprint"]) == 16
+    assert prov["val_fingerprint"] == val_fingerprint(cfg.data) != prov["dataset_fingerprint"]
     assert prov["threads"] == torch.get_num_threads() and prov["cpu"] and prov["cpu_capability"]
     assert set(prov["versions"]) >= {"torch", "torchvision", "numpy", "Pillow"} and prov["config_hash"]
     assert len(prov["commit"]) == 40 or prov["commit"] == "unknown"

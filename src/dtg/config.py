@@ -199,6 +199,9 @@ class Config:
     eval_period: int = 0  # 0: evaluate at the end only
     log_period: int = 20
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    # Unlabeled images whose target quality (dtg bench targets) is logged to TensorBoard at each
+    # evaluation when data.full_json holds their boxes; 0: off. Logging only: no effect on results.
+    target_images: int = 16
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
@@ -308,8 +311,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for text in overrides:
-        _apply(cfg, parse_override(text))
+        apply_override(cfg, text)
     return cfg
+
+
+def apply_override(cfg: Config, text: str) -> None:
+    """Apply one ``key=value`` override to ``cfg`` in place (:class:`ConfigError` on a bad key or value)."""
+    _apply(cfg, parse_override(text))
 
 
 def to_dict(cfg: Any) -> dict:

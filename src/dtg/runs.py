@@ -31,7 +31,7 @@ from dtg.fingerprint import files_fingerprint
 
 # Keys that cannot change what a run learns; left out of the run hash. eval_period is not
 # among them: it decides the AP curve and best.pth of a run (not its final weights).
-VOLATILE_KEYS = ("output_dir", "threads", "log_period", "checkpoint_period")
+VOLATILE_KEYS = ("output_dir", "threads", "log_period", "checkpoint_period", "target_images")
 
 
 def config_hash(cfg: Config) -> str:
@@ -60,14 +60,25 @@ def _images_of(json_path: Path, image_dir: Path) -> list[Path]:
 def dataset_fingerprint(d: DataConfig, with_unlabeled: bool = True) -> str:
     """Fingerprint of what a run reads: the json files and the bytes of every image they name.
 
-    The labeled json, the unlabeled json (or every image of the unlabeled folder) and the val
-    json, with their images. Missing files are left out (the run itself reports them).
+    The labeled json, the unlabeled json (or every image of the unlabeled folder), the val
+    json and the full json, with their images. Missing files are left out (the run itself
+    reports them).
     """
-    jsons: list[Path] = []
-    images: set[Path] = set()
     pairs = [(d.train_json, d.train_images)] + ([(d.unlabeled, d.unlabeled_images)] if with_unlabeled else [])
     pairs += [(d.val_json, d.val_images)] if d.val_json else []
     pairs += [(d.full_json, d.train_images)] if d.full_json else []
+    return _fingerprint(pairs)
+
+
+def val_fingerprint(d: DataConfig) -> str:
+    """Fingerprint of the evaluation set alone (val json and its images); "-" without one."""
+    return _fingerprint([(d.val_json, d.val_images)]) if d.val_json else "-"
+
+
+def _fingerprint(pairs: list[tuple[str, str]]) -> str:
+    """16 hex digits over the (json or image folder, image folder) pairs' files."""
+    jsons: list[Path] = []
+    images: set[Path] = set()
     for src, folder in pairs:
         src_p, folder_p = Path(src), Path(folder)
         if src_p.is_dir():
@@ -124,7 +135,8 @@ def provenance(cfg: Config, threads: int, fingerprint: str) -> dict[str, Any]:
     """What a run ran on, for its ``metrics.json`` (``threads``: torch's intra-op threads)."""
     commit, dirty = git_state(Path(__file__).resolve().parent)
     return {
-        "commit": commit, "dirty": dirty, "dataset_fingerprint": fingerprint, "versions": library_versions(),
+        "commit": commit, "dirty": dirty, "dataset_fingerprint": fingerprint,
+        "val_fingerprint": val_fingerprint(cfg.data), "versions": library_versions(),
         "threads": threads, "cpu": cpu_name(), "cpu_capability": cpu_capability(), "cores": _cores(),
         "config_hash": config_hash(cfg),
     }

@@ -1,4 +1,4 @@
-"""Benchmarks on the command line: ``dtg bench reproduce`` (paper tables over seeds) and ``dtg bench speed``.
+"""Benchmarks on the command line: ``dtg bench reproduce`` (paper tables over seeds), ``dtg bench speed`` and ``dtg bench targets``.
 
 Only argparse is imported here; each command imports torch and friends when it runs.
 """
@@ -12,12 +12,14 @@ from typing import Any, Callable, Sequence
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` with its ``reproduce`` and ``speed`` subcommands on ``dtg``'s subparsers."""
-    from dtg.bench import reproduce, speed
+    from dtg.bench import reproduce, speed, targets
 
-    p = subparsers.add_parser("bench", help="benchmarks: reproduce (paper tables over seeds), speed (timings)")
+    p = subparsers.add_parser("bench", help="benchmarks: reproduce (paper tables over seeds), speed (timings), "
+                                            "targets (target quality)")
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     reproduce.add_parser(sub)
     speed.add_parser(sub)
+    targets.add_parser(sub)
     return p
 
 

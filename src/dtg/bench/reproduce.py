@@ -4,6 +4,7 @@
     dtg bench reproduce --dataset shapes2                # the same rows on the second generated dataset
     dtg bench reproduce --rows all --jobs 2              # + the ablation rows of tables 2(a), 2(b), 3, 5
     dtg bench reproduce --rows dtg reg-own --seeds 0 1 --set solver.max_iter=300
+    dtg bench reproduce --split tune --rows supervised full-labels  # choose on train images, not val
 
 Every row is a name plus ``--set`` overrides of the config (built-in embedded default, or
 ``--config``); ``--set`` given here applies to every row first, the row's own overrides last.
@@ -15,7 +16,9 @@ subprocesses (``python -m dtg train``), ``--jobs`` at a time, each with ``thread
 Row ``full-labels`` is the fully-labeled ceiling: supervised on ``data.full_json`` (every train
 image with its boxes), same schedule; the report gives the share of the supervised-to-ceiling
 gap each method recovers. Gaps are paired by seed, with 95 % Student-t intervals.
-``--dataset NAME`` prefixes the overrides of a generated dataset (:data:`dtg.data.synth.DATASETS`).
+``--dataset NAME`` prefixes the overrides of a generated dataset (:data:`dtg.data.synth.DATASETS`);
+``--split tune`` evaluates on its tuning split (``tune_val``, carved from the train images) instead
+of ``val``: choose defaults there, report on ``val``.
 Writes ``OUT/results.md`` (also printed), ``OUT/results.json`` and ``OUT/results.png``.
 """
 
@@ -101,13 +104,36 @@ def select_rows(names: Sequence[str]) -> list[Row]:
     return [ROW_BY_NAME[n] for n in dict.fromkeys(wanted)]
 
 
-def resolve(config: str | None, overrides: Sequence[str], row: Row, seed: int, curve_points: int) -> Config:
+def use_tune_split(cfg: Config) -> None:
+    """Point ``cfg.data`` at the tuning split of its generated dataset (docs/method.md, "Splits").
+
+    Evaluation on ``tune_val`` (train images held out of the unlabeled split), unlabeled data
+    ``tune_unlabeled``, the ceiling on ``tune_full``; the labeled json is unchanged. Refused
+    (:class:`ConfigError`) when ``data.train_json`` is not the labeled json of ``synth.out_dir``.
+    """
+    from dtg.config import ConfigError
+    from dtg.data.synth import SynthPaths
+
+    paths = SynthPaths.under(Path(cfg.synth.out_dir))
+    if Path(cfg.data.train_json).resolve() != paths.train_labeled.resolve():
+        raise ConfigError(f"config key 'data.train_json': {cfg.data.train_json} is not the labeled json of the "
+                          f"generated dataset in synth.out_dir ({cfg.synth.out_dir}); --split tune needs that dataset")
+    cfg.data.val_json, cfg.data.val_images = str(paths.tune_val), str(paths.train_images)
+    cfg.data.unlabeled, cfg.data.unlabeled_images = str(paths.tune_unlabeled), str(paths.train_images)
+    cfg.data.full_json = str(paths.tune_full)
+
+
+def resolve(config: str | None, overrides: Sequence[str], row: Row, seed: int, curve_points: int,
+            split: str = "val") -> Config:
     """The config of one (row, seed): file, then ``overrides``, then the row, then the seed.
 
     With ``curve_points > 0`` and no ``eval_period`` given anywhere, ``eval_period`` becomes
-    ``max_iter // curve_points`` so that the run logs a teacher AP curve.
+    ``max_iter // curve_points`` so that the run logs a teacher AP curve. ``split="tune"``
+    evaluates on the tuning split instead of ``val`` (:func:`use_tune_split`).
     """
     cfg = load_config(config, [*overrides, *row.set_args(), f"seed={seed}"])
+    if split == "tune":
+        use_tune_split(cfg)
     if row.name == CEILING:
         from dtg.config import ConfigError
 
@@ -121,12 +147,13 @@ def resolve(config: str | None, overrides: Sequence[str], row: Row, seed: int, c
 
 
 def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, overrides: Sequence[str], out: Path,
-         curve_points: int, log: Callable[[str], None] = lambda m: None) -> dict[str, Run]:
+         curve_points: int, log: Callable[[str], None] = lambda m: None, split: str = "val") -> dict[str, Run]:
     """Runs by identity (config hash + dataset fingerprint), each listing the (row, seed) pairs it serves.
 
     Generated datasets are made (or remade when stale) first, so that their fingerprints are current.
     """
-    cfgs = {(row.name, seed): resolve(config, overrides, row, seed, curve_points) for row in rows for seed in seeds}
+    cfgs = {(row.name, seed): resolve(config, overrides, row, seed, curve_points, split)
+            for row in rows for seed in seeds}
     ensure_generated(cfgs.values(), log)
     prints: dict[str, str] = {}
     runs: dict[str, Run] = {}
@@ -141,23 +168,31 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
 
 
 def check_provenance(runs: dict[str, Run]) -> str:
-    """The dataset fingerprint all finished runs share ("-" when none finished).
+    """The dataset fingerprint the finished runs share ("-" when none finished).
+
+    The ceiling's runs read another labeled json (every train image with its boxes), so they
+    are compared among themselves; every run, ceiling included, must share the val set.
+    Returns the fingerprint of the non-ceiling runs (the ceiling's when there are no others).
 
     Raises:
         ConfigError: (one line) finished runs were made on different data.
     """
     from dtg.config import ConfigError
 
-    seen: dict[str, str] = {}
+    seen: dict[str, dict[str, str]] = {"main": {}, "ceiling": {}, "val": {}}
     for run in runs.values():
         if not run.metrics_path.is_file():
             continue
-        fp = json.loads(run.metrics_path.read_text()).get("provenance", {}).get("dataset_fingerprint", "unrecorded")
-        seen.setdefault(fp, str(run.out))
-    if len(seen) > 1:
-        raise ConfigError(f"runs of different datasets in one table (fingerprints {', '.join(seen)}; e.g. "
-                          f"{', '.join(seen.values())}); remove the stale runs or use another --out")
-    return next(iter(seen), "-")
+        prov = json.loads(run.metrics_path.read_text()).get("provenance", {})
+        group = "ceiling" if all(row == CEILING for row, _ in run.uses) else "main"
+        seen[group].setdefault(prov.get("dataset_fingerprint", "unrecorded"), str(run.out))
+        seen["val"].setdefault(prov.get("val_fingerprint", "unrecorded"), str(run.out))
+    for group, prints in seen.items():
+        if len(prints) > 1:
+            what = "val sets" if group == "val" else "datasets"
+            raise ConfigError(f"runs of different {what} in one table (fingerprints {', '.join(prints)}; e.g. "
+                              f"{', '.join(prints.values())}); remove the stale runs or use another --out")
+    return next(iter(seen["main"] or seen["ceiling"]), "-")
 
 
 def collect(rows: Sequence[Row], runs: dict[str, Run]) -> tuple[list[RowResult], dict[str, list]]:
@@ -215,6 +250,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"default: {' '.join(map(str, DEFAULT_SEEDS))}")
     p.add_argument("--dataset", default="embedded", choices=list(DATASETS),
                    help="generated dataset the rows run on (default: embedded); its overrides come first")
+    p.add_argument("--split", default="val", choices=["val", "tune"],
+                   help="evaluate on val (what the README reports) or on the tuning split carved from the train "
+                        "images, where defaults are chosen (default: val)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--curve-points", type=int, default=5,
@@ -242,7 +280,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out)
     log = lambda m: print(f"[reproduce] {m}", file=sys.stderr, flush=True)  # noqa: E731
     overrides = [*DATASETS[args.dataset], *args.overrides]
-    runs = plan(rows, args.seeds, args.config, overrides, out, args.curve_points, log)
+    runs = plan(rows, args.seeds, args.config, overrides, out, args.curve_points, log, args.split)
     if args.dry_run:
         for run in runs.values():
             state = "cached" if run.metrics_path.is_file() else "to train"

@@ -21,7 +21,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dtg.config import Config
+from dtg.config import Config, ConfigError
+from dtg.data.coco import DatasetError
 from dtg.data.dataset import Sources, load_sources, train_loader
 from dtg.dist import all_gather_objects, init_distributed, mean_scalars, run_on_main, sync_batchnorm
 from dtg.engine.checkpoint import (
@@ -76,6 +77,7 @@ class Trainer:
         if self.dist.enabled:  # the teacher (eval mode only) keeps plain BN layers
             self.model = sync_batchnorm(self.model, self.device)
         self.step = TrainStep(cfg, self.model, self.teacher, self.method, self.dist, self.device, self.log)
+        self.target_records = self._target_records()
         self.iteration = 0
         self.best_ap = -1.0
         self.history: list[dict[str, Any]] = []
@@ -94,6 +96,38 @@ class Trainer:
             raise TrainingError(
                 f"{self.cfg.data.train_json}: declares {n} categories but model.num_classes is {self.cfg.model.num_classes}"
             )
+
+    def _target_records(self) -> list:
+        """Unlabeled images with boxes whose target quality goes to TensorBoard (empty: off)."""
+        cfg = self.cfg
+        if not (self.is_main and self.method.uses_unlabeled and cfg.target_images > 0 and cfg.data.full_json):
+            return []
+        if not Path(cfg.data.full_json).is_file():
+            self.log(f"target quality not logged: {cfg.data.full_json} (data.full_json) not found")
+            return []
+        from dtg.evaluation.target_quality import unlabeled_with_boxes
+
+        try:
+            return unlabeled_with_boxes(cfg, cfg.target_images)
+        except (ConfigError, DatasetError) as e:  # full_json is not these unlabeled images' boxes
+            self.log(f"target quality not logged: {e}")
+            return []
+
+    def log_target_quality(self, writer: SummaryWriter) -> None:
+        """``targets/<stage>_<method>/<ratio>`` scalars of both methods' targets (docs/method.md, "Target quality")."""
+        from dtg.evaluation.target_quality import score_models
+
+        student = self.model.eval()
+        try:
+            summary = score_models(self.teacher, student, self.target_records, self.labels, self.cfg).summary()
+        finally:
+            self.model.train()
+        for key, ratios in summary["quality"].items():
+            for name, value in ratios.items():
+                if value is not None:
+                    writer.add_scalar(f"targets/{key.replace('/', '_')}/{name}", value, self.iteration)
+        for level, share in enumerate(summary["paired_per_level"]):
+            writer.add_scalar(f"targets/rpn_paired/P{level + 2}", share, self.iteration)
 
     def _loader(self, start_batch: int) -> torch.utils.data.DataLoader:
         n_u = self.cfg.data.batch_unlabeled if self.method.uses_unlabeled else 0
@@ -194,6 +228,8 @@ class Trainer:
                     writer.add_scalar(f"{name}/{k}", v, self.iteration)
             if final and self.is_main:
                 write_results(self.out / f"results_{name}.json", results)
+        if writer is not None and self.target_records:
+            self.log_target_quality(writer)
         out["reported"] = "teacher"
         ap = out["teacher"]["AP"]
         self.history.append({"iteration": self.iteration, **{k: out[k]["AP"] for k in models}})

@@ -1,0 +1,171 @@
+"""Target quality of a teacher/student pair on images with ground truth (docs/method.md, "Target quality").
+
+Runs the models the way training does (weak and strong views, DTG's INC targets, sparse's
+pseudo-label assignment on the same student samples) and sums :mod:`dtg.evaluation.targets`
+counts. Used by ``dtg bench targets`` (a checkpoint) and by the trainer, which logs the same
+numbers to TensorBoard (``targets/*``) at each evaluation when the unlabeled images have ground
+truth (``data.full_json``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dtg.config import Config, ConfigError
+from dtg.data.coco import ImageRecord, load_labeled, load_unlabeled
+from dtg.data.dataset import LabelMap
+from dtg.models.detector import Detector
+
+STAGES = ("rcnn", "rpn")
+METHODS = ("dtg", "sparse")
+
+
+@dataclass
+class TargetReport:
+    """Summed counts per (stage, method), per-level pairing and positive weights of one scoring."""
+
+    images: int = 0
+    counts: dict[str, dict[str, float]] = field(default_factory=dict)  # "rcnn/dtg" -> stage_counts sums
+    paired: list[list[float]] = field(default_factory=list)  # per image: share paired per FPN level
+    weights: dict[str, list[float]] = field(default_factory=dict)  # "rcnn/dtg-samples" -> weights of positives
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Ratios per (stage, method), mean pairing per level, mean relative positive weight per rule."""
+        from dtg.evaluation.targets import summarize
+
+        levels = list(zip(*self.paired)) if self.paired else []
+        return {
+            "images": self.images,
+            "quality": {k: summarize(v, self.images) for k, v in self.counts.items()},
+            "paired_per_level": [sum(x) / len(x) for x in levels],
+            "positive_weight": {k: (sum(v) / len(v) if v else None) for k, v in self.weights.items()},
+            "meta": self.meta,
+        }
+
+
+def unlabeled_with_boxes(cfg: Config, max_images: int) -> list[ImageRecord]:
+    """The first ``max_images`` unlabeled images of ``cfg.data`` with their boxes from ``data.full_json``.
+
+    Raises:
+        ConfigError: ``data.full_json`` is empty or holds none of the unlabeled images.
+    """
+    if not cfg.data.full_json:
+        raise ConfigError("config key 'data.full_json' is empty: --on unlabeled needs the unlabeled images' boxes "
+                          "(use --on labeled on data without them)")
+    full = load_labeled(cfg.data.full_json, cfg.data.unlabeled_images, log=lambda m: None)
+    unlabeled = load_unlabeled(cfg.data.unlabeled, cfg.data.unlabeled_images, log=lambda m: None).records
+    same = {(r.id, r.path) for r in unlabeled}  # the same image id and file: another set's json never matches
+    recs = [r for r in full.records if (r.id, r.path) in same]
+    if not recs:
+        raise ConfigError(f"{cfg.data.full_json}: holds none of the unlabeled images of {cfg.data.unlabeled}")
+    return recs[:max_images]
+
+
+@torch.no_grad()
+def score_models(teacher: Detector, student: Detector, records: list[ImageRecord], labels: LabelMap, cfg: Config,
+                 seed: int = 0, report: TargetReport | None = None) -> TargetReport:
+    """Score both methods' targets on ``records`` (batches of ``data.batch_unlabeled``, as in training).
+
+    Both models should be in eval mode; nothing of theirs changes and no global random state is used.
+    """
+    report = report or TargetReport()
+    device = next(teacher.parameters()).device
+    batch = max(1, cfg.data.batch_unlabeled)
+    for start in range(0, len(records), batch):
+        _score_batch(records[start : start + batch], labels, cfg, teacher, student, seed, report, device)
+    return report
+
+
+def _views(rec: ImageRecord, labels: LabelMap, cfg: Config, seed: int, device: torch.device) -> dict[str, Any]:
+    """Weak and strong view of one record, the teacher-to-student matrix and the GT in the student view."""
+    from dtg.data.augment import make_view
+    from dtg.data.coco import load_image
+    from dtg.data.dataset import record_targets
+    from dtg.geometry import project_targets, teacher_to_student
+
+    rng = random.Random(seed * 1_000_003 + rec.id)
+    img = load_image(rec.path)
+    weak = make_view(img, rng, cfg.data.weak_view)
+    strong = make_view(img, rng, cfg.data.strong_view)
+    boxes, cls = record_targets(rec, labels)
+    gt, gt_labels = project_targets(boxes, cls, strong.matrix, strong.size)
+    return {"weak": weak.image.to(device), "strong": strong.image.to(device), "size": strong.size,
+            "m": teacher_to_student(weak.matrix, strong.matrix).to(device), "gt": gt.to(device, torch.float32),
+            "gt_labels": gt_labels.to(device)}
+
+
+def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teacher: Detector, student: Detector,
+                 seed: int, report: TargetReport, device: torch.device) -> None:
+    """Add one batch's counts, pairing and positive weights to ``report``."""
+    from dtg.evaluation.targets import add_counts, paired_share, pseudo_assignment, stage_counts
+    from dtg.losses.correspondence import anchor_grid, map_anchors, match_anchors
+    from dtg.losses.inc import concat_targets, rcnn_image_targets, rpn_image_targets
+    from dtg.losses.pseudo_label import pseudo_targets
+    from dtg.methods.dtg import inc_options
+
+    views = [_views(r, labels, cfg, seed, device) for r in records]
+    opts = inc_options(cfg)
+    t = teacher.forward_dense([v["weak"] for v in views], train_top_n=True)
+    t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
+    dets = teacher.predict([v["weak"] for v in views])
+    s = student.forward_dense([v["strong"] for v in views])
+    grid = anchor_grid(s.rpn.anchors, s.rpn.num_anchors_per_level, [tuple(f.shape[-2:]) for f in s.features.values()],
+                       tuple(s.images.tensors.shape[-2:]))
+    semi = cfg.semi
+    unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
+    rpn_m, roi_m = student.net.rpn.proposal_matcher, student.net.roi_heads.proposal_matcher
+    counts = [len(p) for p in t.proposals]
+    rcnn_parts, rpn_parts = [], []
+    for i, (v, lg, dl) in enumerate(zip(views, t_logits.split(counts), t_deltas.split(counts))):
+        size, gt, gl = v["size"], v["gt"], v["gt_labels"]
+        built = rcnn_image_targets(lg, dl, t.proposals[i], v["m"], size, t.images.image_sizes[i],
+                                   teacher.rcnn_box_coder, opts)
+        tg = built.targets
+        boxes = teacher.rcnn_box_coder.decode_single(tg.reg_targets.float(), built.rois.float())
+        add_counts(report.counts.setdefault("rcnn/dtg", {}),
+                   stage_counts(built.rois, tg.classes, boxes, tg.reg_mask, gt, gl))
+        rcnn_parts.append(tg)
+        rpn_t = rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, grid, v["m"],
+                                  size, t.images.image_sizes[i], student.rpn_box_coder, opts)
+        boxes = student.rpn_box_coder.decode_single(rpn_t.reg_targets.float(), grid.anchors.float())
+        ones = torch.ones_like(gl)
+        add_counts(report.counts.setdefault("rpn/dtg", {}),
+                   stage_counts(grid.anchors, rpn_t.classes, boxes, rpn_t.reg_mask, gt, ones))
+        rpn_parts.append(rpn_t)
+        partner = match_anchors(map_anchors(t.rpn.anchors, v["m"]), grid, opts.canonical, opts.anchor_radius)
+        report.paired.append(paired_share(partner, grid.offsets, grid.anchors.shape[0]))
+        pl = pseudo_targets({k: x.cpu() for k, x in dets[i].items()}, v["m"].cpu(), size, semi.pseudo_score_thresh, unsure)
+        pl = {k: x.to(device) for k, x in pl.items()}
+        ign = pl.get("ignore")
+        lab, tgt = pseudo_assignment(built.rois, pl["boxes"], pl["labels"], roi_m, ign, roi_m.high_threshold)
+        lab[built.outside] = -1
+        add_counts(report.counts.setdefault("rcnn/sparse", {}),
+                   stage_counts(built.rois, lab, tgt, lab > 0, gt, gl))
+        lab, tgt = pseudo_assignment(grid.anchors, pl["boxes"], torch.ones_like(pl["labels"]), rpn_m, ign,
+                                     rpn_m.low_threshold)
+        add_counts(report.counts.setdefault("rpn/sparse", {}),
+                   stage_counts(grid.anchors, lab, tgt, lab > 0, gt, ones))
+    _add_weights(report, cfg, concat_targets(rcnn_parts), concat_targets(rpn_parts), len(views))
+    report.images += len(views)
+
+
+def _add_weights(report: TargetReport, cfg: Any, rcnn: Any, rpn: Any, batch: int) -> None:
+    """Weights of positives relative to a supervised positive (``1 / (B_l x sampled per image)``)."""
+    from dtg.evaluation.targets import positive_weights
+
+    alpha, b_l = cfg.semi.alpha, max(1, cfg.data.batch_labeled)
+    sup = {"rcnn": 1.0 / (b_l * cfg.model.roi_batch_size_per_image),
+           "rpn": 1.0 / (b_l * cfg.model.rpn_batch_size_per_image)}
+    for stage, tg in (("rcnn", rcnn), ("rpn", rpn)):
+        for mode in ("samples", "cluster"):
+            w = positive_weights(tg.classes, tg.cluster, mode) * alpha / sup[stage]
+            report.weights.setdefault(f"{stage}/dtg-{mode}", []).extend(w.tolist())
+        per_image = cfg.model.roi_batch_size_per_image if stage == "rcnn" else cfg.model.rpn_batch_size_per_image
+        report.weights.setdefault(f"{stage}/sparse", []).append(alpha / (batch * per_image) / sup[stage])
+
+
