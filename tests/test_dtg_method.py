@@ -49,6 +49,7 @@ ABLATIONS = {
     "rcnn_cls_reg": ["dtg.rpn=false", "dtg.rank_matching=false"],
     "reg_target_own": ["dtg.reg_target=own"],
     "normalize_samples": ["dtg.normalize=samples"],
+    "normalize_supervised": ["dtg.normalize=supervised"],
     "nms_then_threshold": ["dtg.rpn_candidates=nms_then_threshold"],
     "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.beta=1.0"],
     "uncertain_band": ["dtg.uncertain_rpn=0.1", "dtg.uncertain_rcnn=0.01"],

@@ -205,6 +205,11 @@ def test_classification_loss_hand_computed() -> None:
     focal = inc_classification_loss(logits, t, "samples", gamma=2.0)
     per = [(1 - q) ** 2 * -math.log(q) for q in [1 / 2, 1 / 4, 1 / 4, 1 / 8, 1 / 2, 1 / 4]]
     assert abs(focal.item() - sum(per) / 6) < 1e-9
+    # supervised denominator: the same sum over the 6 labelled RoIs, divided by B x sampled RoIs
+    supervised = inc_classification_loss(logits, t, "supervised", gamma=0.0, denominator=256)
+    assert abs(supervised.item() - 11 * LN2 / 256) < 1e-9
+    with pytest.raises(ValueError, match="denominator"):
+        inc_classification_loss(logits, t, "supervised")
 
 
 def test_objectness_loss_hand_computed() -> None:
@@ -216,6 +221,7 @@ def test_objectness_loss_hand_computed() -> None:
     cluster = inc_objectness_loss(x, t, "cluster", gamma=0.0)
     assert abs(float(cluster) - ((bce[0] + sum(bce[1:4]) / 3) / 2 + (bce[4] + bce[5]) / 2)) < 1e-9
     assert abs(float(inc_objectness_loss(x, t, "samples", gamma=0.0)) - sum(bce) / 6) < 1e-9
+    assert abs(float(inc_objectness_loss(x, t, "supervised", gamma=0.0, denominator=512)) - sum(bce) / 512) < 1e-9
     ce = F.binary_cross_entropy_with_logits(x[:6], t.labels[:6].double(), reduction="none")
     p_t = torch.where(t.labels[:6] == 1, x[:6].sigmoid(), 1 - x[:6].sigmoid())
     focal = (ce * (1 - p_t) ** 2).sum() / 6  # gamma 2, alpha -1 (no weighting)
@@ -228,6 +234,7 @@ def test_regression_loss_hand_computed() -> None:
     # L1 (beta 0): cluster 5 -> 4, cluster 9 -> (1 + 2 + 3) / 3 = 2; mean over clusters 3.
     assert abs(inc_regression_loss(deltas, t, "cluster", beta=0.0).item() - 3.0) < 1e-6
     assert abs(inc_regression_loss(deltas, t, "samples", beta=0.0).item() - 10 / 6) < 1e-6  # 6 labelled
+    assert abs(inc_regression_loss(deltas, t, "supervised", beta=0.0, denominator=20).item() - 10 / 20) < 1e-6
     smooth = inc_regression_loss(deltas, t, "cluster")  # |x| - beta / 2 for |x| >= beta = 1/9
     assert abs(smooth.item() - (3.0 - 1 / 18)) < 1e-6
     smooth.backward()
@@ -253,9 +260,10 @@ def test_losses_zero_and_backward_without_members() -> None:
                          torch.full((8,), -1), t.teacher_scores, 0)
     logits, obj, deltas = (torch.randn(8, 3, requires_grad=True), torch.randn(8, requires_grad=True),
                            torch.randn(8, 4, requires_grad=True))
-    for norm in ("cluster", "samples"):
-        losses = [inc_classification_loss(logits, ignored, norm), inc_objectness_loss(obj, ignored, norm),
-                  inc_regression_loss(deltas, ignored, norm)]
+    for norm in ("cluster", "samples", "supervised"):
+        losses = [inc_classification_loss(logits, ignored, norm, denominator=8),
+                  inc_objectness_loss(obj, ignored, norm, denominator=8),
+                  inc_regression_loss(deltas, ignored, norm, denominator=8)]
         assert all(v.item() == 0.0 and v.dim() == 0 for v in losses)
         sum(losses).backward()
     assert (logits.grad == 0).all() and (obj.grad == 0).all() and (deltas.grad == 0).all()

@@ -81,6 +81,7 @@ def test_positive_weights_under_both_normalisations():
     assert w.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])  # 2 clusters: 1 / (C N_j)
     assert float(w.sum()) == pytest.approx(1.0)  # the positives together weigh as one mean
     assert positive_weights(labels, cluster, "samples").tolist() == pytest.approx([1 / 7] * 4)  # 7 labelled
+    assert positive_weights(labels, cluster, "supervised", 512).tolist() == pytest.approx([1 / 512] * 4)
     assert positive_weights(T([0, -1]), T([-1, -1]), "cluster").numel() == 0
     with pytest.raises(ValueError):
         positive_weights(labels, cluster, "sum")
@@ -124,6 +125,9 @@ def test_command_scores_both_methods_on_the_same_samples(dtg_checkpoint, tmp_pat
     w = summary["positive_weight"]
     # sparse: alpha x (B_l x per-image samples) / (B_u x per-image samples) with B_l = B_u = 2, alpha 1
     assert w["rcnn/sparse"] == pytest.approx(1.0) and w["rpn/sparse"] == pytest.approx(1.0)
+    # DTG under the supervised denominators weighs a positive exactly like a supervised one
+    for stage in ("rcnn", "rpn"):
+        assert w[f"{stage}/dtg-supervised"] == pytest.approx(1.0)
 
 
 def test_command_on_labeled_images_and_bad_input(dtg_checkpoint, tmp_path, capsys):

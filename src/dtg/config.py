@@ -170,7 +170,8 @@ class DTGConfig:
     inc_reg: bool = True  # INC regression labels
     rank_matching: bool = True
     reg_target: Literal["kept", "own"] = "kept"
-    normalize: Literal["cluster", "samples"] = "samples"
+    # cluster (paper) | samples | supervised (the supervised loss's denominators); docs/method.md, "Normalisation"
+    normalize: Literal["cluster", "samples", "supervised"] = "samples"
     rpn_candidates: Literal["threshold_then_nms", "nms_then_threshold"] = "threshold_then_nms"
     rm_input: Literal["prob", "logit"] = "prob"
     tau_rpn: float = 0.7

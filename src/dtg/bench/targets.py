@@ -15,7 +15,7 @@ hidden ground truth (:mod:`dtg.evaluation.targets`):
 
 Also per FPN level the share of student anchors some teacher anchor is paired with, and the
 weight one positive's classification term gets relative to a supervised positive (under
-DTG's ``samples`` and ``cluster`` normalisations, and under sparse's supervised losses),
+DTG's ``samples``, ``cluster`` and ``supervised`` normalisations, and under sparse's supervised losses),
 ``semi.alpha`` included. ``--on unlabeled`` (default) scores the run's unlabeled images with
 their boxes from ``data.full_json`` (generated sets have them); ``--on labeled`` the labeled
 images. Writes ``OUT/targets.md`` (also printed) and ``OUT/targets.json``.
@@ -94,7 +94,7 @@ def markdown(summary: dict[str, Any]) -> str:
               "|---|" + "---:|" * len(summary["paired_per_level"]),
               "| student anchors paired | " + " | ".join(_fmt(x) for x in summary["paired_per_level"]) + " |", "",
               "| weight of one positive / a supervised positive (alpha included) | R-CNN | RPN |", "|---|---:|---:|"]
-    for rule in ("dtg-samples", "dtg-cluster", "sparse"):
+    for rule in ("dtg-samples", "dtg-cluster", "dtg-supervised", "sparse"):
         w = summary["positive_weight"]
         lines.append(f"| {rule} | {_fmt(w.get('rcnn/' + rule), 3)} | {_fmt(w.get('rpn/' + rule), 3)} |")
     return "\n".join(lines) + "\n"

@@ -162,10 +162,10 @@ def _add_weights(report: TargetReport, cfg: Any, rcnn: Any, rpn: Any, batch: int
     sup = {"rcnn": 1.0 / (b_l * cfg.model.roi_batch_size_per_image),
            "rpn": 1.0 / (b_l * cfg.model.rpn_batch_size_per_image)}
     for stage, tg in (("rcnn", rcnn), ("rpn", rpn)):
-        for mode in ("samples", "cluster"):
-            w = positive_weights(tg.classes, tg.cluster, mode) * alpha / sup[stage]
-            report.weights.setdefault(f"{stage}/dtg-{mode}", []).extend(w.tolist())
         per_image = cfg.model.roi_batch_size_per_image if stage == "rcnn" else cfg.model.rpn_batch_size_per_image
+        for mode in ("samples", "cluster", "supervised"):
+            w = positive_weights(tg.classes, tg.cluster, mode, batch * per_image) * alpha / sup[stage]
+            report.weights.setdefault(f"{stage}/dtg-{mode}", []).extend(w.tolist())
         report.weights.setdefault(f"{stage}/sparse", []).append(alpha / (batch * per_image) / sup[stage])
 
 

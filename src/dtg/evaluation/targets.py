@@ -134,12 +134,12 @@ def pseudo_assignment(samples: Tensor, boxes: Tensor, labels: Tensor, matcher: M
     return out, target
 
 
-def positive_weights(labels: Tensor, cluster: Tensor, normalize: str) -> Tensor:
+def positive_weights(labels: Tensor, cluster: Tensor, normalize: str, denominator: int | None = None) -> Tensor:
     """The weight each positive's classification term gets in one batch's DTG loss (before alpha).
 
     Mirrors :func:`dtg.losses.dtg_loss.inc_classification_loss`: ``"samples"`` divides every
     labelled sample by their number; ``"cluster"`` gives a member ``1 / (C N_j)`` (C clusters
-    in the batch, N_j members in its cluster).
+    in the batch, N_j members in its cluster); ``"supervised"`` ``1 / denominator``.
 
     Args:
         labels: (N,) int64 labels of the batch (> 0 members, 0 background, -1 ignored).
@@ -151,8 +151,10 @@ def positive_weights(labels: Tensor, cluster: Tensor, normalize: str) -> Tensor:
     pos = labels > 0
     if normalize == "samples":
         return torch.full((int(pos.sum()),), 1.0 / max(int((labels >= 0).sum()), 1))
+    if normalize == "supervised":
+        return torch.full((int(pos.sum()),), 1.0 / max(int(denominator or 0), 1))
     if normalize != "cluster":
-        raise ValueError(f"normalize must be 'samples' or 'cluster', got {normalize!r}")
+        raise ValueError(f"normalize must be 'samples', 'cluster' or 'supervised', got {normalize!r}")
     ids = cluster[pos]
     if ids.numel() == 0:
         return torch.zeros(0)

@@ -1,6 +1,6 @@
 """INC losses on :class:`dtg.losses.inc.IncTargets` (paper Eq. (2)-(3); docs/method.md, "Normalisation").
 
-Two normalisations (**switch** ``normalize``):
+Three normalisations (**switch** ``normalize``):
 
 * ``"cluster"`` (paper): the members' per-sample losses are averaged within each cluster,
   then over clusters, so a cluster of 3 members weighs as much as a singleton. The
@@ -8,6 +8,10 @@ Two normalisations (**switch** ``normalize``):
   is 0 when it has no sample.
 * ``"samples"`` (mmdet / PseCo): per-sample losses summed over the used samples and divided
   by the number of labelled samples (``classes >= 0``, i.e. everything but ignored samples).
+* ``"supervised"``: summed and divided by the ``denominator`` the supervised loss of the
+  stage uses (torchvision: B x ``roi_batch_size_per_image`` sampled RoIs for the R-CNN, B x
+  ``rpn_batch_size_per_image`` sampled anchors for the RPN), so that a DTG positive weighs
+  what a supervised (or sparse) positive weighs, whatever the number of labelled samples.
 
 Ignored samples (label -1) never contribute. Every loss returns a scalar connected to its
 input's graph (``0 * sum`` when nothing applies, so ``backward()`` works).
@@ -23,7 +27,7 @@ from torchvision.ops import sigmoid_focal_loss
 from dtg.losses.focal import softmax_focal_loss
 from dtg.losses.inc import IncTargets
 
-NORMALIZATIONS = ("cluster", "samples")
+NORMALIZATIONS = ("cluster", "samples", "supervised")
 
 
 def select_class_deltas(deltas: Tensor, labels: Tensor) -> Tensor:
@@ -62,43 +66,49 @@ def _mean(values: Tensor) -> Tensor:
     return values.sum() / max(values.numel(), 1)
 
 
-def _check_normalize(normalize: str) -> None:
+def _check_normalize(normalize: str, denominator: int | None) -> None:
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if normalize == "supervised" and (denominator is None or denominator < 1):
+        raise ValueError(f"normalize='supervised' needs a denominator >= 1, got {denominator!r}")
 
 
-def _normalized_cls(per_sample: Tensor, labels: Tensor, cluster: Tensor, normalize: str, zero: Tensor) -> Tensor:
+def _normalized_cls(per_sample: Tensor, labels: Tensor, cluster: Tensor, normalize: str, zero: Tensor,
+                    denominator: int | None = None) -> Tensor:
     """Combine (M,) per-sample losses of the labelled samples (``labels`` (M,) >= 0)."""
     if per_sample.numel() == 0:
         return zero
     if normalize == "samples":
         return zero + per_sample.sum() / per_sample.numel()
+    if normalize == "supervised":
+        return zero + per_sample.sum() / denominator
     pos = labels > 0
     return zero + cluster_mean(per_sample[pos], cluster[pos]) + _mean(per_sample[~pos])
 
 
 def inc_classification_loss(logits: Tensor, targets: IncTargets, normalize: str = "cluster",
-                            gamma: float = 2.0) -> Tensor:
+                            gamma: float = 2.0, denominator: int | None = None) -> Tensor:
     """R-CNN INC classification: softmax focal loss (Eq. (2)).
 
     Args:
         logits: (N, K + 1) student class logits on the N RoIs (class 0 = background).
         targets: the RoIs' :class:`IncTargets` (``labels`` in -1..K).
-        normalize: ``"cluster"`` | ``"samples"`` (module docstring). gamma: focal gamma.
+        normalize: ``"cluster"`` | ``"samples"`` | ``"supervised"`` (module docstring). gamma: focal gamma.
+        denominator: the supervised denominator (B x sampled RoIs per image); ``"supervised"`` only.
 
     Returns:
         A scalar.
     """
-    _check_normalize(normalize)
+    _check_normalize(normalize, denominator)
     zero = logits.sum() * 0.0
     used = (targets.labels >= 0).nonzero().squeeze(1)
     labels = targets.labels[used]
     per_sample = softmax_focal_loss(logits[used], labels, gamma, reduction="none")
-    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero)
+    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero, denominator)
 
 
 def inc_objectness_loss(logits: Tensor, targets: IncTargets, normalize: str = "cluster",
-                        gamma: float = 2.0, alpha: float = -1.0) -> Tensor:
+                        gamma: float = 2.0, alpha: float = -1.0, denominator: int | None = None) -> Tensor:
     """RPN INC objectness: sigmoid focal loss (``torchvision.ops.sigmoid_focal_loss``).
 
     ``alpha=-1`` (default) applies no positive/negative weighting: the ``cluster``
@@ -108,21 +118,22 @@ def inc_objectness_loss(logits: Tensor, targets: IncTargets, normalize: str = "c
     Args:
         logits: (N,) student objectness logits on the N student anchors.
         targets: the anchors' :class:`IncTargets` (``labels`` in {1, 0, -1}).
+        denominator: the supervised denominator (B x sampled anchors per image); ``"supervised"`` only.
 
     Returns:
         A scalar.
     """
-    _check_normalize(normalize)
+    _check_normalize(normalize, denominator)
     zero = logits.sum() * 0.0
     used = (targets.labels >= 0).nonzero().squeeze(1)
     labels = targets.labels[used]
     x = logits.reshape(-1)[used]
     per_sample = sigmoid_focal_loss(x, labels.to(x.dtype), alpha=alpha, gamma=gamma, reduction="none")
-    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero)
+    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero, denominator)
 
 
 def inc_regression_loss(deltas: Tensor, targets: IncTargets, normalize: str = "cluster",
-                        beta: float = 1 / 9) -> Tensor:
+                        beta: float = 1 / 9, denominator: int | None = None) -> Tensor:
     """INC regression: smooth L1 (summed over the 4 coordinates) toward ``reg_targets`` (Eq. (3)).
 
     Args:
@@ -130,13 +141,14 @@ def inc_regression_loss(deltas: Tensor, targets: IncTargets, normalize: str = "c
             :func:`select_class_deltas` with ``targets.classes``) or the anchor's (RPN).
         targets: :class:`IncTargets`; only ``reg_mask`` rows are used.
         normalize: ``"cluster"``: mean within each cluster (over its members with a target),
-            then over clusters; ``"samples"``: sum / number of labelled samples (``classes >= 0``).
+            then over clusters; ``"samples"``: sum / number of labelled samples (``classes >= 0``);
+            ``"supervised"``: sum / ``denominator`` (as torchvision divides its box loss).
         beta: smooth L1 beta (torchvision's R-CNN uses 1/9).
 
     Returns:
         A scalar.
     """
-    _check_normalize(normalize)
+    _check_normalize(normalize, denominator)
     zero = deltas.sum() * 0.0
     idx = targets.reg_mask.nonzero().squeeze(1)
     if idx.numel() == 0:
@@ -145,4 +157,6 @@ def inc_regression_loss(deltas: Tensor, targets: IncTargets, normalize: str = "c
     per_sample = F.smooth_l1_loss(deltas[idx], target, beta=beta, reduction="none").sum(dim=1)
     if normalize == "samples":
         return zero + per_sample.sum() / max(int((targets.classes >= 0).sum()), 1)
+    if normalize == "supervised":
+        return zero + per_sample.sum() / denominator
     return zero + cluster_mean(per_sample, targets.cluster[idx])

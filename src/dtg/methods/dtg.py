@@ -74,9 +74,12 @@ class DTGMethod:
             parts.append(built.targets)
         tgt = concat_targets(parts)
         s_logits, s_deltas = student.roi_forward(s.features, rois, s.images.image_sizes)
+        den = len(rois) * self.cfg.model.roi_batch_size_per_image  # the supervised R-CNN denominator
         out = {
-            "unsup_rcnn_cls": inc_classification_loss(s_logits, tgt, d.normalize, self.cfg.model.focal_gamma),
-            "unsup_rcnn_reg": inc_regression_loss(select_class_deltas(s_deltas, tgt.classes), tgt, d.normalize),
+            "unsup_rcnn_cls": inc_classification_loss(s_logits, tgt, d.normalize, self.cfg.model.focal_gamma,
+                                                      denominator=den),
+            "unsup_rcnn_reg": inc_regression_loss(select_class_deltas(s_deltas, tgt.classes), tgt, d.normalize,
+                                                  denominator=den),
         }
         if d.rank_matching:
             member = tgt.cluster >= 0
@@ -108,9 +111,10 @@ class DTGMethod:
         ]
         tgt = concat_targets(parts)
         obj = s.rpn.objectness.reshape(-1)  # (B, A_s) -> (B * A_s,), image-major like the targets
+        den = len(mats) * self.cfg.model.rpn_batch_size_per_image  # the supervised RPN denominator
         out = {
-            "unsup_rpn_cls": inc_objectness_loss(obj, tgt, d.normalize),
-            "unsup_rpn_reg": inc_regression_loss(s.rpn.deltas.reshape(-1, 4), tgt, d.normalize),
+            "unsup_rpn_cls": inc_objectness_loss(obj, tgt, d.normalize, denominator=den),
+            "unsup_rpn_reg": inc_regression_loss(s.rpn.deltas.reshape(-1, 4), tgt, d.normalize, denominator=den),
         }
         if d.rank_matching:
             member = tgt.cluster >= 0
