@@ -14,7 +14,8 @@ from torchvision.ops import box_iou
 from dtg.geometry import hflip_matrix, map_points, project_boxes, rotate_matrix, scale_matrix, translate_matrix
 from dtg.losses import correspondence as corr
 from dtg.losses.correspondence import (
-    AnchorGrid, anchor_grid, fpn_level, map_proposals, match_anchors, match_anchors_with_iou, window_candidates,
+    AnchorGrid, anchor_grid, area_levels, fpn_level, map_proposals, match_anchors, match_anchors_with_iou,
+    window_candidates,
 )
 
 SIZES = ((16,), (32,), (64,), (128,), (256,))
@@ -172,6 +173,27 @@ def test_scale_by_two_moves_one_level_up(level):
     y, x, r = cells(teacher, level)
     assert torch.equal(partner, flat(big, level + 1, y, x, r))
     assert torch.all(iou > 0.85)  # 2 x round(size/2 ...) != round(size ...) for the 0.5 / 2 ratios
+
+
+def test_area_level_keeps_rotated_anchors_on_their_level_and_pairs_student_p2():
+    """25 degrees + 1.28x: the min/max box of rotated corners moves ~all anchors up a level, so
+    student P2 gets no partner; the equal-area level keeps them (log2 1.28 = 0.36 rounds to 0)."""
+    grid, levels = student(128, 160)
+    M = rotate_matrix(25.0, (80.0, 64.0)) @ scale_matrix(1.28, 1.28)
+    assert torch.equal(area_levels(grid.anchors, M, 5, CANON), levels)
+    mapped = map_unclipped(grid.anchors, M)
+    assert float((fpn_level(mapped, 5, CANON) == levels + 1).float().mean()) > 0.99
+    assert torch.equal(area_levels(grid.anchors, torch.eye(3, dtype=torch.float64), 5, CANON), levels)
+
+    def paired(lv):
+        p = match_anchors(mapped, grid, CANON, 1, lv)
+        hit = torch.zeros(len(grid.anchors), dtype=torch.bool)
+        hit[p[p >= 0]] = True
+        return hit
+
+    box, area = paired(None), paired(area_levels(grid.anchors, M, 5, CANON))
+    assert not box[level_slice(grid, 0)].any() and area[level_slice(grid, 0)].float().mean() > 0.15
+    assert area.float().mean() > 1.5 * box.float().mean()  # all levels together: twice the coverage
 
 
 def test_degenerate_and_outside_boxes_have_no_partner():

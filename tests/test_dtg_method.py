@@ -50,6 +50,7 @@ ABLATIONS = {
     "reg_target_own": ["dtg.reg_target=own"],
     "normalize_samples": ["dtg.normalize=samples"],
     "normalize_supervised": ["dtg.normalize=supervised"],
+    "anchor_level_area": ["dtg.anchor_level=area"],
     "nms_then_threshold": ["dtg.rpn_candidates=nms_then_threshold"],
     "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.beta=1.0"],
     "uncertain_band": ["dtg.uncertain_rpn=0.1", "dtg.uncertain_rcnn=0.01"],

@@ -181,6 +181,9 @@ class DTGConfig:
     T: float = 1.0
     beta: float = 3.0
     anchor_radius: int = 1  # grid cells searched around a mapped teacher anchor's centre
+    # FPN level of a mapped teacher anchor: "box" (its min/max box) or "area" (an equal-area box,
+    # sqrt(|det A| w h)); docs/method.md, "Correspondence"
+    anchor_level: Literal["box", "area"] = "box"
     # Teacher scores in [uncertain_*, tau_*) are ignored instead of background (an unsure small
     # teacher must not teach "background" on likely objects); >= tau_*: off, the paper's INC.
     uncertain_rpn: float = 0.3

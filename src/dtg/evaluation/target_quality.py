@@ -103,8 +103,8 @@ def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teac
                  seed: int, report: TargetReport, device: torch.device) -> None:
     """Add one batch's counts, pairing and positive weights to ``report``."""
     from dtg.evaluation.targets import add_counts, paired_share, pseudo_assignment, stage_counts
-    from dtg.losses.correspondence import anchor_grid, map_anchors, match_anchors
-    from dtg.losses.inc import concat_targets, rcnn_image_targets, rpn_image_targets
+    from dtg.losses.correspondence import anchor_grid
+    from dtg.losses.inc import anchor_partners, concat_targets, rcnn_image_targets, rpn_image_targets
     from dtg.losses.pseudo_label import pseudo_targets
     from dtg.methods.dtg import inc_options
 
@@ -137,7 +137,7 @@ def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teac
         add_counts(report.counts.setdefault("rpn/dtg", {}),
                    stage_counts(grid.anchors, rpn_t.classes, boxes, rpn_t.reg_mask, gt, ones))
         rpn_parts.append(rpn_t)
-        partner = match_anchors(map_anchors(t.rpn.anchors, v["m"]), grid, opts.canonical, opts.anchor_radius)
+        partner = anchor_partners(t.rpn.anchors, v["m"], grid, opts)
         report.paired.append(paired_share(partner, grid.offsets, grid.anchors.shape[0]))
         pl = pseudo_targets({k: x.cpu() for k, x in dets[i].items()}, v["m"].cpu(), size, semi.pseudo_score_thresh, unsure)
         pl = {k: x.to(device) for k, x in pl.items()}

@@ -122,6 +122,29 @@ def fpn_level(boxes: Tensor, num_levels: int, canonical: float = 32.0) -> Tensor
     return torch.round(torch.log2(side / canonical)).clamp(0, num_levels - 1).to(torch.int64)
 
 
+def area_levels(anchors: Tensor, teacher_to_student: Tensor, num_levels: int, canonical: float = 32.0) -> Tensor:
+    """FPN level of each teacher anchor's image in the student view, from its area (docs/method.md, "Correspondence").
+
+    The level of a box of side ``sqrt(|det A| w h)``, ``A`` the 2x2 linear part of the affine
+    ``teacher_to_student``: the area the anchor really covers in the student view, whereas the
+    min/max box of its rotated or sheared corners (:func:`map_anchors`) is larger and can move
+    every anchor up a level.
+
+    Args:
+        anchors: (N, 4) xyxy teacher anchors (teacher view).
+        teacher_to_student: (3, 3) affine matrix ``M``.
+
+    Returns:
+        (N,) int64 in ``[0, L - 1]``.
+    """
+    det = float(torch.linalg.det(teacher_to_student[:2, :2].to(torch.float64)).abs())
+    w = (anchors[:, 2] - anchors[:, 0]).clamp(min=0).to(torch.float64)
+    h = (anchors[:, 3] - anchors[:, 1]).clamp(min=0).to(torch.float64)
+    side = (det * w * h).sqrt()
+    equal = torch.stack([torch.zeros_like(side), torch.zeros_like(side), side, side], dim=-1)
+    return fpn_level(equal, num_levels, canonical)
+
+
 def _grid_tables(grid: AnchorGrid, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Per-level ``sizes (L, 2)``, ``strides (L, 2)`` (both (y, x)) and ``offsets (L,)`` as int64 tensors."""
     sizes = torch.tensor(grid.sizes, dtype=torch.int64, device=device).reshape(-1, 2)
@@ -181,9 +204,10 @@ def paired_iou(boxes: Tensor, candidates: Tensor) -> Tensor:
     return inter / (area_b + area_c - inter).clamp(min=1e-12)
 
 
-def _match_chunk(boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int) -> tuple[Tensor, Tensor]:
+def _match_chunk(boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int,
+                 levels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`match_anchors` on one chunk; also returns the partner's (N,) IoU (0 without partner)."""
-    levels = fpn_level(boxes, grid.num_levels, canonical)
+    levels = fpn_level(boxes, grid.num_levels, canonical) if levels is None else levels
     index, valid = window_candidates(boxes, levels, grid, radius)
     dtype = torch.promote_types(boxes.dtype, grid.anchors.dtype)
     flat = index.reshape(-1)
@@ -197,7 +221,7 @@ def _match_chunk(boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int)
 
 
 def match_anchors_with_iou(
-    mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int = 1
+    mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int = 1, levels: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """:func:`match_anchors` plus the (N,) IoU of each box with its partner (0 where none)."""
     n = mapped_boxes.shape[0]
@@ -206,11 +230,13 @@ def match_anchors_with_iou(
     if n == 0:
         empty = mapped_boxes.new_zeros((0,))
         return empty.to(torch.int64), empty
-    parts = [_match_chunk(mapped_boxes[i : i + step], grid, canonical, radius) for i in range(0, n, step)]
+    parts = [_match_chunk(mapped_boxes[i : i + step], grid, canonical, radius,
+                          None if levels is None else levels[i : i + step]) for i in range(0, n, step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def match_anchors(mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int = 1) -> Tensor:
+def match_anchors(mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int = 1,
+                  levels: Tensor | None = None) -> Tensor:
     """Partner student anchor of each teacher anchor mapped into the student view (docs/method.md, "Correspondence").
 
     The box's level is ``m = fpn_level(box, L, canonical)``; the candidates are the R anchors of
@@ -225,13 +251,15 @@ def match_anchors(mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radi
         grid: the student anchor layout (:func:`anchor_grid`).
         canonical: anchor size of level 0 (16 with our anchors 16..256).
         radius: half-width of the cell window.
+        levels: (N,) int64 level of each box instead of ``fpn_level`` of the box itself (e.g.
+            :func:`area_levels`).
 
     Returns:
         (N,) int64 index into ``grid.anchors``, or -1 when the box is degenerate (w or h <= 0),
         its centre lies outside the level's extent ``[0, W_m s_x) x [0, H_m s_y)``, or the best
         IoU is 0.
     """
-    return match_anchors_with_iou(mapped_boxes, grid, canonical, radius)[0]
+    return match_anchors_with_iou(mapped_boxes, grid, canonical, radius, levels)[0]
 
 
 def map_anchors(anchors: Tensor, teacher_to_student: Tensor) -> Tensor:

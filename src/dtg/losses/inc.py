@@ -23,11 +23,12 @@ from torchvision.ops import clip_boxes_to_image
 
 from dtg.geometry import project_boxes, valid_boxes
 from dtg.losses.clustering import nms_clusters
-from dtg.losses.correspondence import AnchorGrid, map_anchors, map_proposals, match_anchors
+from dtg.losses.correspondence import AnchorGrid, area_levels, map_anchors, map_proposals, match_anchors
 
 MIN_BOX_SIZE = 1.0  # px; smaller mapped targets / reference boxes get no regression target
 RPN_CANDIDATE_MODES = ("threshold_then_nms", "nms_then_threshold")
 REG_TARGETS = ("kept", "own")
+ANCHOR_LEVELS = ("box", "area")
 
 
 @dataclass
@@ -340,6 +341,7 @@ class IncOptions:
     reg_labels: bool = True
     anchor_radius: int = 1
     canonical: float = 32.0
+    anchor_level: str = "box"  # "box": level of the mapped min/max box; "area": correspondence.area_levels
 
 
 class RcnnImageTargets(NamedTuple):
@@ -381,6 +383,15 @@ def rcnn_image_targets(
     return RcnnImageTargets(rois, ignore_samples(tg, outside), tg, outside)
 
 
+def anchor_partners(teacher_anchors: Tensor, teacher_to_student: Tensor, grid: AnchorGrid, opts: IncOptions) -> Tensor:
+    """(A_t,) int64 student anchor paired with each (A_t, 4) teacher anchor, -1 for none (``opts.anchor_level``)."""
+    _check("anchor_level", opts.anchor_level, ANCHOR_LEVELS)
+    levels = (area_levels(teacher_anchors, teacher_to_student, grid.num_levels, opts.canonical)
+              if opts.anchor_level == "area" else None)
+    return match_anchors(map_anchors(teacher_anchors, teacher_to_student), grid, opts.canonical,
+                         opts.anchor_radius, levels)
+
+
 def rpn_image_targets(
     teacher_objectness: Tensor, teacher_deltas: Tensor, teacher_anchors: Tensor, teacher_levels: Tensor,
     grid: AnchorGrid, teacher_to_student: Tensor, student_size: tuple[int, int], teacher_size: tuple[int, int],
@@ -400,7 +411,7 @@ def rpn_image_targets(
     Returns:
         :class:`IncTargets` over ``grid.anchors``.
     """
-    partner = match_anchors(map_anchors(teacher_anchors, teacher_to_student), grid, opts.canonical, opts.anchor_radius)
+    partner = anchor_partners(teacher_anchors, teacher_to_student, grid, opts)
     return rpn_inc_targets(
         teacher_objectness, teacher_deltas, teacher_anchors, teacher_levels, partner, grid.anchors,
         teacher_to_student, student_size, teacher_size, box_coder,

@@ -30,7 +30,7 @@ def inc_options(cfg: Config) -> IncOptions:
         tau_rcnn=d.tau_rcnn, rcnn_nms=d.rcnn_nms, uncertain_rcnn=d.uncertain_rcnn,
         tau_rpn=d.tau_rpn, rpn_nms=d.rpn_nms, uncertain_rpn=d.uncertain_rpn, rpn_candidates=d.rpn_candidates,
         reg_target=d.reg_target, cls_labels=d.inc_cls, reg_labels=d.inc_reg,
-        anchor_radius=d.anchor_radius, canonical=float(cfg.model.anchor_sizes[0]),
+        anchor_radius=d.anchor_radius, canonical=float(cfg.model.anchor_sizes[0]), anchor_level=d.anchor_level,
     )
 
 
