@@ -51,6 +51,7 @@ ABLATIONS = {
     "normalize_samples": ["dtg.normalize=samples"],
     "normalize_supervised": ["dtg.normalize=supervised"],
     "anchor_level_area": ["dtg.anchor_level=area"],
+    "rpn_bce_supervised": ["dtg.rpn_cls_loss=bce", "dtg.normalize=supervised"],
     "nms_then_threshold": ["dtg.rpn_candidates=nms_then_threshold"],
     "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.beta=1.0"],
     "uncertain_band": ["dtg.uncertain_rpn=0.1", "dtg.uncertain_rcnn=0.01"],

@@ -174,6 +174,9 @@ class DTGConfig:
     normalize: Literal["cluster", "samples", "supervised"] = "samples"
     rpn_candidates: Literal["threshold_then_nms", "nms_then_threshold"] = "threshold_then_nms"
     rm_input: Literal["prob", "logit"] = "prob"
+    # RPN objectness loss of the unlabeled branch: sigmoid focal (gamma 2) or plain
+    # BCE (focal with gamma 0, as the supervised RPN loss); docs/method.md, "Normalisation"
+    rpn_cls_loss: Literal["focal", "bce"] = "focal"
     tau_rpn: float = 0.7
     tau_rcnn: float = 0.45
     rpn_nms: float = 0.7

@@ -113,7 +113,8 @@ class DTGMethod:
         obj = s.rpn.objectness.reshape(-1)  # (B, A_s) -> (B * A_s,), image-major like the targets
         den = len(mats) * self.cfg.model.rpn_batch_size_per_image  # the supervised RPN denominator
         out = {
-            "unsup_rpn_cls": inc_objectness_loss(obj, tgt, d.normalize, denominator=den),
+            "unsup_rpn_cls": inc_objectness_loss(obj, tgt, d.normalize, denominator=den,
+                                                 gamma=0.0 if d.rpn_cls_loss == "bce" else 2.0),
             "unsup_rpn_reg": inc_regression_loss(s.rpn.deltas.reshape(-1, 4), tgt, d.normalize, denominator=den),
         }
         if d.rank_matching:
