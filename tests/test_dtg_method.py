@@ -4,6 +4,7 @@ import torch
 from dtg.engine.checkpoint import load_checkpoint
 from dtg.engine.trainer import Trainer
 from dtg.losses.inc import IncTargets, concat_targets, ignore_samples
+from dtg.methods.dtg import inc_options, stage_switch
 from dtg.losses.correspondence import map_anchors
 
 from conftest import tiny_config
@@ -52,6 +53,7 @@ ABLATIONS = {
     "normalize_supervised": ["dtg.normalize=supervised"],
     "anchor_level_area": ["dtg.anchor_level=area"],
     "rpn_bce_supervised": ["dtg.rpn_cls_loss=bce", "dtg.normalize=supervised"],
+    "rcnn_only_components": ["dtg.rcnn_inc_reg=false", "dtg.rcnn_rank_matching=false"],
     "nms_then_threshold": ["dtg.rpn_candidates=nms_then_threshold"],
     "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.beta=1.0"],
     "uncertain_band": ["dtg.uncertain_rpn=0.1", "dtg.uncertain_rcnn=0.01"],
@@ -73,10 +75,26 @@ def test_three_iteration_dtg_run_for_each_ablation(tiny_dataset, tmp_path, name)
     stages = [s for s, on in (("rpn", cfg.dtg.rpn), ("rcnn", cfg.dtg.rcnn)) if on]
     for s in stages:
         assert {f"unsup_{s}_cls", f"unsup_{s}_reg"} <= set(losses)
-        assert (f"unsup_{s}_rm" in losses) == cfg.dtg.rank_matching
+        assert (f"unsup_{s}_rm" in losses) == stage_switch(cfg.dtg, s, "rank_matching")
+        if not stage_switch(cfg.dtg, s, "inc_reg"):
+            assert losses[f"unsup_{s}_reg"].item() == 0.0
         assert stats[f"{s}_clusters_per_image"] > 0 and stats[f"{s}_members_per_image"] >= stats[f"{s}_clusters_per_image"]
     assert all(torch.isfinite(v) for v in losses.values())
     t.train()
     ckpt = load_checkpoint(tmp_path / name / "checkpoints" / "last.pth")
     assert ckpt["iteration"] == 3 and "teacher" in ckpt
     assert any(not torch.equal(v, before[k]) for k, v in ckpt["student"].items())
+
+
+def test_per_stage_switches_override_the_shared_ones():
+    from dtg.config import load_config
+
+    cfg = load_config(None, ["method=dtg", "dtg.rcnn_inc_reg=false", "dtg.rpn_rank_matching=false",
+                             "dtg.inc_cls=false", "dtg.rpn_inc_cls=true"])
+    d = cfg.dtg
+    assert not stage_switch(d, "rcnn", "inc_reg") and stage_switch(d, "rpn", "inc_reg")
+    assert stage_switch(d, "rcnn", "rank_matching") and not stage_switch(d, "rpn", "rank_matching")
+    assert not stage_switch(d, "rcnn", "inc_cls") and stage_switch(d, "rpn", "inc_cls")
+    rcnn, rpn = inc_options(cfg, "rcnn"), inc_options(cfg, "rpn")
+    assert (rcnn.cls_labels, rcnn.reg_labels, rpn.cls_labels, rpn.reg_labels) == (False, False, True, True)
+    assert inc_options(cfg).cls_labels is False  # without a stage: the shared switches

@@ -169,6 +169,14 @@ class DTGConfig:
     inc_cls: bool = True  # INC classification labels
     inc_reg: bool = True  # INC regression labels
     rank_matching: bool = True
+    # Per-stage overrides of the three switches above (None: the switch above, in both stages);
+    # the paper's tables 2(b) and 3(c) change the R-CNN stage only.
+    rcnn_inc_cls: bool | None = None
+    rcnn_inc_reg: bool | None = None
+    rcnn_rank_matching: bool | None = None
+    rpn_inc_cls: bool | None = None
+    rpn_inc_reg: bool | None = None
+    rpn_rank_matching: bool | None = None
     reg_target: Literal["kept", "own"] = "kept"
     # cluster (paper) | samples | supervised (the supervised loss's denominators); docs/method.md, "Normalisation"
     normalize: Literal["cluster", "samples", "supervised"] = "samples"

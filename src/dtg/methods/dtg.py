@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dtg.config import Config
+from dtg.config import Config, DTGConfig
 from dtg.geometry import teacher_to_student
 from dtg.losses.correspondence import anchor_grid
 from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas
@@ -23,13 +23,25 @@ from dtg.methods.base import strong_images, weak_images
 from dtg.models.detector import DenseOutputs, Detector
 
 
-def inc_options(cfg: Config) -> IncOptions:
-    """The :class:`IncOptions` of a run's ``dtg.*`` keys (and the anchor size of FPN level 0)."""
+def stage_switch(d: DTGConfig, stage: str, name: str) -> bool:
+    """Switch ``name`` (``inc_cls`` | ``inc_reg`` | ``rank_matching``) of ``stage`` (``rcnn`` | ``rpn``):
+    the per-stage key ``dtg.<stage>_<name>`` when set, else ``dtg.<name>``."""
+    own = getattr(d, f"{stage}_{name}")
+    return bool(getattr(d, name) if own is None else own)
+
+
+def inc_options(cfg: Config, stage: str | None = None) -> IncOptions:
+    """The :class:`IncOptions` of a run's ``dtg.*`` keys (and the anchor size of FPN level 0).
+
+    With ``stage`` (``rcnn`` | ``rpn``), the label switches are that stage's (:func:`stage_switch`).
+    """
     d = cfg.dtg
+    cls_labels = d.inc_cls if stage is None else stage_switch(d, stage, "inc_cls")
+    reg_labels = d.inc_reg if stage is None else stage_switch(d, stage, "inc_reg")
     return IncOptions(
         tau_rcnn=d.tau_rcnn, rcnn_nms=d.rcnn_nms, uncertain_rcnn=d.uncertain_rcnn,
         tau_rpn=d.tau_rpn, rpn_nms=d.rpn_nms, uncertain_rpn=d.uncertain_rpn, rpn_candidates=d.rpn_candidates,
-        reg_target=d.reg_target, cls_labels=d.inc_cls, reg_labels=d.inc_reg,
+        reg_target=d.reg_target, cls_labels=cls_labels, reg_labels=reg_labels,
         anchor_radius=d.anchor_radius, canonical=float(cfg.model.anchor_sizes[0]), anchor_level=d.anchor_level,
     )
 
@@ -42,7 +54,7 @@ class DTGMethod:
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device, self.cfg, self.d = device, cfg, cfg.dtg
-        self.opts = inc_options(cfg)
+        self.rcnn_opts, self.rpn_opts = inc_options(cfg, "rcnn"), inc_options(cfg, "rpn")
 
     def unlabeled_losses(
         self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
@@ -69,7 +81,7 @@ class DTGMethod:
         rois, parts = [], []
         for i, (logits, deltas) in enumerate(zip(t_logits.split(counts), t_deltas.split(counts))):
             built = rcnn_image_targets(logits, deltas, t.proposals[i], mats[i], s.images.image_sizes[i],
-                                       t.images.image_sizes[i], teacher.rcnn_box_coder, self.opts)
+                                       t.images.image_sizes[i], teacher.rcnn_box_coder, self.rcnn_opts)
             rois.append(built.rois)
             parts.append(built.targets)
         tgt = concat_targets(parts)
@@ -81,7 +93,7 @@ class DTGMethod:
             "unsup_rcnn_reg": inc_regression_loss(select_class_deltas(s_deltas, tgt.classes), tgt, d.normalize,
                                                   denominator=den),
         }
-        if d.rank_matching:
+        if stage_switch(d, "rcnn", "rank_matching"):
             member = tgt.cluster >= 0
             cls = tgt.classes[member].clamp(min=0)
             if d.rm_input == "prob":
@@ -106,7 +118,7 @@ class DTGMethod:
         )
         parts = [
             rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, grid, m,
-                              s.images.image_sizes[i], t.images.image_sizes[i], student.rpn_box_coder, self.opts)
+                              s.images.image_sizes[i], t.images.image_sizes[i], student.rpn_box_coder, self.rpn_opts)
             for i, m in enumerate(mats)
         ]
         tgt = concat_targets(parts)
@@ -117,7 +129,7 @@ class DTGMethod:
                                                  gamma=0.0 if d.rpn_cls_loss == "bce" else 2.0),
             "unsup_rpn_reg": inc_regression_loss(s.rpn.deltas.reshape(-1, 4), tgt, d.normalize, denominator=den),
         }
-        if d.rank_matching:
+        if stage_switch(d, "rpn", "rank_matching"):
             member = tgt.cluster >= 0
             if d.rm_input == "prob":
                 p_s, p_t = obj[member].sigmoid(), tgt.teacher_scores[member]
