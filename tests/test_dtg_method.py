@@ -90,11 +90,12 @@ def test_per_stage_switches_override_the_shared_ones():
     from dtg.config import load_config
 
     cfg = load_config(None, ["method=dtg", "dtg.rcnn_inc_reg=false", "dtg.rpn_rank_matching=false",
-                             "dtg.inc_cls=false", "dtg.rpn_inc_cls=true"])
+                             "dtg.inc_cls=false", "dtg.rpn_inc_cls=true", "dtg.rcnn_reg_target=own"])
     d = cfg.dtg
     assert not stage_switch(d, "rcnn", "inc_reg") and stage_switch(d, "rpn", "inc_reg")
     assert stage_switch(d, "rcnn", "rank_matching") and not stage_switch(d, "rpn", "rank_matching")
     assert not stage_switch(d, "rcnn", "inc_cls") and stage_switch(d, "rpn", "inc_cls")
     rcnn, rpn = inc_options(cfg, "rcnn"), inc_options(cfg, "rpn")
     assert (rcnn.cls_labels, rcnn.reg_labels, rpn.cls_labels, rpn.reg_labels) == (False, False, True, True)
+    assert (rcnn.reg_target, rpn.reg_target) == ("own", "kept")
     assert inc_options(cfg).cls_labels is False  # without a stage: the shared switches

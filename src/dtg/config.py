@@ -178,6 +178,8 @@ class DTGConfig:
     rpn_inc_reg: bool | None = None
     rpn_rank_matching: bool | None = None
     reg_target: Literal["kept", "own"] = "kept"
+    rcnn_reg_target: Literal["kept", "own"] | None = None  # per-stage overrides of reg_target
+    rpn_reg_target: Literal["kept", "own"] | None = None
     # cluster (paper) | samples | supervised (the supervised loss's denominators); docs/method.md, "Normalisation"
     normalize: Literal["cluster", "samples", "supervised"] = "samples"
     rpn_candidates: Literal["threshold_then_nms", "nms_then_threshold"] = "threshold_then_nms"

@@ -23,11 +23,16 @@ from dtg.methods.base import strong_images, weak_images
 from dtg.models.detector import DenseOutputs, Detector
 
 
-def stage_switch(d: DTGConfig, stage: str, name: str) -> bool:
-    """Switch ``name`` (``inc_cls`` | ``inc_reg`` | ``rank_matching``) of ``stage`` (``rcnn`` | ``rpn``):
-    the per-stage key ``dtg.<stage>_<name>`` when set, else ``dtg.<name>``."""
+def stage_value(d: DTGConfig, stage: str, name: str) -> Any:
+    """Key ``name`` (``inc_cls`` | ``inc_reg`` | ``rank_matching`` | ``reg_target``) of ``stage``
+    (``rcnn`` | ``rpn``): the per-stage key ``dtg.<stage>_<name>`` when set, else ``dtg.<name>``."""
     own = getattr(d, f"{stage}_{name}")
-    return bool(getattr(d, name) if own is None else own)
+    return getattr(d, name) if own is None else own
+
+
+def stage_switch(d: DTGConfig, stage: str, name: str) -> bool:
+    """:func:`stage_value` of a boolean switch."""
+    return bool(stage_value(d, stage, name))
 
 
 def inc_options(cfg: Config, stage: str | None = None) -> IncOptions:
@@ -38,10 +43,11 @@ def inc_options(cfg: Config, stage: str | None = None) -> IncOptions:
     d = cfg.dtg
     cls_labels = d.inc_cls if stage is None else stage_switch(d, stage, "inc_cls")
     reg_labels = d.inc_reg if stage is None else stage_switch(d, stage, "inc_reg")
+    reg_target = d.reg_target if stage is None else stage_value(d, stage, "reg_target")
     return IncOptions(
         tau_rcnn=d.tau_rcnn, rcnn_nms=d.rcnn_nms, uncertain_rcnn=d.uncertain_rcnn,
         tau_rpn=d.tau_rpn, rpn_nms=d.rpn_nms, uncertain_rpn=d.uncertain_rpn, rpn_candidates=d.rpn_candidates,
-        reg_target=d.reg_target, cls_labels=cls_labels, reg_labels=reg_labels,
+        reg_target=reg_target, cls_labels=cls_labels, reg_labels=reg_labels,
         anchor_radius=d.anchor_radius, canonical=float(cfg.model.anchor_sizes[0]), anchor_level=d.anchor_level,
     )
 
