@@ -54,6 +54,8 @@ ABLATIONS = {
     "anchor_level_area": ["dtg.anchor_level=area"],
     "rpn_bce_supervised": ["dtg.rpn_cls_loss=bce", "dtg.normalize=supervised"],
     "rcnn_only_components": ["dtg.rcnn_inc_reg=false", "dtg.rcnn_rank_matching=false"],
+    "rcnn_subsample_logit_rm": ["dtg.rcnn_subsample=true", "dtg.rm_input=logit"],
+    "sparse_rpn_hybrid": ["dtg.rpn_targets=sparse", "semi.pseudo_score_thresh=0.05", "semi.uncertain_score_thresh=0.01"],
     "nms_then_threshold": ["dtg.rpn_candidates=nms_then_threshold"],
     "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.beta=1.0"],
     "uncertain_band": ["dtg.uncertain_rpn=0.1", "dtg.uncertain_rcnn=0.01"],
@@ -75,6 +77,9 @@ def test_three_iteration_dtg_run_for_each_ablation(tiny_dataset, tmp_path, name)
     stages = [s for s, on in (("rpn", cfg.dtg.rpn), ("rcnn", cfg.dtg.rcnn)) if on]
     for s in stages:
         assert {f"unsup_{s}_cls", f"unsup_{s}_reg"} <= set(losses)
+        if s == "rpn" and cfg.dtg.rpn_targets == "sparse":  # the hybrid: sparse's RPN loss, no RPN clusters
+            assert "unsup_rpn_rm" not in losses and stats["pseudo_boxes_per_image"] > 0
+            continue
         assert (f"unsup_{s}_rm" in losses) == stage_switch(cfg.dtg, s, "rank_matching")
         if not stage_switch(cfg.dtg, s, "inc_reg"):
             assert losses[f"unsup_{s}_reg"].item() == 0.0

@@ -319,3 +319,24 @@ def test_uncertain_band_is_ignored_not_background() -> None:
     rpn = rpn_case(tau=0.9, uncertain=0.4)  # s2 is decided by t2 (0.5): ignored; s5 by t8 (member)
     assert rpn.labels.tolist() == [1, 1, -1, 1, 1, 1, -1, -1]
     assert rpn_case(tau=0.9, uncertain=0.6).labels.tolist() == [1, 1, 0, 1, 1, 1, -1, -1]
+
+
+def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -> None:
+    from dtg.losses.inc import keep_members_and_sample_background, take_samples
+
+    n = 40
+    cluster = torch.full((n,), -1)
+    cluster[[3, 4, 10]] = torch.tensor([0, 0, 1])
+    classes = torch.zeros(n, dtype=torch.int64)
+    classes[[3, 4, 10]] = 2
+    classes[[0, 1]] = -1  # ignored: dropped
+    t = IncTargets(classes.clone(), torch.zeros(n, 4), cluster >= 0, cluster, torch.zeros(n), 2, classes)
+    g = torch.Generator().manual_seed(0)
+    keep = keep_members_and_sample_background(t, 16, g)
+    assert keep.numel() == 16 and {3, 4, 10} <= set(keep.tolist()) and not {0, 1} & set(keep.tolist())
+    assert torch.equal(keep, keep.sort().values) and keep.unique().numel() == 16
+    sub = take_samples(t, keep)
+    assert sub.num_clusters == 2 and int((sub.cluster >= 0).sum()) == 3 and int((sub.classes == 0).sum()) == 13
+    # members alone above the budget: all of them, no background; budget above the samples: all usable ones
+    assert keep_members_and_sample_background(t, 2, g).tolist() == [3, 4, 10]
+    assert keep_members_and_sample_background(t, 100, g).numel() == n - 2

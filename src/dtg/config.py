@@ -180,6 +180,11 @@ class DTGConfig:
     reg_target: Literal["kept", "own"] = "kept"
     rcnn_reg_target: Literal["kept", "own"] | None = None  # per-stage overrides of reg_target
     rpn_reg_target: Literal["kept", "own"] | None = None
+    # RPN stage from the sparse baseline's pseudo boxes (the paper's table 2(c) hybrid) instead of DTG
+    rpn_targets: Literal["dtg", "sparse"] = "dtg"
+    # R-CNN cost switch: keep every member, sample the background down to roi_batch_size_per_image
+    # RoIs per image, so the student's box head sees what it sees in a sparse step
+    rcnn_subsample: bool = False
     # cluster (paper) | samples | supervised (the supervised loss's denominators); docs/method.md, "Normalisation"
     normalize: Literal["cluster", "samples", "supervised"] = "samples"
     rpn_candidates: Literal["threshold_then_nms", "nms_then_threshold"] = "threshold_then_nms"

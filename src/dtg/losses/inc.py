@@ -447,3 +447,37 @@ def ignore_samples(t: IncTargets, ignore: Tensor) -> IncTargets:
         cluster=cluster,
         num_clusters=int(cluster[cluster >= 0].unique().numel()),  # clusters with a member left
     )
+
+
+def keep_members_and_sample_background(t: IncTargets, num: int, generator: torch.Generator | None = None) -> Tensor:
+    """Indices of the samples one image keeps under the R-CNN cost switch (``dtg.rcnn_subsample``).
+
+    Every cluster member is kept; background samples (label 0) are drawn at random, without
+    replacement, to fill the image up to ``num`` samples (none when the members alone reach it);
+    ignored samples are dropped (they carry no loss).
+
+    Args:
+        t: one image's :class:`IncTargets` over N samples.
+        num: samples per image (``model.roi_batch_size_per_image``).
+        generator: random source (default: torch's global one, seeded by the run).
+
+    Returns:
+        (K,) int64 sorted indices into the N samples, ``K = members + min(background, max(num - members, 0))``.
+    """
+    members = (t.cluster >= 0).nonzero().squeeze(1)
+    background = ((t.classes == 0) & (t.cluster < 0)).nonzero().squeeze(1)
+    room = max(num - members.numel(), 0)
+    if background.numel() > room:
+        pick = torch.randperm(background.numel(), generator=generator, device=background.device)[:room]
+        background = background[pick]
+    return torch.cat([members, background]).sort().values
+
+
+def take_samples(t: IncTargets, index: Tensor) -> IncTargets:
+    """The targets of the samples at ``index`` (cluster ids unchanged)."""
+    cluster = t.cluster[index]
+    return IncTargets(
+        labels=t.labels[index], reg_targets=t.reg_targets[index], reg_mask=t.reg_mask[index], cluster=cluster,
+        teacher_scores=t.teacher_scores[index], num_clusters=int(cluster[cluster >= 0].unique().numel()),
+        classes=t.classes[index],
+    )

@@ -17,9 +17,12 @@ from dtg.config import Config, DTGConfig
 from dtg.geometry import teacher_to_student
 from dtg.losses.correspondence import anchor_grid
 from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas
-from dtg.losses.inc import IncOptions, concat_targets, rcnn_image_targets, rpn_image_targets
+from dtg.losses.inc import (
+    IncOptions, concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets, take_samples,
+)
 from dtg.losses.rank_matching import rank_matching_loss
 from dtg.methods.base import strong_images, weak_images
+from dtg.methods.sparse import pseudo_labels
 from dtg.models.detector import DenseOutputs, Detector
 
 
@@ -74,7 +77,12 @@ class DTGMethod:
         stats: dict[str, float] = {}
         if self.d.rcnn:
             losses.update(self._rcnn(student, teacher, t, t_logits, t_deltas, s, mats, stats))
-        if self.d.rpn:
+        if self.d.rpn and self.d.rpn_targets == "sparse":  # the table 2(c) hybrid
+            targets = pseudo_labels(teacher, items, self.cfg.semi, self.device)
+            cls, reg = student.rpn_losses(s, targets)
+            losses.update({"unsup_rpn_cls": cls, "unsup_rpn_reg": reg})
+            stats["pseudo_boxes_per_image"] = sum(len(x["boxes"]) for x in targets) / max(len(items), 1)
+        elif self.d.rpn:
             losses.update(self._rpn(student, t, s, mats, stats))
         return losses, stats
 
@@ -84,12 +92,17 @@ class DTGMethod:
         s: DenseOutputs, mats: list[Tensor], stats: dict[str, float],
     ) -> dict[str, Tensor]:
         d, counts = self.d, [len(p) for p in t.proposals]
-        rois, parts = [], []
+        rois, parts, t_used = [], [], []
         for i, (logits, deltas) in enumerate(zip(t_logits.split(counts), t_deltas.split(counts))):
             built = rcnn_image_targets(logits, deltas, t.proposals[i], mats[i], s.images.image_sizes[i],
                                        t.images.image_sizes[i], teacher.rcnn_box_coder, self.rcnn_opts)
-            rois.append(built.rois)
-            parts.append(built.targets)
+            rois_i, tg_i = built.rois, built.targets
+            if d.rcnn_subsample:  # the cost switch: every member, background sampled to the RoI budget
+                keep = keep_members_and_sample_background(tg_i, self.cfg.model.roi_batch_size_per_image)
+                rois_i, tg_i, logits = rois_i[keep], take_samples(tg_i, keep), logits[keep]
+            rois.append(rois_i)
+            parts.append(tg_i)
+            t_used.append(logits)
         tgt = concat_targets(parts)
         s_logits, s_deltas = student.roi_forward(s.features, rois, s.images.image_sizes)
         den = len(rois) * self.cfg.model.roi_batch_size_per_image  # the supervised R-CNN denominator
@@ -107,7 +120,7 @@ class DTGMethod:
                 p_t = tgt.teacher_scores[member]
             else:
                 p_s = s_logits[member].gather(1, cls[:, None]).squeeze(1)
-                p_t = t_logits[member].gather(1, cls[:, None]).squeeze(1)
+                p_t = torch.cat(t_used)[member].gather(1, cls[:, None]).squeeze(1)
             out["unsup_rcnn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
         n = max(len(rois), 1)
         stats["rcnn_clusters_per_image"] = tgt.num_clusters / n

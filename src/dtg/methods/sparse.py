@@ -11,11 +11,28 @@ from typing import Any
 
 import torch
 
-from dtg.config import Config
+from dtg.config import Config, SemiConfig
 from dtg.geometry import teacher_to_student
 from dtg.losses.pseudo_label import pseudo_targets
 from dtg.methods.base import strong_images, weak_images
 from dtg.models.detector import Detector
+
+
+@torch.no_grad()
+def pseudo_labels(teacher: Detector, items: list[dict[str, Any]], semi: SemiConfig,
+                  device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Per unlabeled item: the teacher's detections on the weak view ``>= semi.pseudo_score_thresh``
+    mapped into the strong view (``boxes`` (m, 4), ``labels`` (m,)), plus ``ignore`` boxes of the
+    uncertain band when ``semi.uncertain_score_thresh`` is below the threshold."""
+    dets = teacher.predict(weak_images(items, device))
+    unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
+    out = []
+    for it, det in zip(items, dets):
+        m = teacher_to_student(it["weak_matrix"], it["strong_matrix"])
+        size = (int(it["strong"].shape[-2]), int(it["strong"].shape[-1]))
+        t = pseudo_targets({k: v.cpu() for k, v in det.items()}, m, size, semi.pseudo_score_thresh, unsure)
+        out.append({k: v.to(device) for k, v in t.items()})
+    return out
 
 
 class SparseMethod:
@@ -27,19 +44,9 @@ class SparseMethod:
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device, self.semi = device, cfg.semi
 
-    @torch.no_grad()
     def pseudo_labels(self, teacher: Detector, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """Per unlabeled item: pseudo ``boxes`` (m, 4) in its strong view and ``labels`` (m,) (+ ``ignore``)."""
-        dets = teacher.predict(weak_images(items, self.device))
-        semi = self.semi
-        unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
-        out = []
-        for it, det in zip(items, dets):
-            m = teacher_to_student(it["weak_matrix"], it["strong_matrix"])
-            size = (int(it["strong"].shape[-2]), int(it["strong"].shape[-1]))
-            t = pseudo_targets({k: v.cpu() for k, v in det.items()}, m, size, semi.pseudo_score_thresh, unsure)
-            out.append({k: v.to(self.device) for k, v in t.items()})
-        return out
+        return pseudo_labels(teacher, items, self.semi, self.device)
 
     def unlabeled_losses(
         self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int

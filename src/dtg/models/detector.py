@@ -237,18 +237,9 @@ class Detector(nn.Module):
         background RoIs that would be foreground for them (IoU >= the R-CNN foreground
         threshold) are left out of the losses (:func:`dtg.losses.pseudo_label.background_to_ignore`).
         """
-        rpn, heads = self.net.rpn, self.net.roi_heads
-        b = out.rpn.objectness.shape[0]
-        anchors = [out.rpn.anchors] * b
-        labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+        heads = self.net.roi_heads
         ignores = [t.get("ignore") for t in targets]
-        for lab, t_ign in zip(labels, ignores):
-            if t_ign is not None:
-                lab[background_to_ignore(lab, out.rpn.anchors, t_ign, rpn.proposal_matcher.low_threshold)] = -1.0
-        reg_targets = rpn.box_coder.encode(matched, anchors)
-        rpn_cls, rpn_reg = rpn.compute_loss(
-            out.rpn.objectness.reshape(-1, 1), out.rpn.deltas.reshape(-1, 4), labels, reg_targets
-        )
+        rpn_cls, rpn_reg = self.rpn_losses(out, targets)
         plain = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         props, _, roi_labels, roi_targets = heads.select_training_samples(list(out.proposals), plain)
         logits, deltas = self.roi_forward(out.features, props, out.images.image_sizes)
@@ -265,6 +256,19 @@ class Detector(nn.Module):
             logits, deltas, roi_labels, roi_targets, cls_loss or self.cls_loss, self.focal_gamma
         )
         return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "rcnn_cls": rcnn_cls, "rcnn_reg": rcnn_reg}
+
+    def rpn_losses(self, out: DenseOutputs, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        """The standard RPN assignment (with ``"ignore"`` boxes, see :meth:`losses_from_dense`) and
+        losses ``(rpn_cls, rpn_reg)`` on an existing forward pass."""
+        rpn = self.net.rpn
+        b = out.rpn.objectness.shape[0]
+        anchors = [out.rpn.anchors] * b
+        labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+        for lab, t in zip(labels, targets):
+            if t.get("ignore") is not None:
+                lab[background_to_ignore(lab, out.rpn.anchors, t["ignore"], rpn.proposal_matcher.low_threshold)] = -1.0
+        reg_targets = rpn.box_coder.encode(matched, anchors)
+        return rpn.compute_loss(out.rpn.objectness.reshape(-1, 1), out.rpn.deltas.reshape(-1, 4), labels, reg_targets)
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
