@@ -154,6 +154,31 @@ def test_hflip(level):
     assert torch.equal(partner, flat(grid, level, y, w - 1 - x, r)) and torch.all(iou == 1)
 
 
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_hflip_half_a_stride_off_covers_every_cell_with_half_up_ties(level):
+    """A flip about W = (W_l - 1/2) s puts every mapped centre half-way between two cells.
+    torch.round (half to even) sends pairs of columns to one cell and leaves the other one
+    unpaired; half-up ties move each column to the next cell, so every column but column 0
+    (nothing maps left of it) gets exactly one teacher anchor per cell anchor."""
+    grid, _ = student(128, 160)
+    (_, sx), (_, w) = grid.strides[level], grid.sizes[level]
+    boxes = grid.anchors[level_slice(grid, level)]
+    mapped = map_unclipped(boxes, hflip_matrix((w - 0.5) * sx))
+    y, x, r = cells(grid, level)
+
+    def covered(half_up):
+        p = match_anchors(mapped, grid, CANON, 1, None, half_up)
+        hit = torch.zeros(len(grid.anchors), dtype=torch.bool)
+        hit[p[p >= 0]] = True
+        return hit[level_slice(grid, level)], p
+
+    even, _ = covered(False)
+    up, partner = covered(True)
+    assert float(even.float().mean()) < 0.65
+    assert torch.equal(up, x > 0)  # every student anchor of columns 1..W_l-1 is paired
+    assert torch.equal(partner, flat(grid, level, y, w - x, r).clamp(max=flat(grid, level, y, w - 1, r)))
+
+
 def test_hflip_p6_off_grid_stride():
     """P6 has x stride 53 over a 160 wide image: the flip lands 1 px off the grid, same cell pairing, IoU < 1."""
     grid, _ = student(128, 160)

@@ -51,7 +51,7 @@ ABLATIONS = {
     "reg_target_own": ["dtg.reg_target=own"],
     "normalize_samples": ["dtg.normalize=samples"],
     "normalize_supervised": ["dtg.normalize=supervised"],
-    "anchor_level_area": ["dtg.anchor_level=area"],
+    "anchor_level_area": ["dtg.anchor_level=area", "dtg.anchor_ties=up"],
     "rpn_bce_supervised": ["dtg.rpn_cls_loss=bce", "dtg.normalize=supervised"],
     "rcnn_only_components": ["dtg.rcnn_inc_reg=false", "dtg.rcnn_rank_matching=false"],
     "rcnn_subsample_logit_rm": ["dtg.rcnn_subsample=true", "dtg.rm_input=logit"],

@@ -202,6 +202,9 @@ class DTGConfig:
     # FPN level of a mapped teacher anchor: "box" (its min/max box) or "area" (an equal-area box,
     # sqrt(|det A| w h)); docs/method.md, "Correspondence"
     anchor_level: Literal["box", "area"] = "box"
+    # a mapped anchor centre half-way between two cells goes to the even one ("even", torch.round)
+    # or to the next one ("up", so that a half-stride shift after a flip covers every cell)
+    anchor_ties: Literal["even", "up"] = "even"
     # Teacher scores in [uncertain_*, tau_*) are ignored instead of background (an unsure small
     # teacher must not teach "background" on likely objects); >= tau_*: off, the paper's INC.
     uncertain_rpn: float = 0.3

@@ -161,11 +161,14 @@ def _window_offsets(radius: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return dy[order].reshape(1, -1), dx[order].reshape(1, -1)
 
 
-def window_candidates(boxes: Tensor, levels: Tensor, grid: AnchorGrid, radius: int) -> tuple[Tensor, Tensor]:
+def window_candidates(boxes: Tensor, levels: Tensor, grid: AnchorGrid, radius: int,
+                      half_up: bool = False) -> tuple[Tensor, Tensor]:
     """Flat indices of the anchors in the cell window around each box centre.
 
     The centre's cell is the one whose anchor centre ``(x s_x, y s_y)`` is nearest, clamped
-    into the grid; the window holds the ``(2 radius + 1)^2`` cells around it, all R anchors each,
+    into the grid (a centre exactly half-way: the even cell, or with ``half_up`` the next one,
+    so that a grid shifted by half a stride, as a flip of a width ``(k + 1/2) s`` makes it,
+    covers every cell); the window holds the ``(2 radius + 1)^2`` cells around it, all R anchors each,
     ordered by distance from the centre cell (so ties in IoU go to the centred anchor).
 
     Args:
@@ -182,7 +185,9 @@ def window_candidates(boxes: Tensor, levels: Tensor, grid: AnchorGrid, radius: i
     hw, s = sizes[levels], strides[levels]  # (N, 2) as (y, x)
     centre = torch.stack([boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], dim=-1) / 2  # (N, 2) (y, x)
     inside = ((centre >= 0) & (centre < hw * s)).all(dim=-1)
-    cell = torch.minimum(torch.round(centre / s).clamp(min=0).to(torch.int64), hw - 1)  # (N, 2) nearest anchor centre
+    pos = centre / s
+    near = torch.floor(pos + 0.5) if half_up else torch.round(pos)  # torch.round: half to even
+    cell = torch.minimum(near.clamp(min=0).to(torch.int64), hw - 1)  # (N, 2) nearest anchor centre
     dy, dx = _window_offsets(radius, boxes.device)
     yy = cell[:, :1] + dy  # (N, K)
     xx = cell[:, 1:] + dx
@@ -205,10 +210,10 @@ def paired_iou(boxes: Tensor, candidates: Tensor) -> Tensor:
 
 
 def _match_chunk(boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int,
-                 levels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 levels: Tensor | None = None, half_up: bool = False) -> tuple[Tensor, Tensor]:
     """:func:`match_anchors` on one chunk; also returns the partner's (N,) IoU (0 without partner)."""
     levels = fpn_level(boxes, grid.num_levels, canonical) if levels is None else levels
-    index, valid = window_candidates(boxes, levels, grid, radius)
+    index, valid = window_candidates(boxes, levels, grid, radius, half_up)
     dtype = torch.promote_types(boxes.dtype, grid.anchors.dtype)
     flat = index.reshape(-1)
     cand = torch.stack([grid.anchors[:, k].to(dtype).index_select(0, flat) for k in range(4)], -1)
@@ -221,7 +226,8 @@ def _match_chunk(boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int,
 
 
 def match_anchors_with_iou(
-    mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int = 1, levels: Tensor | None = None
+    mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int = 1, levels: Tensor | None = None,
+    half_up: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """:func:`match_anchors` plus the (N,) IoU of each box with its partner (0 where none)."""
     n = mapped_boxes.shape[0]
@@ -231,12 +237,12 @@ def match_anchors_with_iou(
         empty = mapped_boxes.new_zeros((0,))
         return empty.to(torch.int64), empty
     parts = [_match_chunk(mapped_boxes[i : i + step], grid, canonical, radius,
-                          None if levels is None else levels[i : i + step]) for i in range(0, n, step)]
+                          None if levels is None else levels[i : i + step], half_up) for i in range(0, n, step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def match_anchors(mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int = 1,
-                  levels: Tensor | None = None) -> Tensor:
+                  levels: Tensor | None = None, half_up: bool = False) -> Tensor:
     """Partner student anchor of each teacher anchor mapped into the student view (docs/method.md, "Correspondence").
 
     The box's level is ``m = fpn_level(box, L, canonical)``; the candidates are the R anchors of
@@ -253,13 +259,14 @@ def match_anchors(mapped_boxes: Tensor, grid: AnchorGrid, canonical: float, radi
         radius: half-width of the cell window.
         levels: (N,) int64 level of each box instead of ``fpn_level`` of the box itself (e.g.
             :func:`area_levels`).
+        half_up: break centre ties toward the next cell (see :func:`window_candidates`).
 
     Returns:
         (N,) int64 index into ``grid.anchors``, or -1 when the box is degenerate (w or h <= 0),
         its centre lies outside the level's extent ``[0, W_m s_x) x [0, H_m s_y)``, or the best
         IoU is 0.
     """
-    return match_anchors_with_iou(mapped_boxes, grid, canonical, radius, levels)[0]
+    return match_anchors_with_iou(mapped_boxes, grid, canonical, radius, levels, half_up)[0]
 
 
 def map_anchors(anchors: Tensor, teacher_to_student: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ MIN_BOX_SIZE = 1.0  # px; smaller mapped targets / reference boxes get no regres
 RPN_CANDIDATE_MODES = ("threshold_then_nms", "nms_then_threshold")
 REG_TARGETS = ("kept", "own")
 ANCHOR_LEVELS = ("box", "area")
+ANCHOR_TIES = ("even", "up")
 
 
 @dataclass
@@ -342,6 +343,7 @@ class IncOptions:
     anchor_radius: int = 1
     canonical: float = 32.0
     anchor_level: str = "box"  # "box": level of the mapped min/max box; "area": correspondence.area_levels
+    anchor_ties: str = "even"  # centre half-way between cells: "even" (torch.round) or "up" (the next cell)
 
 
 class RcnnImageTargets(NamedTuple):
@@ -388,8 +390,9 @@ def anchor_partners(teacher_anchors: Tensor, teacher_to_student: Tensor, grid: A
     _check("anchor_level", opts.anchor_level, ANCHOR_LEVELS)
     levels = (area_levels(teacher_anchors, teacher_to_student, grid.num_levels, opts.canonical)
               if opts.anchor_level == "area" else None)
+    _check("anchor_ties", opts.anchor_ties, ANCHOR_TIES)
     return match_anchors(map_anchors(teacher_anchors, teacher_to_student), grid, opts.canonical,
-                         opts.anchor_radius, levels)
+                         opts.anchor_radius, levels, opts.anchor_ties == "up")
 
 
 def rpn_image_targets(

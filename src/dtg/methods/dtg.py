@@ -52,6 +52,7 @@ def inc_options(cfg: Config, stage: str | None = None) -> IncOptions:
         tau_rpn=d.tau_rpn, rpn_nms=d.rpn_nms, uncertain_rpn=d.uncertain_rpn, rpn_candidates=d.rpn_candidates,
         reg_target=reg_target, cls_labels=cls_labels, reg_labels=reg_labels,
         anchor_radius=d.anchor_radius, canonical=float(cfg.model.anchor_sizes[0]), anchor_level=d.anchor_level,
+        anchor_ties=d.anchor_ties,
     )
 
 
