@@ -187,7 +187,7 @@ def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(tiny_dataset, 
 @pytest.mark.slow
 def test_too_many_nonfinite_steps_in_a_row_stop_with_one_line_and_keep_the_checkpoint(tiny_dataset, tmp_path, monkeypatch, capsys):
     _poison(monkeypatch, range(3, 100))
-    cfg = tiny_config(tiny_dataset, tmp_path / "r", "solver.max_iter=10", "checkpoint_period=1", "solver.max_nonfinite=3")
+    cfg = tiny_config(tiny_dataset, tmp_path / "r", "solver.max_iter=10", "solver.steps=[7]", "checkpoint_period=1", "solver.max_nonfinite=3")
     save_config(cfg, tmp_path / "c.yaml")
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err.splitlines()

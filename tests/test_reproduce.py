@@ -95,7 +95,7 @@ def test_full_labels_row_trains_on_full_json_and_dataset_presets_move_every_path
     paths = [other.data.train_json, other.data.train_images, other.data.unlabeled, other.data.unlabeled_images,
              other.data.val_json, other.data.val_images, other.data.full_json, other.synth.out_dir]
     assert all(p.startswith("data/shapes2") for p in paths) and other.synth.first_class == 5
-    runs = rp.plan([rp.ROW_BY_NAME["supervised"], ceiling], [0], None, ["solver.max_iter=10"], tmp_path, 0)
+    runs = rp.plan([rp.ROW_BY_NAME["supervised"], ceiling], [0], None, ["solver.max_iter=10", "solver.steps=[7]"], tmp_path, 0)
     assert len(runs) == 2  # the ceiling is its own run, on the same dataset fingerprint
 
 
@@ -135,15 +135,15 @@ def test_row_selection():
 
 def test_same_config_same_run_and_volatile_keys_do_not_count(tmp_path):
     rows = rp.select_rows(["T1", "beta1", "dtg"])
-    runs = rp.plan(rows, [0, 1], None, ["solver.max_iter=10"], tmp_path, curve_points=5)
+    runs = rp.plan(rows, [0, 1], None, ["solver.max_iter=10", "solver.steps=[7]"], tmp_path, curve_points=5)
     assert len(runs) == 4  # T1 and beta1 are one config
     shared = [r for r in runs.values() if len(r.uses) == 2]
     assert sorted(u for r in shared for u in r.uses) == [("T1", 0), ("T1", 1), ("beta1", 0), ("beta1", 1)]
     run = next(iter(runs.values()))
     assert run.cfg.eval_period == 2 and run.out == tmp_path / "runs" / run.key
-    other = rp.plan(rows[:1], [0], None, ["solver.max_iter=10", "threads=1", "log_period=3"], tmp_path / "x", 5)
+    other = rp.plan(rows[:1], [0], None, ["solver.max_iter=10", "solver.steps=[7]", "threads=1", "log_period=3"], tmp_path / "x", 5)
     assert set(other) <= set(runs)  # threads, log period and output folder are not part of the hash
-    assert rp.plan(rows[:1], [0], None, ["eval_period=0", "solver.max_iter=10"], tmp_path, 5).popitem()[1].cfg.eval_period == 0
+    assert rp.plan(rows[:1], [0], None, ["eval_period=0", "solver.max_iter=10", "solver.steps=[7]"], tmp_path, 5).popitem()[1].cfg.eval_period == 0
 
 
 def test_run_one_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch):
@@ -171,7 +171,7 @@ def test_two_rows_one_seed_train_once_then_come_from_the_cache(tiny_dataset, tmp
     save_config(tiny_config(tiny_dataset, tmp_path / "unused", "semi.burn_in=1", "semi.alpha_warmup=1"), config)
     out = tmp_path / "rep"
     argv = ["bench", "reproduce", "--config", str(config), "--rows", "supervised,dtg", "--seeds", "0",
-            "--set", "solver.max_iter=3", "--jobs", "2", "--curve-points", "1", "--out", str(out)]
+            "--set", "solver.max_iter=3", "--set", "solver.steps=[2]", "--jobs", "2", "--curve-points", "1", "--out", str(out)]
     assert main(argv) == 0
     first = capsys.readouterr()
     assert "2 runs: 0 cached, 2 to train" in first.err

@@ -17,7 +17,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file overriding the built-in defaults (which are configs/embedded.yaml)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config key, e.g. --set solver.max_iter=200 (repeatable)",
+        help="override one config key, e.g. --set solver.max_iter=200 --set solver.steps=[150,180] (repeatable)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

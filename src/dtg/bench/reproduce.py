@@ -3,7 +3,7 @@
     dtg bench reproduce                                  # supervised, sparse, dtg, full-labels x seeds 0-4
     dtg bench reproduce --dataset shapes2                # the same rows on the second generated dataset
     dtg bench reproduce --rows all --jobs 2              # + the ablation rows of tables 2(a), 2(b), 3, 5
-    dtg bench reproduce --rows dtg reg-own --seeds 0 1 --set solver.max_iter=300
+    dtg bench reproduce --rows dtg reg-own --seeds 0 1 --set solver.max_iter=300 --set solver.steps=[210,270]
     dtg bench reproduce --split tune --rows supervised full-labels  # choose on train images, not val
 
 Every row is a name plus ``--set`` overrides of the config (built-in embedded default, or
