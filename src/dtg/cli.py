@@ -69,13 +69,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.output_dir:
         cfg.output_dir = args.output_dir
+    if args.init_iteration is not None and not args.init_from:
+        raise ConfigError("--init-iteration needs --init-from")
+    if args.init_from and not Path(args.init_from).is_file():
+        from dtg.engine.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{args.init_from}: checkpoint not found (--init-from)")
     trainer = Trainer(cfg, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
+    resumed = False
     if args.resume:
         path = Path(cfg.output_dir) / "checkpoints" / "last.pth" if args.resume == "auto" else Path(args.resume)
         if args.resume == "auto" and not path.is_file():
-            trainer.log(f"no checkpoint at {path}; starting from scratch")
+            trainer.log(f"no checkpoint at {path}; starting from {'--init-from' if args.init_from else 'scratch'}")
         else:
             trainer.resume(path)
+            resumed = True
+    if args.init_from and not resumed:  # a resumed run continues from its own checkpoint
+        trainer.init_from(args.init_from, args.init_iteration)
     summary = trainer.train()
     if not trainer.is_main:  # under torchrun, rank 0 reports
         return 0
@@ -213,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
         help="continue from a checkpoint (default: OUTPUT_DIR/checkpoints/last.pth)",
     )
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="start from the weights of a checkpoint (a supervised run's: student and EMA teacher) or "
+                        "of a FasterRCNN state dict (both models), with a fresh optimizer; ignored when --resume "
+                        "finds a checkpoint")
+    p.add_argument("--init-iteration", type=int, metavar="N",
+                   help="with --init-from: iteration the schedule continues at (default: the checkpoint's)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="COCO bbox metrics of a checkpoint on a COCO val set")

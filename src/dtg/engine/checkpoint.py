@@ -118,6 +118,43 @@ def model_from_checkpoint(ckpt: dict[str, Any], which: str, path: str | Path) ->
     return cfg, model
 
 
+def init_weights(
+    ckpt: dict[str, Any], path: str | Path, student: "Detector", teacher: "Detector", categories: list[dict],
+) -> int:
+    """Load the weights of ``ckpt`` into a new run's student and teacher (``dtg train --init-from``).
+
+    A training checkpoint gives its student to the student and its (EMA) teacher to the teacher,
+    or its student to both when it has no teacher; a plain torchvision ``FasterRCNN`` state dict
+    (e.g. ``dtg export``'s ``model.pt``) goes into both. Nothing else is taken: optimizer,
+    scheduler position and random streams start fresh.
+
+    Raises:
+        CheckpointError: (one line naming ``path``) the categories differ from the run's, or the
+            weights do not fit its architecture (the first mismatching key).
+
+    Returns:
+        The checkpoint's iteration (0 for a plain state dict).
+    """
+    if "student" in ckpt:
+        if ckpt.get("categories") is not None and ckpt["categories"] != categories:
+            names = [c.get("name") for c in ckpt["categories"]]
+            raise CheckpointError(f"{path}: categories {names} differ from this run's {[c['name'] for c in categories]}")
+        weights = {"student": ckpt["student"], "teacher": ckpt.get("teacher", ckpt["student"])}
+        iteration = int(ckpt.get("iteration", 0))
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        weights, iteration = {"student": ckpt, "teacher": ckpt}, 0
+    else:
+        raise CheckpointError(f"{path}: neither a dtg training checkpoint nor a FasterRCNN state dict")
+    for name, model in (("student", student), ("teacher", teacher)):
+        try:
+            model.net.load_state_dict(weights[name])
+        except RuntimeError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            raise CheckpointError(f"{path}: {name} weights do not fit this run's model ({detail[:200]})") from None
+    return iteration
+
+
 def rng_state() -> dict[str, Any]:
     """States of python, numpy and torch (CPU and CUDA) generators."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

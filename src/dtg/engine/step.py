@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dtg.config import Config
 from dtg.dist import DistInfo, all_true
 from dtg.engine.runtime import NonFiniteGuard
-from dtg.engine.solver import build_optimizer, build_scheduler, unsup_weight
+from dtg.engine.solver import build_optimizer, build_scheduler, lr_factor, unsup_weight
 from dtg.methods import Batch, Method, labeled_losses
 from dtg.models.detector import Detector
 from dtg.models.ema import ema_momentum, ema_update
@@ -167,6 +167,13 @@ class TrainStep:
         last = self.last_checkpoint
         kept = f"the last checkpoint {last[0]} (iteration {last[1]}) is intact" if last else "no checkpoint was written"
         self.nonfinite.skip(iteration, what, scalars, self.dist.rank, kept)
+
+    def start_at(self, iteration: int) -> None:
+        """Put the learning-rate schedule at ``iteration`` (a fresh optimizer, ``dtg train --init-from``)."""
+        self.scheduler.last_epoch = iteration
+        factor = lr_factor(iteration, self.cfg.solver)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, scheduler, scaler and skip counters (the checkpoint's step part)."""

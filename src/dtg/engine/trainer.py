@@ -26,7 +26,7 @@ from dtg.data.coco import DatasetError
 from dtg.data.dataset import Sources, load_sources, train_loader
 from dtg.dist import all_gather_objects, init_distributed, mean_scalars, run_on_main, sync_batchnorm
 from dtg.engine.checkpoint import (
-    CheckpointError, atomic_save, load_checkpoint, restore_training, rng_state, training_state,
+    CheckpointError, atomic_save, init_weights, load_checkpoint, restore_training, rng_state, training_state,
 )
 from dtg.engine.runtime import (  # noqa: F401  (TrainingError, resolve_device: public here too)
     TrainingError, prepare_output_dir, resolve_device, seed_everything,
@@ -162,6 +162,23 @@ class Trainer:
             self.log(note)
         self.step.last_checkpoint = (Path(path), self.iteration)
         self.log(f"resumed from {path} at iteration {self.iteration}")
+
+    def init_from(self, path: str | Path, iteration: int | None = None) -> None:
+        """Start from the weights of the checkpoint at ``path`` (:func:`~dtg.engine.checkpoint.init_weights`).
+
+        The schedule continues at ``iteration`` (default: the checkpoint's own iteration, so a
+        supervised run's checkpoint at the end of burn-in starts the unlabeled phase at once);
+        the optimizer starts fresh (its momentum belongs to the loss it was built for) with the
+        learning rate of that iteration.
+        """
+        ckpt = load_checkpoint(path)
+        start = init_weights(ckpt, path, self.model, self.teacher, self.labels.categories)
+        self.iteration = start if iteration is None else int(iteration)
+        if not 0 <= self.iteration < self.cfg.solver.max_iter:
+            raise TrainingError(f"--init-iteration {self.iteration} is not in [0, solver.max_iter "
+                                f"{self.cfg.solver.max_iter})")
+        self.step.start_at(self.iteration)
+        self.log(f"initialised from {path} (iteration {start}); training from iteration {self.iteration}")
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
