@@ -178,7 +178,43 @@ class Run:
         return self.out / "metrics.json"
 
 
-def run_one(run: Run, threads: int, progress_every: float = 0.0) -> tuple[str, float]:
+MAIN_LOSSES = ("loss", "sup_rcnn_cls", "unsup_rcnn_cls", "unsup_rpn_cls")
+
+
+def progress_state(method: str, iteration: int, total: int, seconds: float, steps: int,
+                   scalars: dict[str, float]) -> dict[str, Any]:
+    """What ``progress.json`` holds: method, iteration / total, it/s and ETA over this process's
+    ``steps`` in ``seconds``, and the main losses of the last logged step."""
+    rate = steps / seconds if seconds > 0 and steps > 0 else 0.0
+    return {"method": method, "iteration": iteration, "total": total, "it_per_s": rate,
+            "eta_s": (total - iteration) / rate if rate > 0 else None,
+            "losses": {k: float(scalars[k]) for k in MAIN_LOSSES if k in scalars}}
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def progress_line(state: dict[str, Any], label: str | None = None) -> str:
+    """One line: ``dtg 420/1000 (42 %), 1.83 it/s, ETA 5:17, loss 0.812 unsup_rcnn_cls 0.101``."""
+    it, total = state["iteration"], state["total"]
+    losses = " ".join(f"{k} {v:.3f}" for k, v in state.get("losses", {}).items())
+    return (f"{label or state['method']} {it}/{total} ({100 * it // max(total, 1)} %), {state['it_per_s']:.2f} it/s, "
+            f"ETA {_clock(state['eta_s'])}{', ' + losses if losses else ''}")
+
+
+def read_progress(run: Run) -> dict[str, Any] | None:
+    """The run's ``progress.json``, or None before its first logged step (or mid-replace)."""
+    try:
+        return json.loads((run.out / "progress.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_one(run: Run, threads: int) -> tuple[str, float]:
     """Train (or resume) one run in a subprocess unless its metrics exist: ``(status, seconds)``."""
     if run.metrics_path.is_file():
         return "cached", 0.0
@@ -199,20 +235,88 @@ def run_one(run: Run, threads: int, progress_every: float = 0.0) -> tuple[str, f
 
 
 def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], None]) -> dict[str, str]:
-    """Run everything, ``jobs`` at a time; returns each run's status."""
+    """Run everything, ``jobs`` at a time, with a progress line per running run; returns each run's status."""
     todo = [r for r in runs.values() if not r.metrics_path.is_file()]
     status = {k: "cached" for k in runs}
-    log(f"{len(runs)} runs: {len(runs) - len(todo)} cached, {len(todo)} to train ({jobs} at a time, {threads} threads each)")
+    running: dict[str, Run] = {}
+    monitor = ProgressMonitor(running, log)
+    monitor.say(f"{len(runs)} runs: {len(runs) - len(todo)} cached, {len(todo)} to train ({jobs} at a time, "
+                f"{threads} threads each)")
 
     def work(run: Run) -> None:
         label = ", ".join(f"{row}/seed {s}" for row, s in run.uses)
-        log(f"start {run.key} ({label})")
-        status[run.key], seconds = run_one(run, threads)
-        log(f"{status[run.key]} {run.key} ({label}) in {seconds:.0f} s")
+        monitor.say(f"start {run.key} ({label})")
+        running[run.key] = run
+        try:
+            status[run.key], seconds = run_one(run, threads)
+        finally:
+            running.pop(run.key, None)
+        monitor.say(f"{status[run.key]} {run.key} ({label}) in {seconds:.0f} s")
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(work, todo))
+    monitor.start()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(work, todo))
+    finally:
+        monitor.stop()
     return status
+
+
+class ProgressMonitor:
+    """A thread that shows one progress line per running run: redrawn in place on a terminal
+    (every 2 s), printed as plain lines through ``log`` otherwise (every ``every`` seconds)."""
+
+    def __init__(self, running: dict[str, Run], log: Callable[[str], None], every: float = 30.0) -> None:
+        import threading
+
+        self.running, self.log, self.tty = running, log, sys.stderr.isatty()
+        self.every = 2.0 if self.tty else every
+        self.drawn = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def say(self, message: str) -> None:
+        """``log(message)`` above the progress lines (which are redrawn below it on a terminal)."""
+        with self._lock:
+            self._erase()
+            self.log(message)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            self._erase()
+
+    def lines(self) -> list[str]:
+        out = []
+        for run in list(self.running.values()):
+            state = read_progress(run)
+            label = ", ".join(f"{row}/seed {s}" for row, s in run.uses) or run.key
+            out.append(progress_line(state, label) if state else f"{label}: starting")
+        return out
+
+    def _erase(self) -> None:
+        if self.tty and self.drawn:
+            sys.stderr.write(f"\x1b[{self.drawn}F\x1b[J")
+            sys.stderr.flush()
+            self.drawn = 0
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            lines = self.lines()
+            with self._lock:
+                if self.tty:
+                    self._erase()
+                    sys.stderr.write("".join(f"  {ln}\n" for ln in lines))
+                    sys.stderr.flush()
+                    self.drawn = len(lines)
+                else:
+                    for ln in lines:
+                        self.log(ln)
 
 
 def ensure_generated(cfgs: Iterable[Config], log: Callable[[str], None]) -> None:

@@ -37,7 +37,7 @@ from dtg.evaluation.inference import evaluate_model
 from dtg.methods import build_method
 from dtg.models.detector import Detector
 from dtg.models.ema import make_teacher
-from dtg.runs import dataset_fingerprint, provenance
+from dtg.runs import dataset_fingerprint, progress_line, progress_state, provenance
 
 
 class Trainer:
@@ -186,10 +186,13 @@ class Trainer:
         cfg = self.cfg
         writer = SummaryWriter(str(self.out / "tb"), purge_step=self.iteration or None) if self.is_main else None
         loader = iter(self._loader(start_batch=self.iteration))
+        # A redrawn bar on a terminal; in a log file (no terminal), plain progress lines instead.
+        self._plain = self.progress and not sys.stderr.isatty()
         bar = tqdm(
             total=cfg.solver.max_iter, initial=self.iteration, desc=f"train {cfg.method}",
-            disable=not self.progress, dynamic_ncols=True, file=sys.stderr,
+            disable=not self.progress or self._plain, dynamic_ncols=True, file=sys.stderr,
         )
+        self._clock = (time.perf_counter(), self.iteration, time.perf_counter())  # start, its iteration, last line
         try:
             t0 = time.perf_counter()
             while self.iteration < cfg.solver.max_iter:
@@ -222,10 +225,25 @@ class Trainer:
             for k, v in scalars.items() if writer is not None else ():
                 writer.add_scalar(f"train/{k}", v, it)
             bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.endswith(("cls", "reg")) or k == "loss"})
+            if self.is_main:
+                self._report_progress(scalars)
         if cfg.eval_period > 0 and it % cfg.eval_period == 0 and it < cfg.solver.max_iter:
             self.evaluate(writer)
         if it % cfg.checkpoint_period == 0 or it == cfg.solver.max_iter:
             self.save("last.pth")
+
+    def _report_progress(self, scalars: dict[str, float]) -> None:
+        """``progress.json`` (read by ``dtg demo`` / ``dtg bench reproduce``) and, without a terminal,
+        a plain line at most every 30 s (and at the end)."""
+        start, start_it, last_line = self._clock
+        now, it, total = time.perf_counter(), self.iteration, self.cfg.solver.max_iter
+        state = progress_state(self.cfg.method, it, total, now - start, it - start_it, scalars)
+        tmp = self.out / "progress.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.out / "progress.json")
+        if self._plain and (now - last_line >= 30.0 or it == total):
+            print(f"[train] {progress_line(state)}", file=sys.stderr, flush=True)
+            self._clock = (start, start_it, now)
 
     def evaluate(self, writer: SummaryWriter | None = None, final: bool = False) -> dict[str, Any]:
         """COCO metrics of the student and the teacher on the val set (every rank calls)."""
