@@ -23,10 +23,10 @@ def test_progress_line_and_state_on_hand_made_numbers():
 
 
 def test_training_without_a_terminal_writes_progress_json_and_plain_lines(tiny_dataset, tmp_path, capsys):
-    cfg = tiny_config(tiny_dataset, tmp_path / "r", "solver.max_iter=2", "data.val_json=")
+    cfg = tiny_config(tiny_dataset, tmp_path / "r", "solver.max_iter=2")
     Trainer(cfg, log=lambda m: None, progress=True).train()
     err = capsys.readouterr().err
-    assert "[train] supervised 2/2 (100 %)" in err and "\r" not in err  # no redrawn bar in a log
+    assert "[train] supervised 2/2 (100 %)" in err and "\r" not in err  # no redrawn bar in a log (eval included)
     state = json.loads((tmp_path / "r" / "progress.json").read_text())
     assert state["iteration"] == state["total"] == 2 and state["method"] == "supervised" and "loss" in state["losses"]
 

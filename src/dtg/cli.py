@@ -169,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dtg.runs import Run, execute, git_state
 
     cfg = _config(args)
-    paths = generate(cfg.synth, progress=not args.no_progress)
+    paths = generate(cfg.synth, progress=not args.no_progress and sys.stderr.isatty())
     runs = {}
     for method in dict.fromkeys(args.methods):
         run = _config(args, f"method={method}")

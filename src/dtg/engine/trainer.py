@@ -255,7 +255,7 @@ class Trainer:
         for name, model in models.items():
             metrics, results = evaluate_model(
                 model, self.data.val, self.labels, d.test_size, d.test_max_size, self.device,
-                dist=self.dist, progress=self.progress, desc=f"eval {name}",
+                dist=self.dist, progress=self.progress and sys.stderr.isatty(), desc=f"eval {name}",
             )
             out[name] = metrics
             if writer is not None:
