@@ -3,7 +3,8 @@ import torch
 
 from dtg.engine.checkpoint import load_checkpoint
 from dtg.engine.trainer import Trainer
-from dtg.losses.inc import IncTargets, concat_targets, ignore_samples
+from dtg.losses.inc import IncTargets
+from dtg.losses.inc_image import concat_targets, ignore_samples
 from dtg.methods.dtg import inc_options, stage_switch
 from dtg.losses.correspondence import map_anchors
 

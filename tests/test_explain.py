@@ -13,7 +13,7 @@ from torchvision.models.detection._utils import BoxCoder
 from dtg.cli import main
 from dtg.engine.trainer import Trainer
 from dtg.explain import explain_checkpoint, explain_rcnn, render
-from dtg.losses.inc import IncOptions
+from dtg.losses.inc_image import IncOptions
 
 from conftest import tiny_config
 

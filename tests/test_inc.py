@@ -322,7 +322,7 @@ def test_uncertain_band_is_ignored_not_background() -> None:
 
 
 def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -> None:
-    from dtg.losses.inc import keep_members_and_sample_background, take_samples
+    from dtg.losses.inc_image import keep_members_and_sample_background, take_samples
 
     n = 40
     cluster = torch.full((n,), -1)

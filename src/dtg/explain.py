@@ -2,7 +2,7 @@
 
 In the spirit of the DTG-SSOD paper's figures 2(b) and 3, for one image and one checkpoint:
 the teacher's R-CNN clusters on its weak view (candidates ``p >= tau_rcnn`` grouped by greedy
-NMS, exactly as training builds them with :func:`dtg.losses.inc.rcnn_image_targets`), and the student RoIs
+NMS, exactly as training builds them with :func:`dtg.losses.inc_image.rcnn_image_targets`), and the student RoIs
 on the strong view (the same proposals mapped by ``M``) coloured by the INC label they
 induce, with each cluster's teacher rank vs student rank (what Rank Matching compares).
 
@@ -31,7 +31,8 @@ from dtg.geometry import teacher_to_student
 from dtg.data.augment import View, make_view
 from dtg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from dtg.losses.correspondence import map_proposals
-from dtg.losses.inc import IncOptions, IncTargets, rcnn_image_targets
+from dtg.losses.inc import IncTargets
+from dtg.losses.inc_image import IncOptions, rcnn_image_targets
 from dtg.methods.dtg import inc_options
 from dtg.models.detector import Detector
 

@@ -28,7 +28,7 @@ from dtg.methods import Batch
 from dtg.engine.trainer import Trainer
 from dtg.losses.clustering import nms_clusters
 from dtg.losses.correspondence import anchor_grid, map_anchors, match_anchors, match_anchors_with_iou
-from dtg.losses.inc import rcnn_image_targets, rpn_image_targets
+from dtg.losses.inc_image import rcnn_image_targets, rpn_image_targets
 from dtg.methods.dtg import inc_options
 
 def median_ms(fn: Callable[[], object], repeat: int) -> float:

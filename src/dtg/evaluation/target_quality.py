@@ -104,7 +104,7 @@ def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teac
     """Add one batch's counts, pairing and positive weights to ``report``."""
     from dtg.evaluation.targets import add_counts, paired_share, pseudo_assignment, stage_counts
     from dtg.losses.correspondence import anchor_grid
-    from dtg.losses.inc import anchor_partners, concat_targets, rcnn_image_targets, rpn_image_targets
+    from dtg.losses.inc_image import anchor_partners, concat_targets, rcnn_image_targets, rpn_image_targets
     from dtg.losses.pseudo_label import pseudo_targets
     from dtg.methods.dtg import inc_options
 

@@ -13,8 +13,7 @@ encoding relative to, or toward, a sub-pixel box gives meaningless (or infinite)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,13 +22,10 @@ from torchvision.ops import clip_boxes_to_image
 
 from dtg.geometry import project_boxes, valid_boxes
 from dtg.losses.clustering import nms_clusters
-from dtg.losses.correspondence import AnchorGrid, area_levels, map_anchors, map_proposals, match_anchors
 
 MIN_BOX_SIZE = 1.0  # px; smaller mapped targets / reference boxes get no regression target
 RPN_CANDIDATE_MODES = ("threshold_then_nms", "nms_then_threshold")
 REG_TARGETS = ("kept", "own")
-ANCHOR_LEVELS = ("box", "area")
-ANCHOR_TIES = ("even", "up")
 
 
 @dataclass
@@ -66,7 +62,8 @@ class IncTargets:
             self.classes = self.labels
 
 
-def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """ValueError unless ``value`` is one of ``allowed`` (``name`` names the option)."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -144,7 +141,7 @@ def rcnn_inc_targets(
     Returns:
         :class:`IncTargets` over the P RoIs; cluster ids are NMS keep positions 0..num_clusters-1.
     """
-    _check("reg_target", reg_target, REG_TARGETS)
+    check_choice("reg_target", reg_target, REG_TARGETS)
     num = teacher_logits.shape[0]
     dtype = torch.promote_types(teacher_proposals.dtype, torch.float32)
     prob = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32)).softmax(dim=-1)
@@ -244,8 +241,8 @@ def rpn_inc_targets(
         :class:`IncTargets` over the A_s student anchors; labels in {1, 0, -1}; cluster ids are
         renumbered 0..num_clusters-1 over the clusters that reach at least one student anchor.
     """
-    _check("candidates", candidates, RPN_CANDIDATE_MODES)
-    _check("reg_target", reg_target, REG_TARGETS)
+    check_choice("candidates", candidates, RPN_CANDIDATE_MODES)
+    check_choice("reg_target", reg_target, REG_TARGETS)
     num_t, num_s = teacher_objectness.shape[0], student_anchors.shape[0]
     device = teacher_objectness.device
     if num_t == 0:  # no teacher anchor: every student anchor is ignored
@@ -317,170 +314,3 @@ def deciding_teacher_anchor(score: Tensor, partner: Tensor, num_student: int) ->
     best = torch.full((num_student,), -1, dtype=torch.int64, device=score.device)
     best = best.scatter_reduce(0, partner[has], rank[has], reduce="amax", include_self=True)
     return torch.where(best >= 0, order[best.clamp(min=0)], -1)
-
-
-# ----------------------------------------------------------------------------- per image, as training builds them
-
-
-@dataclass(frozen=True)
-class IncOptions:
-    """Thresholds and switches of INC target building in both stages (docs/method.md, "INC in the R-CNN stage" and "INC in the RPN stage").
-
-    Built from ``DTGConfig`` by :func:`dtg.methods.dtg.inc_options`; ``canonical`` is the anchor
-    size of FPN level 0 (``model.anchor_sizes[0]``).
-    """
-
-    tau_rcnn: float = 0.45
-    rcnn_nms: float = 0.5
-    uncertain_rcnn: float | None = None
-    tau_rpn: float = 0.9
-    rpn_nms: float = 0.7
-    uncertain_rpn: float | None = None
-    rpn_candidates: str = "threshold_then_nms"
-    reg_target: str = "kept"
-    cls_labels: bool = True
-    reg_labels: bool = True
-    anchor_radius: int = 1
-    canonical: float = 32.0
-    anchor_level: str = "box"  # "box": level of the mapped min/max box; "area": correspondence.area_levels
-    anchor_ties: str = "even"  # centre half-way between cells: "even" (torch.round) or "up" (the next cell)
-
-
-class RcnnImageTargets(NamedTuple):
-    """What :func:`rcnn_image_targets` builds for one image."""
-
-    rois: Tensor  # (P, 4) xyxy student RoIs, row i = teacher proposal i mapped into the student view
-    targets: IncTargets  # over the P RoIs, the RoIs that left the student view ignored: what the losses use
-    clustered: IncTargets  # the same before that: every candidate's cluster (for drawing and diagnostics)
-    outside: Tensor  # (P,) bool, RoIs that left the student view
-
-
-def rcnn_image_targets(
-    teacher_logits: Tensor, teacher_deltas: Tensor, proposals: Tensor, teacher_to_student: Tensor,
-    student_size: tuple[int, int], teacher_size: tuple[int, int], box_coder: BoxCoder, opts: IncOptions,
-) -> RcnnImageTargets:
-    """The student RoIs of one image and their R-CNN INC targets, exactly as training builds them.
-
-    The teacher's P proposals are mapped one to one into the student view
-    (:func:`~dtg.losses.correspondence.map_proposals`); RoIs that left the view (narrower or
-    shorter than 1 px) are ignored.
-
-    Args:
-        teacher_logits: (P, K + 1); teacher_deltas: (P, (K + 1) * 4) the teacher's R-CNN on its
-            own (P, 4) xyxy ``proposals`` (weak view).
-        teacher_to_student: (3, 3); student_size / teacher_size: ``(H, W)``.
-        box_coder: the R-CNN box coder (:attr:`dtg.models.detector.Detector.rcnn_box_coder`).
-
-    Returns:
-        :class:`RcnnImageTargets`.
-    """
-    rois = map_proposals(proposals, teacher_to_student, student_size)
-    tg = rcnn_inc_targets(
-        teacher_logits, teacher_deltas, proposals, rois, teacher_to_student, student_size, box_coder,
-        tau=opts.tau_rcnn, iou_threshold=opts.rcnn_nms, reg_target=opts.reg_target,
-        cls_labels=opts.cls_labels, reg_labels=opts.reg_labels, teacher_size=teacher_size,
-        uncertain=opts.uncertain_rcnn,
-    )
-    outside = ~valid_boxes(rois, MIN_BOX_SIZE)  # left the student view
-    return RcnnImageTargets(rois, ignore_samples(tg, outside), tg, outside)
-
-
-def anchor_partners(teacher_anchors: Tensor, teacher_to_student: Tensor, grid: AnchorGrid, opts: IncOptions) -> Tensor:
-    """(A_t,) int64 student anchor paired with each (A_t, 4) teacher anchor, -1 for none (``opts.anchor_level``)."""
-    _check("anchor_level", opts.anchor_level, ANCHOR_LEVELS)
-    levels = (area_levels(teacher_anchors, teacher_to_student, grid.num_levels, opts.canonical)
-              if opts.anchor_level == "area" else None)
-    _check("anchor_ties", opts.anchor_ties, ANCHOR_TIES)
-    return match_anchors(map_anchors(teacher_anchors, teacher_to_student), grid, opts.canonical,
-                         opts.anchor_radius, levels, opts.anchor_ties == "up")
-
-
-def rpn_image_targets(
-    teacher_objectness: Tensor, teacher_deltas: Tensor, teacher_anchors: Tensor, teacher_levels: Tensor,
-    grid: AnchorGrid, teacher_to_student: Tensor, student_size: tuple[int, int], teacher_size: tuple[int, int],
-    box_coder: BoxCoder, opts: IncOptions,
-) -> IncTargets:
-    """RPN INC targets over the student anchors of one image, with the anchor correspondence.
-
-    Each teacher anchor is mapped into the student view and paired with a student anchor
-    (:func:`~dtg.losses.correspondence.match_anchors`), then :func:`rpn_inc_targets`.
-
-    Args:
-        teacher_objectness: (A_t,) logits; teacher_deltas: (A_t, 4); teacher_anchors: (A_t, 4)
-            xyxy; teacher_levels: (A_t,) int64 FPN level.
-        grid: the student anchor layout (:func:`~dtg.losses.correspondence.anchor_grid`).
-        box_coder: the RPN box coder (:attr:`dtg.models.detector.Detector.rpn_box_coder`).
-
-    Returns:
-        :class:`IncTargets` over ``grid.anchors``.
-    """
-    partner = anchor_partners(teacher_anchors, teacher_to_student, grid, opts)
-    return rpn_inc_targets(
-        teacher_objectness, teacher_deltas, teacher_anchors, teacher_levels, partner, grid.anchors,
-        teacher_to_student, student_size, teacher_size, box_coder,
-        tau=opts.tau_rpn, iou_threshold=opts.rpn_nms, candidates=opts.rpn_candidates,
-        cls_labels=opts.cls_labels, reg_labels=opts.reg_labels, reg_target=opts.reg_target,
-        uncertain=opts.uncertain_rpn,
-    )
-
-
-def concat_targets(parts: list[IncTargets]) -> IncTargets:
-    """Concatenate per-image targets; cluster ids are offset so that images never share a cluster."""
-    offset, clusters = 0, []
-    for p in parts:
-        clusters.append(torch.where(p.cluster >= 0, p.cluster + offset, p.cluster))
-        offset += int(p.cluster.max()) + 1 if p.cluster.numel() else 0  # max is -1 without members
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return IncTargets(
-        labels=cat("labels"), reg_targets=cat("reg_targets"), reg_mask=cat("reg_mask"),
-        cluster=torch.cat(clusters), teacher_scores=cat("teacher_scores"),
-        num_clusters=sum(p.num_clusters for p in parts), classes=cat("classes"),
-    )
-
-
-def ignore_samples(t: IncTargets, ignore: Tensor) -> IncTargets:
-    """Targets with the samples in the (N,) bool mask ``ignore`` removed from every loss."""
-    neg = torch.full_like(t.labels, -1)
-    cluster = torch.where(ignore, neg, t.cluster)
-    return replace(
-        t,
-        labels=torch.where(ignore, neg, t.labels),
-        classes=torch.where(ignore, neg, t.classes),
-        reg_mask=t.reg_mask & ~ignore,
-        cluster=cluster,
-        num_clusters=int(cluster[cluster >= 0].unique().numel()),  # clusters with a member left
-    )
-
-
-def keep_members_and_sample_background(t: IncTargets, num: int, generator: torch.Generator | None = None) -> Tensor:
-    """Indices of the samples one image keeps under the R-CNN cost switch (``dtg.rcnn_subsample``).
-
-    Every cluster member is kept; background samples (label 0) are drawn at random, without
-    replacement, to fill the image up to ``num`` samples (none when the members alone reach it);
-    ignored samples are dropped (they carry no loss).
-
-    Args:
-        t: one image's :class:`IncTargets` over N samples.
-        num: samples per image (``model.roi_batch_size_per_image``).
-        generator: random source (default: torch's global one, seeded by the run).
-
-    Returns:
-        (K,) int64 sorted indices into the N samples, ``K = members + min(background, max(num - members, 0))``.
-    """
-    members = (t.cluster >= 0).nonzero().squeeze(1)
-    background = ((t.classes == 0) & (t.cluster < 0)).nonzero().squeeze(1)
-    room = max(num - members.numel(), 0)
-    if background.numel() > room:
-        pick = torch.randperm(background.numel(), generator=generator, device=background.device)[:room]
-        background = background[pick]
-    return torch.cat([members, background]).sort().values
-
-
-def take_samples(t: IncTargets, index: Tensor) -> IncTargets:
-    """The targets of the samples at ``index`` (cluster ids unchanged)."""
-    cluster = t.cluster[index]
-    return IncTargets(
-        labels=t.labels[index], reg_targets=t.reg_targets[index], reg_mask=t.reg_mask[index], cluster=cluster,
-        teacher_scores=t.teacher_scores[index], num_clusters=int(cluster[cluster >= 0].unique().numel()),
-        classes=t.classes[index],
-    )

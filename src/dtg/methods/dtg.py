@@ -17,7 +17,7 @@ from dtg.config import Config, DTGConfig
 from dtg.geometry import teacher_to_student
 from dtg.losses.correspondence import anchor_grid
 from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas
-from dtg.losses.inc import (
+from dtg.losses.inc_image import (
     IncOptions, concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets, take_samples,
 )
 from dtg.losses.rank_matching import rank_matching_loss
