@@ -123,7 +123,7 @@ def test_runs_of_different_datasets_are_not_mixed_in_one_table(tmp_path):
 
 
 def test_row_selection():
-    assert [r.name for r in rp.select_rows(["main"])] == ["supervised", "sparse", "dtg", "full-labels"]
+    assert [r.name for r in rp.select_rows(["main"])] == ["supervised", "sparse", "dtg", "oracle", "full-labels"]
     assert len(rp.select_rows(["all"])) == len(rp.ROWS)
     assert [r.name for r in rp.select_rows(["dtg,reg-own", "dtg", "T0.5"])] == ["dtg", "reg-own", "T0.5"]
     with pytest.raises(ValueError, match="unknown row 'nope'"):
@@ -188,6 +188,9 @@ def test_two_rows_one_seed_train_once_then_come_from_the_cache(tiny_dataset, tmp
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = sorted(out.glob("runs/*/metrics.json"))
     assert len(metrics) == 2
+    (dtg_log,) = [p.parent / "train.log" for p in metrics if "dtg" in p.parent.joinpath("run.yaml").read_text()
+                  and "method: dtg" in p.parent.joinpath("run.yaml").read_text()]
+    assert "--init-from" in dtg_log.read_text() and "iter_0000001.pth (iteration 1)" in dtg_log.read_text()
     stamps = [m.stat().st_mtime_ns for m in metrics]
 
     assert main(argv) == 0
@@ -195,3 +198,54 @@ def test_two_rows_one_seed_train_once_then_come_from_the_cache(tiny_dataset, tmp
     assert "2 runs: 2 cached, 0 to train" in second.err and "start" not in second.err
     assert [m.stat().st_mtime_ns for m in metrics] == stamps
     assert second.out == first.out
+
+
+SHORT = ["solver.max_iter=10", "solver.steps=[7]", "semi.burn_in=4"]
+
+
+def test_semi_rows_start_from_the_supervised_runs_checkpoint_at_burn_in(tmp_path):
+    rows = rp.select_rows(["main"])
+    runs = rp.plan(rows, [0, 1], None, SHORT, tmp_path, 0)
+    by_use = {u: r for r in runs.values() for u in r.uses}
+    assert len(runs) == 10  # per seed: supervised, sparse, dtg, oracle, full-labels
+    for seed in (0, 1):
+        sup = by_use[("supervised", seed)]
+        assert sup.parent is None and sup.cfg.checkpoint_at == [4]
+        for name in ("sparse", "dtg", "oracle"):
+            child = by_use[(name, seed)]
+            assert child.parent == sup.key and child.needs == sup.out / "checkpoints" / "iter_0000004.pth"
+            assert child.extra_args == ["--init-from", str(child.needs)] and child.cfg.method == name
+        assert by_use[("full-labels", seed)].parent is None  # other labeled data: its own run
+    own = rp.plan(rows, [0], None, SHORT, tmp_path / "own", 0, shared_burn_in=False)
+    assert all(r.parent is None for r in own.values())
+    # A semi-supervised key does not change the supervised run; it does change the runs that branch off it.
+    other = rp.plan(rp.select_rows(["supervised", "sparse"]), [0], None, [*SHORT, "semi.alpha=2"], tmp_path, 0)
+    assert by_use[("supervised", 0)].key in other and by_use[("sparse", 0)].key not in other
+
+
+def test_a_branch_needs_the_same_first_iterations():
+    from dtg.config import load_config
+
+    sup = load_config(None, ["solver.max_iter=100", "solver.steps=[70, 90]", "semi.burn_in=50"])
+    semi = load_config(None, ["method=sparse", "solver.max_iter=200", "solver.steps=[150]", "semi.burn_in=50",
+                              "semi.alpha=3", "data.strong_view.rotate=0", "eval_period=10"])
+    assert rn.supervised_part(semi, 50) == rn.supervised_part(sup, 50)  # later steps and max_iter do not count
+    assert rn.supervised_part(semi) != rn.supervised_part(sup)
+    for key in ("solver.lr=0.02", "semi.ema_momentum=0.9", "model.fpn_channels=32", "solver.steps=[40, 150]"):
+        changed = load_config(None, ["method=sparse", "solver.max_iter=200", "solver.steps=[150]", "semi.burn_in=50",
+                                     key])
+        assert rn.supervised_part(changed, 50) != rn.supervised_part(sup, 50), key
+
+
+def test_a_branch_waits_for_its_parents_checkpoint_and_fails_without_it(tmp_path):
+    parent = rn.Run("p", None, tmp_path / "p")
+    child = rn.Run("c", None, tmp_path / "c", parent="p", needs=tmp_path / "p" / "checkpoints" / "iter_0000004.pth")
+    runs = {"p": parent, "c": child}
+    assert rn._readiness(parent, runs, {}) == "ready"
+    for state in ("pending", "running"):
+        assert rn._readiness(child, runs, {"p": state}) is None
+    assert "the run it starts from, p, failed" in rn._readiness(child, runs, {"p": "failed (exit 1)"})
+    assert "iter_0000004.pth does not exist: remove" in rn._readiness(child, runs, {"p": "cached"})
+    child.needs.parent.mkdir(parents=True)
+    child.needs.write_bytes(b"x")
+    assert rn._readiness(child, runs, {"p": "running"}) == "ready"

@@ -205,7 +205,7 @@ def _usages(p: argparse.ArgumentParser) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dtg.methods import method_names
+    from dtg.methods import MAIN_METHODS, method_names
 
     parser = argparse.ArgumentParser(prog="dtg", description="Semi-supervised object detection with Dense Teacher Guidance")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_skip_bad(p)
     p.add_argument(
-        "--methods", nargs="+", default=method_names(), choices=method_names(),
+        "--methods", nargs="+", default=list(MAIN_METHODS), choices=method_names(),
         help="methods to run side by side on the same schedule and seed (default: all three)",
     )
     p.add_argument("--jobs", type=int, default=0, help="methods trained at once (default: all of them)")

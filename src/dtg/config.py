@@ -165,6 +165,8 @@ class SemiConfig:
     # ignore regions (background samples on them leave the loss); >= pseudo_score_thresh: off (the paper)
     uncertain_score_thresh: Prob = 0.3
     unsup_cls_loss: Literal["ce", "focal"] = "focal"  # R-CNN classification loss of the unlabeled branch
+    # sparse / oracle: the unlabeled branch's box regression losses (RPN and R-CNN); Unbiased Teacher drops them
+    unsup_reg: bool = True
 
 
 @dataclass
@@ -235,6 +237,9 @@ class Config:
     output_dir: str = "runs/embedded"
     deterministic: bool = False
     checkpoint_period: PosInt = 500
+    # Iterations whose checkpoint is also kept as checkpoints/iter_NNNNNNN.pth (a supervised run's
+    # end of burn-in, which semi-supervised runs start from with --init-from); no effect on results.
+    checkpoint_at: list[PosInt] = field(default_factory=list)
     eval_period: Count = 0  # 0: evaluate at the end only
     log_period: PosInt = 20
     threads: Count = 0  # torch intra-op threads; 0 leaves torch's default

@@ -31,7 +31,7 @@ from dtg.fingerprint import files_fingerprint
 
 # Keys that cannot change what a run learns; left out of the run hash. eval_period is not
 # among them: it decides the AP curve and best.pth of a run (not its final weights).
-VOLATILE_KEYS = ("output_dir", "threads", "log_period", "checkpoint_period", "target_images")
+VOLATILE_KEYS = ("output_dir", "threads", "log_period", "checkpoint_period", "checkpoint_at", "target_images")
 
 
 def config_hash(cfg: Config) -> str:
@@ -41,7 +41,14 @@ def config_hash(cfg: Config) -> str:
 
 
 def run_key(cfg: Config, fingerprint: str) -> str:
-    """A run's identity: 12 hex digits of its :func:`config_hash` and its dataset fingerprint."""
+    """A run's identity: 12 hex digits of its :func:`config_hash` and its dataset fingerprint.
+
+    A supervised run is identified by the keys it reads only (:func:`supervised_part`), so that
+    configs that differ in a semi-supervised key share their supervised run.
+    """
+    if cfg.method == "supervised":
+        part = hashlib.sha1(json.dumps(supervised_part(cfg), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha1(f"supervised:{part}:{fingerprint}".encode()).hexdigest()[:12]
     return hashlib.sha1(f"{config_hash(cfg)}:{fingerprint}".encode()).hexdigest()[:12]
 
 
@@ -163,19 +170,73 @@ def _cores() -> int:
 # ----------------------------------------------------------------------------- execution
 
 
+def iteration_checkpoint(iteration: int) -> str:
+    """The file name under ``checkpoints/`` of the checkpoint kept at ``iteration`` (config ``checkpoint_at``)."""
+    return f"iter_{iteration:07d}.pth"
+
+
 @dataclass
 class Run:
-    """One training run (a resolved config), shared by every (row, seed) that resolves to it."""
+    """One training run (a resolved config), shared by every (row, seed) that resolves to it.
+
+    A run that starts from another run's checkpoint (a semi-supervised run branching off its
+    supervised burn-in, :func:`branch_from`) names it in ``parent`` and waits for the file
+    ``needs`` before it starts.
+    """
 
     key: str
     cfg: Config
     out: Path
     uses: list[tuple[str, int]] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)  # more ``dtg train`` arguments (e.g. --init-from)
+    parent: str | None = None  # key of the run whose checkpoint this one starts from
+    needs: Path | None = None  # that checkpoint
 
     @property
     def metrics_path(self) -> Path:
         return self.out / "metrics.json"
+
+
+# What a supervised run never reads: a semi-supervised config that differs from a supervised one
+# only here trains exactly like it until its burn-in ends (semi.ema_momentum is read: the teacher).
+SUPERVISED_IGNORES = ("method", "checkpoint_at", "dtg", "semi", "data.batch_unlabeled", "data.weak_view",
+                      "data.strong_view")
+SUPERVISED_READS = ("semi.ema_momentum",)
+
+
+def supervised_part(cfg: Config, until: int | None = None) -> dict[str, Any]:
+    """``cfg`` as a plain dict without the keys a supervised run does not read (:data:`SUPERVISED_IGNORES`)
+    or that never change what it learns (:data:`VOLATILE_KEYS`).
+
+    With ``until``, only what decides its first ``until`` iterations: ``solver.max_iter``, the
+    learning-rate steps at or after ``until`` and ``eval_period`` are left out too.
+    """
+    data = json.loads(json.dumps(to_dict(cfg)))
+    kept = {key: data[key.split(".")[0]][key.split(".")[1]] for key in SUPERVISED_READS}
+    for key in (*SUPERVISED_IGNORES, *VOLATILE_KEYS):
+        head, _, tail = key.partition(".")
+        (data[head].pop(tail, None) if tail else data.pop(head, None))
+    if until is not None:
+        data["solver"].pop("max_iter")
+        data["solver"]["steps"] = [s for s in data["solver"]["steps"] if s < until]
+        data.pop("eval_period")
+    return {**data, "reads": kept}
+
+
+def branch_key(key: str, parent: str, iteration: int) -> str:
+    """The identity of a run that starts from ``parent``'s checkpoint at ``iteration`` instead of its own burn-in."""
+    return hashlib.sha1(f"{key}:from {parent}@{iteration}".encode()).hexdigest()[:12]
+
+
+def branch_from(child: Run, parent: Run, iteration: int) -> None:
+    """Make ``child`` start from ``parent``'s checkpoint at ``iteration`` (``dtg train --init-from``).
+
+    The parent keeps that checkpoint (``checkpoint_at``); the child waits for it (:func:`execute`).
+    """
+    if iteration not in parent.cfg.checkpoint_at:
+        parent.cfg.checkpoint_at = sorted([*parent.cfg.checkpoint_at, iteration])
+    child.parent, child.needs = parent.key, parent.out / "checkpoints" / iteration_checkpoint(iteration)
+    child.extra_args = ["--init-from", str(child.needs)]
 
 
 MAIN_LOSSES = ("loss", "sup_rcnn_cls", "unsup_rcnn_cls", "unsup_rpn_cls")
@@ -234,18 +295,37 @@ def run_one(run: Run, threads: int) -> tuple[str, float]:
     return ("resumed" if resume else "trained"), seconds
 
 
+def _readiness(run: Run, runs: dict[str, Run], status: dict[str, str]) -> str | None:
+    """``"ready"``, None (wait: its parent is pending or training) or a failure message."""
+    if run.needs is None or run.needs.is_file():
+        return "ready"
+    state = status.get(run.parent or "")
+    if state in ("pending", "running"):
+        return None
+    if state is None or state.startswith("failed"):
+        return f"failed (the run it starts from, {run.parent}, failed or is not planned)"
+    return (f"failed ({run.needs} does not exist: remove {runs[run.parent or ''].out} to train that run again "
+            f"with this checkpoint)")
+
+
 def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], None]) -> dict[str, str]:
-    """Run everything, ``jobs`` at a time, with a progress line per running run; returns each run's status."""
+    """Run everything, ``jobs`` at a time, with a progress line per running run; returns each run's status.
+
+    A run with ``needs`` starts once that checkpoint exists (its parent is still training
+    meanwhile); it fails, without training, when its parent failed or ended without it.
+    """
+    from concurrent.futures import FIRST_COMPLETED, wait
+
     todo = [r for r in runs.values() if not r.metrics_path.is_file()]
-    status = {k: "cached" for k in runs}
+    status = {k: ("cached" if r.metrics_path.is_file() else "pending") for k, r in runs.items()}
     running: dict[str, Run] = {}
     monitor = ProgressMonitor(running, log)
     monitor.say(f"{len(runs)} runs: {len(runs) - len(todo)} cached, {len(todo)} to train ({jobs} at a time, "
                 f"{threads} threads each)")
 
     def work(run: Run) -> None:
-        label = ", ".join(f"{row}/seed {s}" for row, s in run.uses)
-        monitor.say(f"start {run.key} ({label})")
+        label = ", ".join(f"{row}/seed {s}" for row, s in run.uses) or "supervised burn-in"
+        monitor.say(f"start {run.key} ({label})" + (f" from {run.needs}" if run.needs else ""))
         running[run.key] = run
         try:
             status[run.key], seconds = run_one(run, threads)
@@ -254,9 +334,29 @@ def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], 
         monitor.say(f"{status[run.key]} {run.key} ({label}) in {seconds:.0f} s")
 
     monitor.start()
+    pending, futures = list(todo), set()
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            list(pool.map(work, todo))
+            while pending or futures:
+                for run in list(pending):
+                    if len(futures) >= max(1, jobs):
+                        break
+                    state = _readiness(run, runs, status)
+                    if state is None:
+                        continue
+                    pending.remove(run)
+                    if state == "ready":
+                        status[run.key] = "running"
+                        futures.add(pool.submit(work, run))
+                    else:
+                        status[run.key] = state
+                        monitor.say(f"{state}: {run.key}")
+                if futures:
+                    done, futures = wait(futures, timeout=2.0, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                elif pending:
+                    time.sleep(0.5)
     finally:
         monitor.stop()
     return status
@@ -295,7 +395,7 @@ class ProgressMonitor:
         out = []
         for run in list(self.running.values()):
             state = read_progress(run)
-            label = ", ".join(f"{row}/seed {s}" for row, s in run.uses) or run.key
+            label = ", ".join(f"{row}/seed {s}" for row, s in run.uses) or f"burn-in {run.key}"
             out.append(progress_line(state, label) if state else f"{label}: starting")
         return out
 

@@ -35,10 +35,12 @@ from typing import Any, Callable, Sequence
 from dtg.bench.report import STATS, RowResult, gap_share, gap_table, markdown_table, plot, read_curve
 from dtg.config import Config, load_config, to_dict
 from dtg.data.synth import DATASETS
-from dtg.runs import Run, dataset_fingerprint, ensure_generated, execute, run_key
+from dtg.runs import (
+    Run, branch_from, branch_key, dataset_fingerprint, ensure_generated, execute, run_key, supervised_part,
+)
 
 Paper = tuple[float, float, float]
-MAIN_ROWS = ("supervised", "sparse", "dtg", "full-labels")
+MAIN_ROWS = ("supervised", "sparse", "dtg", "oracle", "full-labels")
 CEILING = "full-labels"
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
@@ -62,6 +64,7 @@ ROWS: tuple[Row, ...] = (
     Row(CEILING, {"method": "supervised"}, None, "T1: supervised on all of train2017, AP 40.9 (no AP50/AP75 given)"),
     Row("sparse", {"method": "sparse"}, (34.5, 53.8, 37.1), "T2(c) spa-den / spa-den"),
     Row("dtg", DTG, (36.3, 56.4, 38.8), "T2(a) RPN+RCNN = T2(b) +RM (T1 5-fold: 35.92)"),
+    Row("oracle", {"method": "oracle"}, None, "not in the paper: sparse fed the unlabeled images' ground truth"),
     Row("dtg-rpn-only", {**DTG, "dtg.rcnn": False}, (28.5, 47.7, 29.5), "T2(a) RPN only"),
     Row("dtg-rcnn-only", {**DTG, "dtg.rpn": False}, None, "not in the paper (T2(c) 35.5 has a sparse RPN)"),
     Row("hybrid", {**DTG, "dtg.rpn_targets": "sparse"}, None, "T2(c) sparse RPN + dense R-CNN: AP 35.5"),
@@ -154,23 +157,49 @@ def resolve(config: str | None, overrides: Sequence[str], row: Row, seed: int, c
 
 
 def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, overrides: Sequence[str], out: Path,
-         curve_points: int, log: Callable[[str], None] = lambda m: None, split: str = "val") -> dict[str, Run]:
+         curve_points: int, log: Callable[[str], None] = lambda m: None, split: str = "val",
+         shared_burn_in: bool = True) -> dict[str, Run]:
     """Runs by identity (config hash + dataset fingerprint), each listing the (row, seed) pairs it serves.
 
     Generated datasets are made (or remade when stale) first, so that their fingerprints are current.
+    With ``shared_burn_in`` a semi-supervised run whose config differs from the supervised row's
+    only in keys a supervised run does not read (:data:`dtg.runs.SUPERVISED_IGNORES`) does not
+    train its own ``semi.burn_in`` iterations: it starts from the supervised run's checkpoint at
+    that iteration (``dtg train --init-from``, fresh optimizer, same schedule), and its identity
+    says so (:func:`dtg.runs.branch_key`).
     """
+    from dtg.methods import REGISTRY
+
     cfgs = {(row.name, seed): resolve(config, overrides, row, seed, curve_points, split)
             for row in rows for seed in seeds}
-    ensure_generated(cfgs.values(), log)
+    sup_cfgs = {seed: resolve(config, overrides, ROW_BY_NAME["supervised"], seed, curve_points, split)
+                for seed in seeds} if shared_burn_in else {}
+    ensure_generated([*cfgs.values(), *sup_cfgs.values()], log)
     prints: dict[str, str] = {}
     runs: dict[str, Run] = {}
-    for (name, seed), cfg in cfgs.items():
+
+    def key_of(cfg: Config) -> str:
         data_key = json.dumps(to_dict(cfg.data), sort_keys=True)
         if data_key not in prints:
             prints[data_key] = dataset_fingerprint(cfg.data)
-        key = run_key(cfg, prints[data_key])
+        return run_key(cfg, prints[data_key])
+
+    def add(cfg: Config, key: str) -> Run:
         cfg.output_dir = str(out / "runs" / key)
-        runs.setdefault(key, Run(key, cfg, Path(cfg.output_dir))).uses.append((name, seed))
+        return runs.setdefault(key, Run(key, cfg, Path(cfg.output_dir)))
+
+    for (name, seed), cfg in cfgs.items():
+        sup = sup_cfgs.get(seed)
+        branch = (sup is not None and name != CEILING and REGISTRY[cfg.method].uses_unlabeled
+                  and 0 < cfg.semi.burn_in < cfg.solver.max_iter
+                  and supervised_part(cfg, cfg.semi.burn_in) == supervised_part(sup, cfg.semi.burn_in))
+        if not branch:
+            add(cfg, key_of(cfg)).uses.append((name, seed))
+            continue
+        parent = add(sup, key_of(sup))
+        child = add(cfg, branch_key(key_of(cfg), parent.key, cfg.semi.burn_in))
+        branch_from(child, parent, cfg.semi.burn_in)
+        child.uses.append((name, seed))
     return runs
 
 
@@ -223,10 +252,11 @@ def report(rows: Sequence[Row], runs: dict[str, Run], out: Path, header: str) ->
     """Write results.md / .json / .png under ``out``; return the markdown."""
     results, curves = collect(rows, runs)
     by_name = {r.name: r for r in results}
-    gaps = gap_table(by_name, [("sparse", "supervised"), ("dtg", "supervised"), ("dtg", "sparse")])
+    gaps = gap_table(by_name, [("sparse", "supervised"), ("dtg", "supervised"), ("dtg", "sparse"),
+                               ("oracle", "supervised")])
     if gaps.count("\n") < 2:
         gaps = "(none: they need the dtg row and the supervised or sparse row)"
-    share = gap_share(by_name, "supervised", CEILING, ["sparse", "dtg"])
+    share = gap_share(by_name, "supervised", CEILING, ["sparse", "dtg", "oracle"])
     parts = [f"# DTG-SSOD reproduction: teacher AP (%)\n\n{header}", markdown_table(results),
              "Gaps (ours paired by seed, 95 % Student-t interval of the mean AP difference):\n\n" + gaps]
     if share:
@@ -264,6 +294,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--curve-points", type=int, default=5,
                    help="evaluations per run for the AP curves when eval_period is 0 (default 5; 0: final only)")
+    p.add_argument("--own-burn-in", action="store_true",
+                   help="semi-supervised runs train their own burn-in instead of starting from the supervised "
+                        "run's checkpoint at semi.burn_in (the default shares it)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, hashes, cache state) and stop")
     p.set_defaults(func=cmd_reproduce)
     return p
@@ -287,11 +320,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out)
     log = lambda m: print(f"[reproduce] {m}", file=sys.stderr, flush=True)  # noqa: E731
     overrides = [*DATASETS[args.dataset], *args.overrides]
-    runs = plan(rows, args.seeds, args.config, overrides, out, args.curve_points, log, args.split)
+    runs = plan(rows, args.seeds, args.config, overrides, out, args.curve_points, log, args.split,
+                shared_burn_in=not args.own_burn_in)
     if args.dry_run:
         for run in runs.values():
             state = "cached" if run.metrics_path.is_file() else "to train"
-            print(f"{run.key}  {state:8s}  {', '.join(f'{r}/seed {s}' for r, s in run.uses)}")
+            src = f" (from {run.parent} at {run.cfg.semi.burn_in})" if run.parent else ""
+            print(f"{run.key}  {state:8s}  {', '.join(f'{r}/seed {s}' for r, s in run.uses) or 'burn-in'}{src}")
         return 0
     status = execute(runs, jobs, threads, log)
     fingerprint = check_provenance(runs)

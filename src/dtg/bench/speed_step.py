@@ -46,6 +46,7 @@ class LowerBoundMethod:
 
     name = "lower bound"
     uses_unlabeled = True
+    needs_unlabeled_boxes = False
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device = device
@@ -122,7 +123,8 @@ def calibrate(teacher: Detector, batch: Batch, cfg: Config, rpn_frac: float, rcn
 
 def build_steps(trainer: Trainer, cfg: Config) -> dict[str, TrainStep]:
     """A :class:`TrainStep` per registered method and the lower bound, on the trainer's models, reading ``cfg`` as it is now."""
-    methods = {name: cls(cfg, trainer.device) for name, cls in REGISTRY.items()}
+    methods = {name: cls(cfg, trainer.device) for name, cls in REGISTRY.items()
+               if not cls.needs_unlabeled_boxes}  # the oracle reads ground truth
     methods["lower bound"] = LowerBoundMethod(cfg, trainer.device)
     return {name: TrainStep(cfg, trainer.model, trainer.teacher, m, trainer.dist, trainer.device, lambda msg: None)
             for name, m in methods.items()}

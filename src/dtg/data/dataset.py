@@ -9,6 +9,7 @@ of one unlabeled image with their 3x3 matrices, so that
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dtg.config import DataConfig, ViewConfig
-from dtg.data.coco import CocoSource, ImageRecord, load_image, load_labeled, load_unlabeled
+from dtg.data.coco import CocoSource, DatasetError, ImageRecord, load_image, load_labeled, load_unlabeled
 from dtg.data.sampler import LABELED, MixedBatchSampler, SampleKey
 from dtg.geometry import project_boxes, valid_boxes
 from dtg.data.augment import make_view, test_view
@@ -57,9 +58,11 @@ class TrainData(Dataset):
         labeled_view: ViewConfig,
         weak_view: ViewConfig,
         strong_view: ViewConfig,
+        unlabeled_boxes: bool = False,
     ) -> None:
         self.labeled, self.unlabeled, self.labels = labeled, unlabeled, labels
         self.labeled_view, self.weak_view, self.strong_view = labeled_view, weak_view, strong_view
+        self.unlabeled_boxes = unlabeled_boxes  # unsup items carry their ground truth (method=oracle)
 
     def __len__(self) -> int:  # informative only; items are addressed by SampleKey
         return len(self.labeled.records) + (len(self.unlabeled.records) if self.unlabeled else 0)
@@ -89,7 +92,7 @@ class TrainData(Dataset):
         img = load_image(rec.path)
         weak = make_view(img, rng, self.weak_view)
         strong = make_view(img, rng, self.strong_view)
-        return {
+        item = {
             "branch": "unsup",
             "image_id": rec.id,
             "weak": weak.image,
@@ -97,6 +100,9 @@ class TrainData(Dataset):
             "strong": strong.image,
             "strong_matrix": strong.matrix,
         }
+        if self.unlabeled_boxes:  # original pixels; the oracle maps them into the strong view
+            item["gt_boxes"], item["gt_labels"] = record_targets(rec, self.labels)
+        return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -137,6 +143,7 @@ class Sources:
     unlabeled: CocoSource | None
     val: CocoSource | None
     labels: LabelMap
+    unlabeled_boxes: bool = False  # the unlabeled records carry their ground truth (method=oracle)
 
     def summary(self) -> str:
         n = lambda s: len(s.records) if s is not None else 0  # noqa: E731
@@ -144,13 +151,48 @@ class Sources:
                 f"{self.labels.num_classes} classes")
 
 
-def load_sources(d: DataConfig, with_unlabeled: bool, log: Callable[[str], None]) -> Sources:
-    """Validate and load the labeled, unlabeled (when ``with_unlabeled``) and val sources of ``d``."""
+def load_sources(d: DataConfig, with_unlabeled: bool, log: Callable[[str], None],
+                 unlabeled_boxes: bool = False) -> Sources:
+    """Validate and load the labeled, unlabeled (when ``with_unlabeled``) and val sources of ``d``.
+
+    With ``unlabeled_boxes`` the unlabeled records carry their ground truth from ``d.full_json``
+    (:func:`with_boxes_from`).
+    """
     kw = {"skip_bad": d.skip_bad, "log": log}
     labeled = load_labeled(d.train_json, d.train_images, **kw)
     unlabeled = load_unlabeled(d.unlabeled, d.unlabeled_images, **kw) if with_unlabeled else None
+    if unlabeled is not None and unlabeled_boxes:
+        unlabeled = with_boxes_from(unlabeled, d.full_json, labeled.categories, log)
     val = load_labeled(d.val_json, d.val_images, **kw) if d.val_json else None
-    return Sources(labeled, unlabeled, val, LabelMap(labeled.categories))
+    return Sources(labeled, unlabeled, val, LabelMap(labeled.categories), unlabeled is not None and unlabeled_boxes)
+
+
+def with_boxes_from(unlabeled: CocoSource, full_json: str, categories: list[dict],
+                    log: Callable[[str], None]) -> CocoSource:
+    """``unlabeled`` with every record's boxes taken from ``full_json`` (same image id and file).
+
+    Raises:
+        DatasetError: (one line) ``full_json`` is not given, its categories differ from the labeled
+            json's, it lacks some of the unlabeled images, or it holds no box on any of them.
+    """
+    if not full_json:
+        raise DatasetError("config key 'data.full_json' is empty: the oracle needs the unlabeled images' boxes "
+                           "(a COCO json of every train image with its annotations)")
+    full = load_labeled(full_json, unlabeled.image_dir, log=log)
+    if [c["id"] for c in full.categories] != [c["id"] for c in categories]:
+        raise DatasetError(f"{full_json}: categories {[c['id'] for c in full.categories]} differ from the labeled "
+                           f"json's {[c['id'] for c in categories]}")
+    by_key = {(r.id, r.path): r for r in full.records}
+    missing = [r for r in unlabeled.records if (r.id, r.path) not in by_key]
+    if missing:
+        src = unlabeled.json_path or unlabeled.image_dir
+        raise DatasetError(f"{full_json}: holds no entry for {len(missing)} of the {len(unlabeled.records)} unlabeled "
+                           f"images of {src} (e.g. image {missing[0].id}, {missing[0].path.name}); the oracle needs "
+                           f"the boxes of every unlabeled image")
+    records = [by_key[(r.id, r.path)] for r in unlabeled.records]
+    if not any(len(r.boxes) for r in records):
+        raise DatasetError(f"{full_json}: holds no box on any unlabeled image; the oracle needs their boxes")
+    return dataclasses.replace(unlabeled, records=records)
 
 
 def train_loader(src: Sources, d: DataConfig, n_unlabeled: int, seed: int, rank: int, world_size: int,
@@ -160,7 +202,8 @@ def train_loader(src: Sources, d: DataConfig, n_unlabeled: int, seed: int, rank:
         len(src.labeled.records), len(src.unlabeled.records) if src.unlabeled else 0,
         d.batch_labeled, n_unlabeled, seed=seed, rank=rank, world_size=world_size, start_batch=start_batch,
     )
-    data = TrainData(src.labeled, src.unlabeled, src.labels, d.labeled_view, d.weak_view, d.strong_view)
+    data = TrainData(src.labeled, src.unlabeled, src.labels, d.labeled_view, d.weak_view, d.strong_view,
+                     src.unlabeled_boxes)
     workers = d.num_workers
     return DataLoader(
         data,

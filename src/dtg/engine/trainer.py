@@ -37,7 +37,7 @@ from dtg.evaluation.inference import evaluate_model
 from dtg.methods import build_method
 from dtg.models.detector import Detector
 from dtg.models.ema import make_teacher
-from dtg.runs import dataset_fingerprint, progress_line, progress_state, provenance
+from dtg.runs import dataset_fingerprint, iteration_checkpoint, progress_line, progress_state, provenance
 
 
 class Trainer:
@@ -65,7 +65,8 @@ class Trainer:
         self.method = build_method(cfg, self.device)
         if self.method.uses_unlabeled and cfg.data.batch_unlabeled < 1:
             raise TrainingError(f"method '{cfg.method}' needs data.batch_unlabeled >= 1")
-        self.data: Sources = load_sources(cfg.data, self.method.uses_unlabeled, self.log)
+        self.data: Sources = load_sources(cfg.data, self.method.uses_unlabeled, self.log,
+                                          self.method.needs_unlabeled_boxes)
         self._check_classes()
         self.log(self.data.summary())
         # What this run ran on (commit, data, versions, threads, CPU), for metrics.json.
@@ -231,6 +232,8 @@ class Trainer:
             self.evaluate(writer)
         if it % cfg.checkpoint_period == 0 or it == cfg.solver.max_iter:
             self.save("last.pth")
+        if it in cfg.checkpoint_at:
+            self.save(iteration_checkpoint(it))
 
     def _report_progress(self, scalars: dict[str, float]) -> None:
         """``progress.json`` (read by ``dtg demo`` / ``dtg bench reproduce``) and, without a terminal,

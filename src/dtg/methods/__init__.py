@@ -12,12 +12,15 @@ import torch
 from dtg.config import Config, ConfigError
 from dtg.methods.base import Batch, Method, labeled_losses
 from dtg.methods.dtg import DTGMethod
+from dtg.methods.oracle import OracleMethod
 from dtg.methods.sparse import SparseMethod
 from dtg.methods.supervised import SupervisedMethod
 
-REGISTRY: dict[str, type] = {m.name: m for m in (SupervisedMethod, SparseMethod, DTGMethod)}
+REGISTRY: dict[str, type] = {m.name: m for m in (SupervisedMethod, SparseMethod, DTGMethod, OracleMethod)}
+# The methods a user compares (the demo's default); oracle is a ceiling that reads the unlabeled images' boxes.
+MAIN_METHODS = ("supervised", "sparse", "dtg")
 
-__all__ = ["Batch", "Method", "REGISTRY", "build_method", "check_method", "labeled_losses", "method_names"]
+__all__ = ["Batch", "MAIN_METHODS", "Method", "REGISTRY", "build_method", "check_method", "labeled_losses", "method_names"]
 
 
 def method_names() -> list[str]:

@@ -30,6 +30,7 @@ class Method(Protocol):
 
     name: str
     uses_unlabeled: bool
+    needs_unlabeled_boxes: bool  # its unlabeled items must carry their ground truth (the oracle only)
 
     def unlabeled_losses(
         self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int

@@ -61,6 +61,7 @@ class DTGMethod:
 
     name = "dtg"
     uses_unlabeled = True
+    needs_unlabeled_boxes = False
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device, self.cfg, self.d = device, cfg, cfg.dtg

@@ -36,10 +36,12 @@ def pseudo_labels(teacher: Detector, items: list[dict[str, Any]], semi: SemiConf
 
 
 class SparseMethod:
-    """Teacher detections >= ``semi.pseudo_score_thresh`` as pseudo boxes; optional ignore band."""
+    """Teacher detections >= ``semi.pseudo_score_thresh`` as pseudo boxes; optional ignore band;
+    ``semi.unsup_reg=false`` keeps the classification losses only."""
 
     name = "sparse"
     uses_unlabeled = True
+    needs_unlabeled_boxes = False
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device, self.semi = device, cfg.semi
@@ -53,5 +55,7 @@ class SparseMethod:
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         targets = self.pseudo_labels(teacher, items)
         unsup = student.supervised_losses(strong_images(items, self.device), targets, cls_loss=self.semi.unsup_cls_loss)
+        if not self.semi.unsup_reg:  # classification only (Unbiased Teacher): pseudo boxes do not teach boxes
+            unsup = {k: v for k, v in unsup.items() if not k.endswith("_reg")}
         n_boxes = sum(len(t["boxes"]) for t in targets)
         return {f"unsup_{k}": v for k, v in unsup.items()}, {"pseudo_boxes_per_image": n_boxes / max(len(items), 1)}

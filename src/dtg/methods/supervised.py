@@ -16,6 +16,7 @@ class SupervisedMethod:
 
     name = "supervised"
     uses_unlabeled = False
+    needs_unlabeled_boxes = False
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device = device

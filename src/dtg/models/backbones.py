@@ -1,8 +1,10 @@
-"""Backbones with FPN for torchvision's Faster R-CNN; pretrained weights only from local files."""
+"""Backbones with FPN for torchvision's Faster R-CNN; pretrained weights from a local file or by name
+(``imagenet``: torchvision's file, from torch's hub cache or a registry package, :mod:`dtg.models.weights`)."""
 
 from __future__ import annotations
 
 import math
+import sys
 
 from collections import OrderedDict
 from pathlib import Path
@@ -16,6 +18,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from dtg.config import ModelConfig
+from dtg.models.weights import WeightsError, resolve_pretrained
 
 
 class ModelError(ValueError):
@@ -70,7 +73,7 @@ def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a local state-dict file (``.pth``); errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"{path}: pretrained weight file not found (weights are never downloaded)")
+        raise ModelError(f"{path}: pretrained weight file not found (model.pretrained: a local file, or imagenet)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
@@ -104,22 +107,27 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
 
     Pretrained weights (``cfg.pretrained``) are a local torchvision-format file of
     the plain classification network (e.g. ``resnet50-0676ba61.pth``,
-    ``mobilenet_v2-b0353104.pth``); its classifier keys are ignored.
+    ``mobilenet_v2-b0353104.pth``), or ``imagenet`` for torchvision's file of this
+    backbone (:func:`~dtg.models.weights.resolve_imagenet`); its classifier keys are ignored.
     """
     norm = norm_layer(cfg.norm)
     extra = LastLevelMaxPool()
+    try:
+        pretrained = resolve_pretrained(cfg.pretrained, cfg.backbone, log=lambda m: print(m, file=sys.stderr))
+    except WeightsError as e:
+        raise ModelError(str(e)) from None
     if cfg.backbone == "tiny":
         body = TinyBody(cfg.tiny_width, norm)
-        if cfg.pretrained:
-            _load_into(body, load_weight_file(cfg.pretrained), cfg.pretrained)
+        if pretrained:
+            _load_into(body, load_weight_file(pretrained), pretrained)
         layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
         return BackboneWithFPN(body, layers, body.channels, cfg.fpn_channels, extra_blocks=extra)
     if cfg.backbone in ("resnet18", "resnet50"):
         net = (resnet18 if cfg.backbone == "resnet18" else resnet50)(weights=None, norm_layer=norm)
-        if cfg.pretrained:
-            state = {k: v for k, v in load_weight_file(cfg.pretrained).items() if not k.startswith("fc.")}
+        if pretrained:
+            state = {k: v for k, v in load_weight_file(pretrained).items() if not k.startswith("fc.")}
             net.fc = nn.Identity()
-            _load_into(net, state, cfg.pretrained)
+            _load_into(net, state, pretrained)
         trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_layers]
         _freeze(net, trainable + (["bn1"] if cfg.trainable_layers == 5 else []))
         c2 = net.inplanes // 8
@@ -127,10 +135,10 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
         return BackboneWithFPN(net, layers, [c2, 2 * c2, 4 * c2, 8 * c2], cfg.fpn_channels, extra_blocks=extra)
     if cfg.backbone == "mobilenet_v2":
         net = mobilenet_v2(weights=None, norm_layer=norm)
-        if cfg.pretrained:
-            state = {k: v for k, v in load_weight_file(cfg.pretrained).items() if not k.startswith("classifier.")}
+        if pretrained:
+            state = {k: v for k, v in load_weight_file(pretrained).items() if not k.startswith("classifier.")}
             net.classifier = nn.Identity()
-            _load_into(net, state, cfg.pretrained)
+            _load_into(net, state, pretrained)
         feats = net.features
         stages = [0] + [i for i, b in enumerate(feats) if getattr(b, "_is_cn", False)] + [len(feats) - 1]
         # strides 4, 8, 16, 32: the first block of each strided stage, and the last block.

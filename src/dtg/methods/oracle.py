@@ -1,0 +1,41 @@
+"""``method=oracle``: the sparse baseline fed the unlabeled images' ground truth (the frame's ceiling).
+
+Everything is sparse's (views, matrices, the student's ordinary RPN / R-CNN assignment, losses,
+unlabeled weight, schedule) except where the pseudo boxes come from: the unlabeled images' own
+boxes (``data.full_json``), mapped from the original image into the strong view, instead of
+the teacher's detections. Its gain over ``supervised`` is what the pseudo-label pipeline can
+absorb at all; a method's share of it says how much its targets leave on the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dtg.geometry import project_targets
+from dtg.methods.sparse import SparseMethod
+from dtg.models.detector import Detector
+
+
+def ground_truth_targets(items: list[dict[str, Any]], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Per unlabeled item: its ``gt_boxes`` (n, 4) xyxy in original pixels mapped by ``strong_matrix``
+    into the strong view and clipped (boxes under 1 px dropped): ``boxes`` (m, 4), ``labels`` (m,)."""
+    out = []
+    for it in items:
+        size = (int(it["strong"].shape[-2]), int(it["strong"].shape[-1]))
+        boxes, labels = project_targets(it["gt_boxes"].float(), it["gt_labels"], it["strong_matrix"], size)
+        out.append({"boxes": boxes.to(device), "labels": labels.to(device, torch.int64)})
+    return out
+
+
+class OracleMethod(SparseMethod):
+    """Sparse with the ground truth as pseudo boxes (the teacher is kept and EMA'd, never asked)."""
+
+    name = "oracle"
+    needs_unlabeled_boxes = True
+
+    def pseudo_labels(self, teacher: Detector, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        if any("gt_boxes" not in it for it in items):
+            raise ValueError("method=oracle: unlabeled items carry no ground truth (load_sources(unlabeled_boxes=True))")
+        return ground_truth_targets(items, self.device)
