@@ -157,6 +157,9 @@ class SemiConfig:
     # Defaults are the embedded CPU schedule (1k iterations); the paper's (180k) are in configs/coco_*.yaml:
     # ema_momentum 0.999, burn_in 0, alpha_warmup 4000, pseudo_score_thresh 0.9.
     ema_momentum: Momentum = 0.99
+    # EMA momentum once the unlabeled loss has started (after burn_in); null: ema_momentum throughout.
+    # Lets the unlabeled phase's teacher average over a horizon (1 / (1 - m) steps) fitted to its length.
+    ema_momentum_unsup: Momentum | None = None
     alpha: NonNeg = 1.0  # weight of the unlabeled loss: L = L_l + alpha(t) * L_u (the paper: 4)
     burn_in: Count = 400  # supervised-only iterations before the unlabeled loss starts
     alpha_warmup: Count = 100  # iterations of linear warm-up of alpha from 0 after burn-in

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dtg.config import SemiConfig, SolverConfig
+from dtg.models.ema import ema_momentum
 
 
 def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.SGD:
@@ -44,3 +45,12 @@ def unsup_weight(iteration: int, semi: SemiConfig) -> float:
     if semi.alpha_warmup <= 0:
         return semi.alpha
     return semi.alpha * min(1.0, (t + 1) / semi.alpha_warmup)
+
+
+def teacher_momentum(iteration: int, semi: SemiConfig, unlabeled: bool) -> float:
+    """EMA momentum after optimizer step ``iteration``: the ramp ``min(m, 1 - 1/(t + 1))`` of
+    ``semi.ema_momentum``, or ``semi.ema_momentum_unsup`` once a method with an unlabeled branch
+    (``unlabeled``) is past ``semi.burn_in``."""
+    if unlabeled and semi.ema_momentum_unsup is not None and iteration >= semi.burn_in:
+        return semi.ema_momentum_unsup
+    return ema_momentum(iteration, semi.ema_momentum)

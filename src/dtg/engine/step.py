@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 from dtg.config import Config
 from dtg.dist import DistInfo, all_true
 from dtg.engine.runtime import NonFiniteGuard
-from dtg.engine.solver import build_optimizer, build_scheduler, lr_factor, unsup_weight
+from dtg.engine.solver import build_optimizer, build_scheduler, lr_factor, teacher_momentum, unsup_weight
 from dtg.methods import Batch, Method, labeled_losses
 from dtg.models.detector import Detector
-from dtg.models.ema import ema_momentum, ema_update
+from dtg.models.ema import ema_update
 
 
 class StudentLoss(nn.Module):
@@ -135,7 +135,7 @@ class TrainStep:
             if self._finite_grads():
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                ema_update(self.teacher, self.model, ema_momentum(iteration, self.cfg.semi.ema_momentum))
+                ema_update(self.teacher, self.model, teacher_momentum(iteration, self.cfg.semi, self.method.uses_unlabeled))
                 self.nonfinite.ok()
             else:
                 self._skip(iteration, "gradient norm", scalars, buffers)
