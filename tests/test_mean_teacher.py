@@ -58,6 +58,43 @@ def test_pseudo_targets_threshold_and_projection():
     assert torch.allclose(out["boxes"], torch.tensor([[70.0, 10.0, 90.0, 40.0], [95.0, 0.0, 100.0, 5.0]]))
     shift = torch.tensor([[1.0, 0, 99.5], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)  # pushes boxes out of view
     assert len(pseudo_targets(det, shift, (80, 100), 0.9)["boxes"]) == 0
+    # per-class thresholds (index = label): class 1 at 0.4 keeps its 0.5 box, class 3 at 0.95 drops its 0.91 box
+    per_class = torch.tensor([1.0, 0.4, 0.9, 0.95])
+    assert pseudo_targets(det, flip, (80, 100), per_class)["labels"].tolist() == [2, 1]
+
+
+def test_class_thresholds_need_one_value_per_category(tiny_dataset, tmp_path):
+    with pytest.raises(TrainingError, match=r"'semi.class_thresholds': 2 values for the 5 categories"):
+        Trainer(tiny_config(tiny_dataset, tmp_path / "x", "method=sparse", "semi.class_thresholds=[0.5, 0.6]"),
+                log=lambda m: None)
+
+
+def test_unsup_reg_off_leaves_only_classification_losses(tiny_dataset, tmp_path):
+    from dtg.methods.sparse import SparseMethod
+
+    cfg = tiny_config(tiny_dataset, tmp_path / "x", "method=sparse", "semi.pseudo_score_thresh=0.0",
+                      "semi.uncertain_score_thresh=0.0", "data.batch_unlabeled=2")
+    t = Trainer(cfg, log=lambda m: None, progress=False)
+    items = next(iter(t._loader(0)))["unsup"]
+    torch.manual_seed(0)  # the samplers draw from the global generator
+    on, _ = t.method.unlabeled_losses(t.model, t.teacher, items, 10)
+    cfg.semi.unsup_reg = False
+    torch.manual_seed(0)
+    off, _ = SparseMethod(cfg, t.device).unlabeled_losses(t.model, t.teacher, items, 10)
+    assert set(on) == {"unsup_rpn_cls", "unsup_rpn_reg", "unsup_rcnn_cls", "unsup_rcnn_reg"}
+    assert set(off) == {"unsup_rpn_cls", "unsup_rcnn_cls"}
+    assert torch.equal(off["unsup_rpn_cls"], on["unsup_rpn_cls"])
+
+
+def test_teacher_momentum_switches_after_burn_in_for_semi_methods_only():
+    from dtg.config import SemiConfig
+    from dtg.engine.solver import teacher_momentum
+
+    semi = SemiConfig(ema_momentum=0.99, ema_momentum_unsup=0.999, burn_in=10)
+    assert teacher_momentum(0, semi, True) == 0.0 and teacher_momentum(3, semi, True) == 0.75  # the ramp
+    assert teacher_momentum(9, semi, True) == 0.9 and teacher_momentum(10, semi, True) == 0.999
+    assert teacher_momentum(500, semi, False) == 0.99  # supervised keeps its momentum
+    assert teacher_momentum(500, SemiConfig(ema_momentum=0.99, burn_in=10), True) == 0.99
 
 
 def test_teacher_boxes_land_on_the_object_in_the_student_view(tiny_dataset):

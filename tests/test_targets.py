@@ -128,6 +128,11 @@ def test_command_scores_both_methods_on_the_same_samples(dtg_checkpoint, tmp_pat
     # DTG under the supervised denominators weighs a positive exactly like a supervised one
     for stage in ("rcnn", "rpn"):
         assert w[f"{stage}/dtg-supervised"] == pytest.approx(1.0)
+    pb = summary["pseudo_boxes"]  # the teacher's detections per class and threshold
+    assert pb["thresholds"][0] == 0.3 and len(pb["precision"]) == len(pb["thresholds"])
+    assert all(len(row) == 6 for row in pb["precision"])  # 5 classes + all
+    assert sum(pb["gt_boxes"]) > 0 and len(pb["suggested"]) == 5
+    assert "Teacher detections as pseudo boxes" in text and "| score >= | circle |" in text
 
 
 def test_command_on_labeled_images_and_bad_input(dtg_checkpoint, tmp_path, capsys):
@@ -135,6 +140,8 @@ def test_command_on_labeled_images_and_bad_input(dtg_checkpoint, tmp_path, capsy
                  "--out", str(tmp_path / "l")]) == 0
     assert json.loads((tmp_path / "l" / "targets.json").read_text())["images"] == 4  # the 4 labeled images
     capsys.readouterr()
+    assert main(["bench", "targets", "--checkpoint", str(dtg_checkpoint), "--target-precision", "1.5"]) == 2
+    assert "--target-precision must be in (0, 1]" in capsys.readouterr().err
     assert main(["bench", "targets", "--checkpoint", str(tmp_path / "none.pth")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "none.pth" in err and "not found" in err

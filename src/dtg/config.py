@@ -164,6 +164,9 @@ class SemiConfig:
     burn_in: Count = 400  # supervised-only iterations before the unlabeled loss starts
     alpha_warmup: Count = 100  # iterations of linear warm-up of alpha from 0 after burn-in
     pseudo_score_thresh: Prob = 0.5  # sparse: teacher detections kept as pseudo boxes
+    # sparse: one threshold per class (labels 1..K, in category-id order) instead of pseudo_score_thresh;
+    # [] uses pseudo_score_thresh for all. `dtg bench targets --on labeled` suggests values.
+    class_thresholds: list[Prob] = field(default_factory=list)
     # sparse: teacher detections with uncertain_score_thresh <= score < pseudo_score_thresh mark
     # ignore regions (background samples on them leave the loss); >= pseudo_score_thresh: off (the paper)
     uncertain_score_thresh: Prob = 0.3

@@ -66,7 +66,7 @@ def score_checkpoint(checkpoint: str | Path, on: str = "unlabeled", max_images: 
     if {c["id"] for c in cats} - set(labels.to_label):
         raise ConfigError(f"categories of the scored json differ from the checkpoint's {[c['id'] for c in labels.categories]}")
     report = TargetReport(meta={"checkpoint": str(checkpoint), "iteration": ckpt.get("iteration"), "on": on,
-                                "seed": seed, "config": to_dict(cfg)})
+                                "seed": seed, "classes": labels.names(), "config": to_dict(cfg)})
     return score_models(teacher, student, records, labels, cfg, seed, report)
 
 
@@ -97,7 +97,29 @@ def markdown(summary: dict[str, Any]) -> str:
     for rule in ("dtg-samples", "dtg-cluster", "dtg-supervised", "sparse"):
         w = summary["positive_weight"]
         lines.append(f"| {rule} | {_fmt(w.get('rcnn/' + rule), 3)} | {_fmt(w.get('rpn/' + rule), 3)} |")
+    if summary.get("pseudo_boxes"):
+        lines += ["", *pseudo_box_table(summary["pseudo_boxes"], m.get("classes"))]
     return "\n".join(lines) + "\n"
+
+
+def pseudo_box_table(pb: dict[str, Any], classes: list[str] | None) -> list[str]:
+    """The teacher's detections (sparse's pseudo boxes) per score threshold and class: precision / recall,
+    then the lowest threshold per class whose precision reaches the target, as a ``--set`` line."""
+    k = len(pb["precision"][0]) - 1
+    names = list(classes or [f"class {c + 1}" for c in range(k)])[:k] + ["all"]
+    lines = ["Teacher detections as pseudo boxes (student view; correct = IoU >= 0.5 with a ground-truth box of "
+             "the class): precision / recall per score threshold, box-only precision (any class) in the last column.",
+             "", "| score >= | " + " | ".join(names) + " | box-only |", "|---|" + "---:|" * (k + 2)]
+    for i, t in enumerate(pb["thresholds"]):
+        cells = [f"{_fmt(p)} / {_fmt(r)}" for p, r in zip(pb["precision"][i], pb["recall"][i])]
+        lines.append(f"| {t:g} | " + " | ".join(cells) + f" | {_fmt(pb['box_precision'][i][-1])} |")
+    sug = pb["suggested"]
+    lines.append("| GT boxes | " + " | ".join(f"{n:.0f}" for n in pb["gt_boxes"]) + f" | {sum(pb['gt_boxes']):.0f} | |")
+    lines += ["", f"Lowest threshold per class with precision >= {pb['target_precision']:g} (at least 5 detections): "
+              + ", ".join(f"{n} {_fmt(t)}" for n, t in zip(names, sug))]
+    if all(t is not None for t in sug):
+        lines.append(f"`--set semi.class_thresholds=[{', '.join(f'{t:g}' for t in sug)}]`")
+    return lines
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -111,6 +133,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the weak/strong views (default 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change the checkpoint's config first (data paths, dtg.* thresholds); repeatable")
+    p.add_argument("--target-precision", type=float, default=0.7,
+                   help="precision the suggested per-class pseudo-label thresholds reach (default 0.7)")
     p.add_argument("--out", help="folder for targets.md / targets.json (default: beside the checkpoints)")
     p.set_defaults(func=cmd_targets)
     return p
@@ -121,8 +145,10 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
     if args.max_images < 1:
         raise ConfigError(f"--max-images must be >= 1, got {args.max_images}")
+    if not 0.0 < args.target_precision <= 1.0:
+        raise ConfigError(f"--target-precision must be in (0, 1], got {args.target_precision}")
     report = score_checkpoint(args.checkpoint, args.on, args.max_images, args.seed, args.overrides)
-    summary = report.summary()
+    summary = report.summary(args.target_precision)
     text = markdown(summary)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "targets"
     out.mkdir(parents=True, exist_ok=True)

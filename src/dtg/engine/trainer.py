@@ -97,6 +97,10 @@ class Trainer:
             raise TrainingError(
                 f"{self.cfg.data.train_json}: declares {n} categories but model.num_classes is {self.cfg.model.num_classes}"
             )
+        given = len(self.cfg.semi.class_thresholds)
+        if given not in (0, n):
+            raise TrainingError(f"config key 'semi.class_thresholds': {given} values for the {n} categories of "
+                                f"{self.cfg.data.train_json} (one per category, in id order, or [])")
 
     def _target_records(self) -> list:
         """Unlabeled images with boxes whose target quality goes to TensorBoard (empty: off)."""

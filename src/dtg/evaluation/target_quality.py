@@ -32,20 +32,36 @@ class TargetReport:
     counts: dict[str, dict[str, float]] = field(default_factory=dict)  # "rcnn/dtg" -> stage_counts sums
     paired: list[list[float]] = field(default_factory=list)  # per image: share paired per FPN level
     weights: dict[str, list[float]] = field(default_factory=dict)  # "rcnn/dtg-samples" -> weights of positives
+    detections: Any = None  # (T, K, 5) summed dtg.evaluation.pseudo_boxes.detection_counts of the teacher
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, Any]:
-        """Ratios per (stage, method), mean pairing per level, mean relative positive weight per rule."""
+    def summary(self, target_precision: float = 0.7) -> dict[str, Any]:
+        """Ratios per (stage, method), mean pairing per level, mean relative positive weight per rule,
+        and the teacher's detections per class and threshold with the per-class thresholds whose
+        precision reaches ``target_precision``."""
         from dtg.evaluation.targets import summarize
 
         levels = list(zip(*self.paired)) if self.paired else []
         return {
+            "pseudo_boxes": self._pseudo_boxes(target_precision),
             "images": self.images,
             "quality": {k: summarize(v, self.images) for k, v in self.counts.items()},
             "paired_per_level": [sum(x) / len(x) for x in levels],
             "positive_weight": {k: (sum(v) / len(v) if v else None) for k, v in self.weights.items()},
             "meta": self.meta,
         }
+
+    def _pseudo_boxes(self, target: float) -> dict[str, Any] | None:
+        from dtg.evaluation.pseudo_boxes import THRESHOLDS, precision_recall, suggest_class_thresholds
+
+        if self.detections is None:
+            return None
+        ratios = precision_recall(self.detections)
+        listed = {k: [[None if v != v else round(float(v), 4) for v in row] for row in t.tolist()]
+                  for k, t in ratios.items()}
+        return {"thresholds": list(THRESHOLDS), **listed, "target_precision": target,
+                "gt_boxes": [float(x) for x in self.detections[0, :, 3]],
+                "suggested": suggest_class_thresholds(self.detections, THRESHOLDS, target)}
 
 
 def unlabeled_with_boxes(cfg: Config, max_images: int) -> list[ImageRecord]:
@@ -107,6 +123,7 @@ def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teac
     from dtg.losses.inc_image import anchor_partners, concat_targets, rcnn_image_targets, rpn_image_targets
     from dtg.losses.pseudo_label import pseudo_targets
     from dtg.methods.dtg import inc_options
+    from dtg.methods.sparse import pseudo_threshold
 
     views = [_views(r, labels, cfg, seed, device) for r in records]
     opts = inc_options(cfg)
@@ -139,7 +156,8 @@ def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teac
         rpn_parts.append(rpn_t)
         partner = anchor_partners(t.rpn.anchors, v["m"], grid, opts)
         report.paired.append(paired_share(partner, grid.offsets, grid.anchors.shape[0]))
-        pl = pseudo_targets({k: x.cpu() for k, x in dets[i].items()}, v["m"].cpu(), size, semi.pseudo_score_thresh, unsure)
+        _add_detections(report, dets[i], v, labels.num_classes)
+        pl = pseudo_targets({k: x.cpu() for k, x in dets[i].items()}, v["m"].cpu(), size, pseudo_threshold(semi), unsure)
         pl = {k: x.to(device) for k, x in pl.items()}
         ign = pl.get("ignore")
         lab, tgt = pseudo_assignment(built.rois, pl["boxes"], pl["labels"], roi_m, ign, roi_m.high_threshold)
@@ -152,6 +170,18 @@ def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teac
                    stage_counts(grid.anchors, lab, tgt, lab > 0, gt, ones))
     _add_weights(report, cfg, concat_targets(rcnn_parts), concat_targets(rpn_parts), len(views))
     report.images += len(views)
+
+
+def _add_detections(report: TargetReport, det: dict[str, torch.Tensor], view: dict[str, Any], num_classes: int) -> None:
+    """The teacher's final detections mapped into the student view (as pseudo boxes), counted per class."""
+    from dtg.evaluation.pseudo_boxes import detection_counts
+    from dtg.geometry import project_boxes, valid_boxes
+
+    boxes = project_boxes(det["boxes"].float().cpu(), view["m"].cpu(), view["size"])
+    keep = valid_boxes(boxes)
+    counts = detection_counts(boxes[keep], det["scores"].cpu()[keep], det["labels"].cpu()[keep], view["gt"].cpu(),
+                              view["gt_labels"].cpu(), num_classes)
+    report.detections = counts if report.detections is None else report.detections + counts
 
 
 def _add_weights(report: TargetReport, cfg: Any, rcnn: Any, rpn: Any, batch: int) -> None:

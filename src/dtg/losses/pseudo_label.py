@@ -12,7 +12,7 @@ def pseudo_targets(
     detections: dict[str, torch.Tensor],
     teacher_to_student: torch.Tensor,
     student_size: tuple[int, int],
-    score_thresh: float = 0.9,
+    score_thresh: float | torch.Tensor = 0.9,
     uncertain_thresh: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Targets for the student from the teacher's detections on the weak view.
@@ -22,7 +22,8 @@ def pseudo_targets(
             (the teacher's final detections, after NMS).
         teacher_to_student: (3, 3) matrix ``M = H_s @ inv(H_t)`` from weak to strong view.
         student_size: (H, W) of the strong view.
-        score_thresh: keep detections with ``score >= score_thresh``.
+        score_thresh: keep detections with ``score >= score_thresh``; a (K + 1,) tensor gives the
+            threshold of each label (index = label, entry 0 unused): per-class thresholds.
         uncertain_thresh: when given (< ``score_thresh``), detections with
             ``uncertain_thresh <= score < score_thresh`` are returned as ``"ignore"`` boxes too:
             the student's background samples on them are left out of the loss
@@ -34,6 +35,8 @@ def pseudo_targets(
         (narrower or shorter than 1 px after clipping) are dropped. ``m`` and ``u`` may be 0.
     """
     scores = detections["scores"]
+    if isinstance(score_thresh, torch.Tensor):
+        score_thresh = score_thresh.to(scores.device, scores.dtype)[detections["labels"]]
     keep = scores >= score_thresh
     boxes = project_boxes(detections["boxes"][keep].float(), teacher_to_student, student_size)
     labels = detections["labels"][keep]

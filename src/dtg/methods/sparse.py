@@ -18,19 +18,26 @@ from dtg.methods.base import strong_images, weak_images
 from dtg.models.detector import Detector
 
 
+def pseudo_threshold(semi: SemiConfig) -> float | torch.Tensor:
+    """``semi.pseudo_score_thresh``, or the (K + 1,) per-label thresholds of ``semi.class_thresholds``."""
+    return torch.tensor([1.0, *semi.class_thresholds]) if semi.class_thresholds else semi.pseudo_score_thresh
+
+
 @torch.no_grad()
 def pseudo_labels(teacher: Detector, items: list[dict[str, Any]], semi: SemiConfig,
                   device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Per unlabeled item: the teacher's detections on the weak view ``>= semi.pseudo_score_thresh``
+    (or its class's ``semi.class_thresholds`` entry)
     mapped into the strong view (``boxes`` (m, 4), ``labels`` (m,)), plus ``ignore`` boxes of the
     uncertain band when ``semi.uncertain_score_thresh`` is below the threshold."""
     dets = teacher.predict(weak_images(items, device))
     unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
+    thresh = pseudo_threshold(semi)  # the ignore band, when on, stays below the global threshold
     out = []
     for it, det in zip(items, dets):
         m = teacher_to_student(it["weak_matrix"], it["strong_matrix"])
         size = (int(it["strong"].shape[-2]), int(it["strong"].shape[-1]))
-        t = pseudo_targets({k: v.cpu() for k, v in det.items()}, m, size, semi.pseudo_score_thresh, unsure)
+        t = pseudo_targets({k: v.cpu() for k, v in det.items()}, m, size, thresh, unsure)
         out.append({k: v.to(device) for k, v in t.items()})
     return out
 
