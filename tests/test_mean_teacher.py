@@ -180,3 +180,21 @@ def test_background_to_ignore_only_touches_background_on_uncertain_boxes():
     assert background_to_ignore(labels, boxes, unsure, 0.5).tolist() == [True, False, True, False, False]
     assert background_to_ignore(labels, boxes, unsure, 0.7).tolist() == [True, False, False, False, False]
     assert not background_to_ignore(labels, boxes, torch.zeros(0, 4), 0.5).any()
+
+
+def test_strong_views_can_be_kept_out_of_the_batchnorm_statistics():
+    from torch import nn
+
+    from dtg.models.ema import bn_stats_frozen
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    x = torch.randn(2, 3, 8, 8) * 5 + 3
+    bn = net[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    with bn_stats_frozen(net):
+        y = net(x)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2] and bn.momentum == 0.1
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(4), atol=1e-5)  # still normalised by the batch
+    net(x)
+    assert not torch.equal(bn.running_mean, before[0])  # outside, the statistics move again

@@ -173,6 +173,9 @@ class SemiConfig:
     unsup_cls_loss: Literal["ce", "focal"] = "focal"  # R-CNN classification loss of the unlabeled branch
     # sparse / oracle: the unlabeled branch's box regression losses (RPN and R-CNN); Unbiased Teacher drops them
     unsup_reg: bool = True
+    # Whether the student's trainable BatchNorm running statistics (which the EMA teacher inherits)
+    # also move on the unlabeled branch's strong views; false: on labeled views only. Moot with frozen BN.
+    strong_bn_stats: bool = True
 
 
 @dataclass

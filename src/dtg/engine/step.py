@@ -25,7 +25,7 @@ from dtg.engine.runtime import NonFiniteGuard
 from dtg.engine.solver import build_optimizer, build_scheduler, lr_factor, teacher_momentum, unsup_weight
 from dtg.methods import Batch, Method, labeled_losses
 from dtg.models.detector import Detector
-from dtg.models.ema import ema_update
+from dtg.models.ema import bn_stats_frozen, ema_update
 
 
 class StudentLoss(nn.Module):
@@ -46,11 +46,12 @@ class StudentLoss(nn.Module):
     the same EMA on every rank by construction).
     """
 
-    def __init__(self, student: Detector, method: Method, device: torch.device) -> None:
+    def __init__(self, student: Detector, method: Method, device: torch.device, strong_bn_stats: bool = True) -> None:
         super().__init__()
         self.student = student
         self.method = method
         self.device = device
+        self.strong_bn_stats = strong_bn_stats  # False: the unlabeled branch leaves BN running statistics alone
 
     def forward(
         self, teacher: Detector, batch: Batch, iteration: int
@@ -59,7 +60,9 @@ class StudentLoss(nn.Module):
         losses = labeled_losses(self.student, batch["sup"], self.device)
         stats: dict[str, float] = {}
         if batch["unsup"]:
-            unsup, stats = self.method.unlabeled_losses(self.student, teacher, batch["unsup"], iteration)
+            keep = nullcontext() if self.strong_bn_stats else bn_stats_frozen(self.student)
+            with keep:
+                unsup, stats = self.method.unlabeled_losses(self.student, teacher, batch["unsup"], iteration)
             losses.update(unsup)
         return losses, stats
 
@@ -101,7 +104,7 @@ class TrainStep:
         self.scheduler = build_scheduler(self.optimizer, cfg.solver)
         self.use_amp = cfg.solver.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.student_loss = wrap_student(StudentLoss(model, method, device), dist)
+        self.student_loss = wrap_student(StudentLoss(model, method, device, cfg.semi.strong_bn_stats), dist)
         self.nonfinite = NonFiniteGuard(cfg.solver.max_nonfinite, log)
         self.last_checkpoint: tuple[Path, int] | None = None  # named in the message of a fatal skip streak
 

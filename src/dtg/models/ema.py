@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -43,3 +45,21 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             t.mul_(momentum).add_(s, alpha=1.0 - momentum)
         else:
             t.copy_(s)
+
+
+@contextmanager
+def bn_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Inside, BatchNorm layers of ``module`` still normalise with the batch's statistics in
+    train mode but leave their running statistics (and so the EMA teacher's) unchanged."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in layers]
+    for m in layers:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
