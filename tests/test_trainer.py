@@ -1,10 +1,12 @@
 import json
+import os
 
 import pytest
 import torch
 import yaml
 from torchvision.models.detection import FasterRCNN
 
+from dtg.config import save_config
 from dtg.engine.checkpoint import load_checkpoint
 from dtg.engine.trainer import Trainer, TrainingError
 from dtg.models.detector import build_faster_rcnn
@@ -59,6 +61,7 @@ def test_run_writes_resolved_config_metrics_and_loadable_checkpoint(tiny_dataset
     assert prov["threads"] == torch.get_num_threads() and prov["cpu"] and prov["cpu_capability"]
     assert set(prov["versions"]) >= {"torch", "torchvision", "numpy", "Pillow"} and prov["config_hash"]
     assert len(prov["commit"]) == 40 or prov["commit"] == "unknown"
+    assert prov["cpu_kernels"]["onednn"] is True  # cpu_kernels=fast: the libraries' defaults
     for name in ("teacher", "student"):
         assert isinstance(json.loads((out / f"results_{name}.json").read_text()), list)
     ckpt = load_checkpoint(out / "checkpoints" / "last.pth")
@@ -80,3 +83,24 @@ def test_unwritable_output_dir_fails_before_training(tiny_dataset, tmp_path):
 def test_num_classes_mismatch_names_the_json(tiny_dataset, tmp_path):
     with pytest.raises(TrainingError, match=r"train_labeled.json: declares \d+ categories but model.num_classes is 3"):
         Trainer(tiny_config(tiny_dataset, tmp_path / "x", "model.num_classes=3"), log=lambda m: None, progress=False)
+
+
+@pytest.mark.slow
+def test_portable_cpu_kernels_are_recorded_and_change_nothing_but_the_rounding(tiny_dataset, tmp_path):
+    """cpu_kernels=portable in a fresh process (MKL reads MKL_CBWR once): oneDNN off, MKL in its
+    compatible mode, both recorded; the same run twice gives the same weights."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    save_config(tiny_config(tiny_dataset, tmp_path / "unused", "solver.max_iter=2", "cpu_kernels=portable"), config)
+    hashes = []
+    for name in ("a", "b"):
+        env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+        subprocess.run([sys.executable, "-m", "dtg", "train", "--config", str(config), "--output-dir", str(tmp_path / name),
+                        "--no-progress"], check=True, capture_output=True, env=env)
+        prov = json.loads((tmp_path / name / "metrics.json").read_text())["provenance"]
+        assert prov["cpu_kernels"] == {"MKL_CBWR": "COMPATIBLE", "onednn": False}
+        ckpt = load_checkpoint(tmp_path / name / "checkpoints" / "last.pth")
+        hashes.append([v.clone() for v in ckpt["student"].values()])
+    assert all(torch.equal(a, b) for a, b in zip(*hashes))

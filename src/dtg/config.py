@@ -252,6 +252,9 @@ class Config:
     eval_period: Count = 0  # 0: evaluate at the end only
     log_period: PosInt = 20
     threads: Count = 0  # torch intra-op threads; 0 leaves torch's default
+    # fast: MKL's and oneDNN's CPU-specific code paths; portable: MKL_CBWR=COMPATIBLE and torch's own
+    # convolutions, so that the CPU model does not pick the rounding (slower; docs/testbed.md)
+    cpu_kernels: Literal["fast", "portable"] = "fast"
     # Unlabeled images whose target quality (dtg bench targets) is logged to TensorBoard at each
     # evaluation when data.full_json holds their boxes; 0: off. Logging only: no effect on results.
     target_images: Count = 16

@@ -145,6 +145,7 @@ def provenance(cfg: Config, threads: int, fingerprint: str) -> dict[str, Any]:
         "commit": commit, "dirty": dirty, "dataset_fingerprint": fingerprint,
         "val_fingerprint": val_fingerprint(cfg.data), "versions": library_versions(),
         "threads": threads, "cpu": cpu_name(), "cpu_capability": cpu_capability(), "cores": _cores(),
+        "cpu_kernels": {"MKL_CBWR": os.environ.get("MKL_CBWR", ""), "onednn": _onednn_enabled()},
         "config_hash": config_hash(cfg),
     }
 
@@ -161,6 +162,12 @@ def cpu_capability() -> str:
         return str(torch.backends.cpu.get_cpu_capability())
     except (AttributeError, RuntimeError):
         return "unknown"
+
+
+def _onednn_enabled() -> bool:
+    import torch
+
+    return bool(torch.backends.mkldnn.enabled)
 
 
 def _cores() -> int:

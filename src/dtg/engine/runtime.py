@@ -4,6 +4,7 @@ checks, and the guard that skips non-finite steps.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -37,6 +38,20 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def use_cpu_kernels(mode: str) -> None:
+    """``portable``: CPU kernels that do not pick their code path by CPU model, so that runs can
+    agree across machines (docs/testbed.md, "Numbers that travel"): MKL's conditional numerical
+    reproducibility in its compatible mode (``MKL_CBWR=COMPATIBLE``, read by MKL at its first
+    call, so set before any computation) and torch's own convolutions instead of oneDNN's.
+    ``fast``: the libraries' defaults. Must run before the first MKL call of the process.
+    """
+    if mode == "portable":
+        os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+        torch.backends.mkldnn.enabled = False
+    elif mode != "fast":
+        raise TrainingError(f"config key 'cpu_kernels': {mode!r} is not one of ['fast', 'portable']")
 
 
 def check_output_dir(path: Path, need_bytes: int) -> None:

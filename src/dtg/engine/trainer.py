@@ -29,7 +29,7 @@ from dtg.engine.checkpoint import (
     CheckpointError, atomic_save, init_weights, load_checkpoint, restore_training, rng_state, training_state,
 )
 from dtg.engine.runtime import (  # noqa: F401  (TrainingError, resolve_device: public here too)
-    TrainingError, prepare_output_dir, resolve_device, seed_everything,
+    TrainingError, prepare_output_dir, resolve_device, seed_everything, use_cpu_kernels,
 )
 from dtg.engine.step import TrainStep
 from dtg.evaluation.coco_eval import write_results
@@ -61,6 +61,7 @@ class Trainer:
         self.progress = progress and self.is_main
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        use_cpu_kernels(cfg.cpu_kernels)
         seed_everything(cfg.seed, cfg.deterministic)
         self.method = build_method(cfg, self.device)
         if self.method.uses_unlabeled and cfg.data.batch_unlabeled < 1:
