@@ -34,10 +34,35 @@ from dtg.fingerprint import files_fingerprint
 VOLATILE_KEYS = ("output_dir", "threads", "log_period", "checkpoint_period", "checkpoint_at", "target_images")
 
 
+# Keys added after runs were first cached, with the value that keeps the code's behaviour from
+# before they existed: at that value they are left out of the hash, so those runs stay valid.
+# A new key goes here with its neutral default; a key whose default changes behaviour must not.
+NEUTRAL_KEYS: dict[str, Any] = {
+    "cpu_kernels": "fast",
+    "semi.class_thresholds": [],
+    "semi.strong_bn_stats": True,
+}
+
+
+def _without(data: dict[str, Any], keys: Iterable[str]) -> None:
+    """Remove dotted ``keys`` from the nested dict ``data`` in place (missing ones are fine)."""
+    for key in keys:
+        head, _, tail = key.partition(".")
+        (data.get(head, {}).pop(tail, None) if tail else data.pop(head, None))
+
+
+def hashed_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as hashed: without :data:`VOLATILE_KEYS` and neutral :data:`NEUTRAL_KEYS`."""
+    data = json.loads(json.dumps(to_dict(cfg)))
+    _without(data, VOLATILE_KEYS)
+    flat = {k: data[k.split(".")[0]].get(k.split(".")[1]) if "." in k else data.get(k) for k in NEUTRAL_KEYS}
+    _without(data, [k for k, v in NEUTRAL_KEYS.items() if flat[k] == v])
+    return data
+
+
 def config_hash(cfg: Config) -> str:
-    """12 hex digits of the resolved config without :data:`VOLATILE_KEYS`."""
-    data = {k: v for k, v in to_dict(cfg).items() if k not in VOLATILE_KEYS}
-    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    """12 hex digits of the resolved config without :data:`VOLATILE_KEYS` (and neutral :data:`NEUTRAL_KEYS`)."""
+    return hashlib.sha1(json.dumps(hashed_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_key(cfg: Config, fingerprint: str) -> str:
@@ -218,11 +243,10 @@ def supervised_part(cfg: Config, until: int | None = None) -> dict[str, Any]:
     With ``until``, only what decides its first ``until`` iterations: ``solver.max_iter``, the
     learning-rate steps at or after ``until`` and ``eval_period`` are left out too.
     """
-    data = json.loads(json.dumps(to_dict(cfg)))
-    kept = {key: data[key.split(".")[0]][key.split(".")[1]] for key in SUPERVISED_READS}
-    for key in (*SUPERVISED_IGNORES, *VOLATILE_KEYS):
-        head, _, tail = key.partition(".")
-        (data[head].pop(tail, None) if tail else data.pop(head, None))
+    full = json.loads(json.dumps(to_dict(cfg)))
+    kept = {key: full[key.split(".")[0]][key.split(".")[1]] for key in SUPERVISED_READS}
+    data = hashed_dict(cfg)
+    _without(data, SUPERVISED_IGNORES)
     if until is not None:
         data["solver"].pop("max_iter")
         data["solver"]["steps"] = [s for s in data["solver"]["steps"] if s < until]
