@@ -70,7 +70,9 @@ def test_train_then_eval_from_the_command_line(tiny_dataset, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| supervised (teacher) |" in out and "| supervised (student) |" in out
     ckpt = tmp_path / "run" / "checkpoints" / "last.pth"
-    assert main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev")]) == 0
+    assert "\r" not in capsys.readouterr().err  # no redrawn bar when stderr is not a terminal
     metrics = json.loads((tmp_path / "ev" / "metrics_teacher.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert json.loads((tmp_path / "ev" / "results_teacher.json").read_text()) is not None
@@ -99,3 +101,11 @@ def test_demo_trains_methods_side_by_side_and_refuses_a_stale_folder(tiny_datase
     assert main(argv + ["--set", "solver.lr=0.001"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a run with another config" in err[0]
+
+
+def test_synth_writes_no_redrawn_bar_into_a_log(tmp_path, capsys):
+    argv = ["synth", "--out", str(tmp_path / "s"), "--set", "synth.num_train=6", "--set", "synth.num_val=2",
+            "--set", "synth.labeled_percent=50", "--set", "synth.image_size=[64, 64]", "--set", "synth.object_size=[10, 20]"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "content fingerprint" in out and "\r" not in err and "\r" not in out

@@ -38,8 +38,13 @@ def test_monitor_prints_one_line_per_running_run(tmp_path):
     lines: list[str] = []
     monitor = ProgressMonitor({"a": a, "b": b}, lines.append, every=0.05)
     assert monitor.lines() == ["dtg/seed 0 5/10 (50 %), 2.50 it/s, ETA 0:02, loss 1.000", "sparse/seed 1: starting"]
+    monitor.last.clear()
     monitor.start()
-    time.sleep(0.3)
+    time.sleep(0.3)  # several rounds, nothing moved: each run's line is logged once
+    (a.out / "progress.json").write_text(json.dumps(progress_state("dtg", 6, 10, 2.4, 6, {"loss": 0.9})))
+    time.sleep(0.3)  # run a moved: its new line, once
     monitor.say("trained a")
     monitor.stop()
-    assert "trained a" in lines and lines.count("sparse/seed 1: starting") >= 2
+    assert "trained a" in lines and lines.count("sparse/seed 1: starting") == 1
+    assert [ln for ln in lines if ln.startswith("dtg/seed 0")] == [
+        "dtg/seed 0 5/10 (50 %), 2.50 it/s, ETA 0:02, loss 1.000", "dtg/seed 0 6/10 (60 %), 2.50 it/s, ETA 0:02, loss 0.900"]

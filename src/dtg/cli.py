@@ -47,13 +47,18 @@ def _err(msg: str) -> None:
     print(f"dtg: error: {msg}", file=sys.stderr)
 
 
+def _bars(args: argparse.Namespace) -> bool:
+    """Redrawn progress bars: only on a terminal (a pipe or a log file gets no ``\\r`` lines) and without --no-progress."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from dtg.data.synth import generate, read_marker
 
     cfg = _config(args)
     if args.out:
         cfg.synth.out_dir = args.out
-    paths = generate(cfg.synth, progress=not args.no_progress)
+    paths = generate(cfg.synth, progress=_bars(args))
     content = (read_marker(paths.root) or {}).get("content", "?")
     print(f"embedded dataset in {paths.root}: labeled {paths.train_labeled}, unlabeled {paths.train_unlabeled}, "
           f"val {paths.val}; tuning split {paths.tune_val} (held out of the unlabeled images), "
@@ -117,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(device)
     with torch.inference_mode():
         metrics, results = evaluate_model(
-            model, source, labels, cfg.data.test_size, cfg.data.test_max_size, device, progress=not args.no_progress
+            model, source, labels, cfg.data.test_size, cfg.data.test_max_size, device, progress=_bars(args)
         )
     out = Path(args.out or Path(args.checkpoint).parent.parent / "eval")
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dtg.runs import Run, execute, git_state
 
     cfg = _config(args)
-    paths = generate(cfg.synth, progress=not args.no_progress and sys.stderr.isatty())
+    paths = generate(cfg.synth, progress=_bars(args))
     runs = {}
     for method in dict.fromkeys(args.methods):
         run = _config(args, f"method={method}")

@@ -403,6 +403,7 @@ class ProgressMonitor:
         self.running, self.log, self.tty = running, log, sys.stderr.isatty()
         self.every = 2.0 if self.tty else every
         self.drawn = 0
+        self.last: dict[str, str] = {}  # per run, the line last printed (a log gets a line only when it changed)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -422,12 +423,16 @@ class ProgressMonitor:
         with self._lock:
             self._erase()
 
-    def lines(self) -> list[str]:
+    def lines(self, changed_only: bool = False) -> list[str]:
+        """One line per running run; with ``changed_only``, only those that differ from the last one shown."""
         out = []
         for run in list(self.running.values()):
             state = read_progress(run)
             label = ", ".join(f"{row}/seed {s}" for row, s in run.uses) or f"burn-in {run.key}"
-            out.append(progress_line(state, label) if state else f"{label}: starting")
+            line = progress_line(state, label) if state else f"{label}: starting"
+            if not changed_only or self.last.get(run.key) != line:
+                out.append(line)
+            self.last[run.key] = line
         return out
 
     def _erase(self) -> None:
@@ -438,15 +443,15 @@ class ProgressMonitor:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
-            lines = self.lines()
             with self._lock:
                 if self.tty:
+                    lines = self.lines()
                     self._erase()
                     sys.stderr.write("".join(f"  {ln}\n" for ln in lines))
                     sys.stderr.flush()
                     self.drawn = len(lines)
                 else:
-                    for ln in lines:
+                    for ln in self.lines(changed_only=True):
                         self.log(ln)
 
 
