@@ -94,10 +94,21 @@ def test_demo_trains_methods_side_by_side_and_refuses_a_stale_folder(tiny_datase
     cfg_path.write_text(yaml.safe_dump(d))
     argv = ["demo", "--config", str(cfg_path), "--methods", "supervised", "sparse", "--no-progress"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "| supervised (teacher) |" in out and "| sparse (teacher) |" in out
     for m in ("supervised", "sparse"):
         assert json.loads((tmp_path / "demo" / m / "metrics.json").read_text())["method"] == m
+    # one shared burn-in: the supervised run alone to iteration 1, then sparse starts from its checkpoint
+    assert "phase 1: the supervised burn-in, 1 iterations" in err and "phase 2: supervised, sparse" in err
+    sparse_log = (tmp_path / "demo" / "sparse" / "train.log").read_text()
+    assert "--init-from" in sparse_log and "iter_0000001.pth" in sparse_log
+    assert "--stop-at 1" in (tmp_path / "demo" / "supervised" / "train.log").read_text()
+    header, _, sup_row, sparse_row = [ln for ln in out.splitlines() if ln.startswith("|")]
+    ap = {m: 100 * json.loads((tmp_path / "demo" / m / "metrics.json").read_text())["teacher"]["AP"]
+          for m in ("supervised", "sparse")}
+    assert header.endswith("| gain over supervised |") and sup_row.endswith("| - |")
+    assert sparse_row.endswith(f"| {ap['sparse'] - ap['supervised']:+.1f} |")
+    assert "one seed (0)" in out and "dtg bench reproduce" in out
     assert main(argv + ["--set", "solver.lr=0.001"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a run with another config" in err[0]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, TYPE_CHECKING, Sequence
 
 from dtg.config import Config, ConfigError, load_config
 
@@ -76,6 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.output_dir = args.output_dir
     if args.init_iteration is not None and not args.init_from:
         raise ConfigError("--init-iteration needs --init-from")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ConfigError(f"--stop-at must be >= 1, got {args.stop_at}")
     if args.init_from and not Path(args.init_from).is_file():
         from dtg.engine.checkpoint import CheckpointError
 
@@ -91,8 +94,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             resumed = True
     if args.init_from and not resumed:  # a resumed run continues from its own checkpoint
         trainer.init_from(args.init_from, args.init_iteration)
-    summary = trainer.train()
+    summary = trainer.train(stop_at=args.stop_at)
     if not trainer.is_main:  # under torchrun, rank 0 reports
+        return 0
+    if summary is None:
+        print(f"stopped at iteration {trainer.iteration} of {cfg.solver.max_iter}; continue with --resume "
+              f"(checkpoint {Path(cfg.output_dir) / 'checkpoints' / 'last.pth'})")
         return 0
     rows = {f"{cfg.method} ({name})": summary[name] for name in ("teacher", "student") if name in summary}
     if rows:
@@ -161,43 +168,88 @@ def _check_same_run(run: "Run") -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: generate the embedded dataset, train the methods side by side, print the table.
+    """The main job: generate the dataset, train the methods from one shared burn-in, print the table.
 
-    Each method is a ``python -m dtg train`` subprocess in ``OUTPUT_DIR/<method>`` (``--jobs`` at
-    a time, default: all of them, each with ``max(1, cores // jobs)`` threads); a method whose
-    ``metrics.json`` exists is not trained again, one with a checkpoint is resumed.
+    Each method is a ``python -m dtg train`` subprocess in ``OUTPUT_DIR/<method>``. When a
+    semi-supervised method has a burn-in (``0 < semi.burn_in < solver.max_iter``), the supervised
+    run trains it once, alone, with every core (phase 1, ``--stop-at``); then the supervised run
+    continues and each semi-supervised method starts from its checkpoint at the end of the burn-in
+    (``--init-from``), side by side (phase 2, ``--jobs`` at a time, default all, each with
+    ``max(1, cores // jobs)`` threads). A method whose ``metrics.json`` exists is not trained
+    again; one with a checkpoint is resumed.
     """
     import os
 
     from dtg.data.synth import generate, read_marker
-    from dtg.evaluation.coco_eval import format_table
-    from dtg.runs import Run, execute, git_state
+    from dtg.methods import REGISTRY
+    from dtg.models.weights import resolve_pretrained
+    from dtg.runs import Run, branch_from, execute, git_state, iteration_checkpoint
 
     cfg = _config(args)
+    t_start = time.perf_counter()
     paths = generate(cfg.synth, progress=_bars(args))
-    runs = {}
-    for method in dict.fromkeys(args.methods):
+    log = lambda m: print(f"[demo] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    resolve_pretrained(cfg.model.pretrained, cfg.model.backbone, log)  # fetched once, before the subprocesses
+    methods = list(dict.fromkeys(args.methods))
+    runs: dict[str, Run] = {}
+    for method in methods:
         run = _config(args, f"method={method}")
         run.output_dir = str(Path(cfg.output_dir) / method)
         runs[method] = Run(method, run, Path(run.output_dir), [(method, run.seed)])
-        _check_same_run(runs[method])
+    burn_in = cfg.semi.burn_in
+    branching = [m for m in methods if REGISTRY[m].uses_unlabeled and 0 < burn_in < cfg.solver.max_iter]
+    parent = runs.get("supervised")
+    if branching and parent is None:  # the burn-in still comes from a supervised run, trained only that far
+        sup = _config(args, "method=supervised")
+        sup.output_dir = str(Path(cfg.output_dir) / "supervised")
+        parent = Run("supervised", sup, Path(sup.output_dir), [], stop_at=burn_in)
+    for method in branching:
+        branch_from(runs[method], parent, burn_in)
+    for run in [*runs.values(), *([parent] if parent is not None and parent.key not in runs else [])]:
+        _check_same_run(run)
     commit, dirty = git_state(Path(__file__).resolve().parent)
-    print(f"[demo] dataset {paths.root}, content fingerprint {(read_marker(paths.root) or {}).get('content', '?')}; "
-          f"code {commit}{' (dirty)' if dirty else ''}", file=sys.stderr, flush=True)
-    jobs = max(1, min(args.jobs or len(runs), len(runs)))
+    log(f"dataset {paths.root}, content fingerprint {(read_marker(paths.root) or {}).get('content', '?')}; "
+        f"code {commit}{' (dirty)' if dirty else ''}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    status: dict[str, str] = {}
+    if branching and not parent.metrics_path.is_file() and not parent.out.joinpath(
+            "checkpoints", iteration_checkpoint(burn_in)).is_file():
+        log(f"phase 1: the supervised burn-in, {burn_in} iterations, {cfg.threads or cores} threads")
+        first = Run(parent.key, parent.cfg, parent.out, parent.uses or [("supervised burn-in", cfg.seed)],
+                    stop_at=burn_in)
+        status.update(execute({parent.key: first}, 1, cfg.threads or cores, log))
+    jobs = max(1, min(args.jobs or len(runs), len(runs)))
     threads = cfg.threads or max(1, cores // jobs)
-    status = execute(runs, jobs, threads, lambda m: print(f"[demo] {m}", file=sys.stderr, flush=True))
-    rows, failed = {}, [m for m, st in status.items() if st.startswith("failed")]
+    if branching:
+        log(f"phase 2: {', '.join(runs)} side by side, {threads} thread{'s' if threads > 1 else ''} each")
+    status.update(execute(runs, jobs, threads, log))
+    return _demo_report(runs, status, cfg, time.perf_counter() - t_start)
+
+
+def _demo_report(runs: dict, status: dict[str, str], cfg: Any, seconds: float) -> int:
+    """The demo's closing table: teacher AP per method with the gain over supervised, and how to get the seeds."""
+    from dtg.evaluation.coco_eval import format_table
+
+    rows, failed, ap = {}, [m for m in runs if status.get(m, "").startswith("failed")], {}
     for method, run in runs.items():
-        if method in failed:
+        if method in failed or not run.metrics_path.is_file():
             continue
         summary = json.loads(run.metrics_path.read_text())
         reported = summary.get("reported", "teacher")
         rows[f"{method} ({reported})"] = summary[reported]
-        print(f"{method}: {summary['iterations']} iterations in {summary['train_seconds']} s", file=sys.stderr)
+        ap[method] = 100.0 * summary[reported]["AP"]
+        print(f"{method}: {summary['iterations']} iterations", file=sys.stderr)
     if rows:
-        print(format_table(rows))
+        table = format_table(rows).splitlines()
+        base = ap.get("supervised")
+        table[0] += " gain over supervised |"
+        table[1] += "---:|"
+        for i, method in enumerate(m for m in runs if m in ap):
+            table[2 + i] += f" {ap[method] - base:+.1f} |" if base is not None and method != "supervised" else " - |"
+        print("\n".join(table))
+        print(f"Teacher AP (%) on {cfg.data.val_json}, one seed ({cfg.seed}), {seconds / 60:.1f} min. A single seed "
+              f"moves by a few AP: the README's numbers are means over 5 seeds with paired 95 % intervals, from "
+              f"`dtg bench reproduce` (README, Results).")
     for method in failed:
         _err(f"{method}: {status[method]}")
     return 1 if failed else 0
@@ -234,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "finds a checkpoint")
     p.add_argument("--init-iteration", type=int, metavar="N",
                    help="with --init-from: iteration the schedule continues at (default: the checkpoint's)")
+    p.add_argument("--stop-at", type=int, metavar="N",
+                   help="stop after iteration N with checkpoints/last.pth written (no evaluation); --resume "
+                        "continues the run later")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="COCO bbox metrics of a checkpoint on a COCO val set")

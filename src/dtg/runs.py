@@ -223,6 +223,7 @@ class Run:
     extra_args: list[str] = field(default_factory=list)  # more ``dtg train`` arguments (e.g. --init-from)
     parent: str | None = None  # key of the run whose checkpoint this one starts from
     needs: Path | None = None  # that checkpoint
+    stop_at: int | None = None  # train only up to this iteration (``dtg train --stop-at``); resumed later
 
     @property
     def metrics_path(self) -> Path:
@@ -307,20 +308,26 @@ def read_progress(run: Run) -> dict[str, Any] | None:
 
 
 def run_one(run: Run, threads: int) -> tuple[str, float]:
-    """Train (or resume) one run in a subprocess unless its metrics exist: ``(status, seconds)``."""
+    """Train (or resume) one run in a subprocess unless its metrics exist: ``(status, seconds)``.
+
+    With ``run.stop_at`` the subprocess stops there (status ``stopped``) and a later call resumes it.
+    """
     if run.metrics_path.is_file():
         return "cached", 0.0
     run.out.mkdir(parents=True, exist_ok=True)
     save_config(run.cfg, run.out / "run.yaml")
     resume = (run.out / "checkpoints" / "last.pth").is_file()
+    stop = ["--stop-at", str(run.stop_at)] if run.stop_at is not None else []
     cmd = [sys.executable, "-m", "dtg", "train", "--config", str(run.out / "run.yaml"),
-           "--set", f"threads={threads}", "--no-progress", *(["--resume", "auto"] if resume else run.extra_args)]
+           "--set", f"threads={threads}", "--no-progress", *(["--resume", "auto"] if resume else run.extra_args), *stop]
     t0 = time.perf_counter()
     with open(run.out / "train.log", "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - t0
+    if rc == 0 and run.stop_at is not None and not run.metrics_path.is_file():
+        return "stopped", seconds
     if rc != 0 or not run.metrics_path.is_file():
         return f"failed (exit {rc}, see {run.out / 'train.log'})", seconds
     return ("resumed" if resume else "trained"), seconds

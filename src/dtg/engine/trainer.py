@@ -187,9 +187,15 @@ class Trainer:
         self.log(f"initialised from {path} (iteration {start}); training from iteration {self.iteration}")
 
     # ------------------------------------------------------------------ loop
-    def train(self) -> dict[str, Any]:
-        """Run from ``self.iteration`` to ``solver.max_iter``; return the final metrics (on every rank)."""
+    def train(self, stop_at: int | None = None) -> dict[str, Any] | None:
+        """Run from ``self.iteration`` to ``solver.max_iter``; return the final metrics (on every rank).
+
+        With ``stop_at`` below ``solver.max_iter``, stop after that iteration with ``last.pth``
+        written and return None (no final evaluation, no ``metrics.json``): ``--resume``
+        continues the same run, e.g. with another thread count.
+        """
         cfg = self.cfg
+        end = cfg.solver.max_iter if stop_at is None else min(stop_at, cfg.solver.max_iter)
         writer = SummaryWriter(str(self.out / "tb"), purge_step=self.iteration or None) if self.is_main else None
         loader = iter(self._loader(start_batch=self.iteration))
         # A redrawn bar on a terminal; in a log file (no terminal), plain progress lines instead.
@@ -201,13 +207,16 @@ class Trainer:
         self._clock = (time.perf_counter(), self.iteration, time.perf_counter())  # start, its iteration, last line
         try:
             t0 = time.perf_counter()
-            while self.iteration < cfg.solver.max_iter:
+            while self.iteration < end:
                 scalars = self.step(next(loader), self.iteration)
                 self.iteration += 1
                 bar.update(1)
                 self._after_step(scalars, writer, bar)
             bar.close()
             elapsed = time.perf_counter() - t0
+            if self.iteration < cfg.solver.max_iter:  # stopped early on request
+                self.save("last.pth")
+                return None
             metrics = self.evaluate(writer, final=True)
             self.save("last.pth")
         finally:
