@@ -372,10 +372,14 @@ def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], 
         monitor.say(f"{status[run.key]} {run.key} ({label}) in {seconds:.0f} s")
 
     monitor.start()
-    pending, futures = list(todo), set()
+    # Branches whose checkpoint exists first (they finish what is started), then seed by seed.
+    order = {id(r): i for i, r in enumerate(todo)}
+    pending = sorted(todo, key=lambda r: (r.needs is None or not r.needs.is_file(), r.cfg.seed, order[id(r)]))
+    futures: set = set()
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             while pending or futures:
+                pending.sort(key=lambda r: (r.needs is None or not r.needs.is_file(), r.cfg.seed, order[id(r)]))
                 for run in list(pending):
                     if len(futures) >= max(1, jobs):
                         break
