@@ -72,6 +72,8 @@ ROWS: tuple[Row, ...] = (
     Row("sparse-noreg", {**SPARSE, "semi.unsup_reg": False}, None, "frame: no unlabeled box regression (Unbiased Teacher)"),
     Row("sparse-nogeo", {**SPARSE, "data.strong_view.rotate": 0.0, "data.strong_view.shear": 0.0}, None,
         "frame: strong view without rotation and shear"),
+    Row("sparse-geo", {**SPARSE, "data.strong_view.rotate": 30.0, "data.strong_view.shear": 30.0}, None,
+        "frame: strong view with rotation and shear up to 30 degrees (the paper's)"),
     Row("sparse-ema0.998", {**SPARSE, "semi.ema_momentum_unsup": 0.998}, None,
         "frame: teacher EMA over ~500 steps in the unlabeled phase"),
     Row("sparse-constlr", {**SPARSE, "solver.steps": []}, None, "frame: no learning-rate decay in the unlabeled phase"),
