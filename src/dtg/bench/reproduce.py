@@ -310,6 +310,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="evaluate on val (what the README reports) or on the tuning split carved from the train "
                         "images, where defaults are chosen (default: val)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores // jobs)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--curve-points", type=int, default=5,
                    help="evaluations per run for the AP curves when eval_period is 0 (default 5; 0: final only)")
@@ -335,7 +336,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     jobs = max(1, args.jobs)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // jobs)
+    threads = args.threads if args.threads > 0 else max(1, cores // jobs)
     out = Path(args.out)
     log = lambda m: print(f"[reproduce] {m}", file=sys.stderr, flush=True)  # noqa: E731
     overrides = [*DATASETS[args.dataset], *args.overrides]
