@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,23 @@ def test_an_interrupted_init_from_run_resumes_bit_exactly(tiny_dataset, supervis
     assert a["iteration"] == b["iteration"] == 4
     for name in ("student", "teacher"):
         assert _equal(a[name], b[name]), name
+
+
+def test_stop_at_leaves_a_checkpoint_and_no_metrics_then_resume_finishes(tiny_dataset, tmp_path, capsys):
+    import yaml
+
+    from dtg.cli import main
+    from dtg.config import to_dict
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_dataset, tmp_path / "run", "solver.max_iter=3",
+                                                         "checkpoint_at=[1]"))))
+    assert main(["train", "--config", str(config), "--stop-at", "2", "--no-progress"]) == 0
+    assert "stopped at iteration 2 of 3; continue with --resume" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert not (out / "metrics.json").exists() and (out / "checkpoints" / "iter_0000001.pth").is_file()
+    assert load_checkpoint(out / "checkpoints" / "last.pth")["iteration"] == 2
+    assert main(["train", "--config", str(config), "--resume", "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 3
+    assert main(["train", "--config", str(config), "--stop-at", "0"]) == 2
+    assert "--stop-at must be >= 1" in capsys.readouterr().err
