@@ -45,6 +45,10 @@ def tiny_config(paths, out_dir, *overrides: str) -> Config:
             f"data.weak_view={view}",
             "data.test_size=96",
             "data.test_max_size=128",
+            "model.backbone=tiny",  # the fast path: trained from scratch, no weight file needed
+            "model.pretrained=null",
+            "model.norm=bn",
+            "model.trainable_layers=5",
             "model.tiny_width=8",
             "model.fpn_channels=16",
             "model.box_head_dim=32",
