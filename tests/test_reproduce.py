@@ -266,3 +266,36 @@ def test_keys_added_later_leave_the_hash_alone_at_their_neutral_value():
                    "semi.strong_bn_stats=false"):
         assert rn.config_hash(load_config(None, ["method=sparse", change])) != rn.config_hash(base), change
     assert rn.config_hash(load_config(None, ["method=sparse", "threads=3"])) == rn.config_hash(base)
+
+
+@pytest.mark.slow
+def test_a_supervised_run_trained_for_another_split_is_only_evaluated(tiny_dataset, tmp_path):
+    import torch
+
+    from dtg.engine.checkpoint import load_checkpoint
+
+    base = tiny_config(tiny_dataset, tmp_path / "runs" / "a", "solver.max_iter=2", "solver.steps=[1]",
+                       "checkpoint_at=[1]", "eval_period=1")
+    first = rn.Run("a", base, tmp_path / "runs" / "a")
+    assert rn.run_one(first, threads=1)[0] == "trained"
+    other = tiny_config(tiny_dataset, tmp_path / "runs" / "b", "solver.max_iter=2", "solver.steps=[1]", "checkpoint_at=[1]",
+                        f"data.val_json={tiny_dataset.train_labeled}", f"data.val_images={tiny_dataset.train_images}",
+                        "data.unlabeled=")
+    second = rn.Run("b", other, tmp_path / "runs" / "b")
+    assert rn.training_key(other) == rn.training_key(base)  # only the evaluation differs (val set, curve points)
+    assert rn.training_key(tiny_config(tiny_dataset, tmp_path, "solver.lr=0.02")) != rn.training_key(base)
+    second.twin = rn.trained_twin(second, tmp_path / "runs")
+    assert second.twin == first.out
+    assert rn.run_one(second, threads=1)[0] == "resumed"
+    assert "evaluation only" in (second.out / "train.log").read_text()
+    a, b = (load_checkpoint(r.out / "checkpoints" / "last.pth") for r in (first, second))
+    assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a["teacher"])  # no step was taken
+    assert (second.out / "checkpoints" / "iter_0000001.pth").is_file()
+    metrics = json.loads(second.metrics_path.read_text())
+    assert metrics["provenance"]["val_fingerprint"] != json.loads(first.metrics_path.read_text())["provenance"]["val_fingerprint"]
+    # curve points during training do not change the weights a run ends with
+    plain = rn.Run("c", tiny_config(tiny_dataset, tmp_path / "runs" / "c", "solver.max_iter=2", "solver.steps=[1]"),
+                   tmp_path / "runs" / "c")
+    rn.run_one(plain, threads=1)
+    c = load_checkpoint(plain.out / "checkpoints" / "last.pth")
+    assert all(torch.equal(a["student"][k], c["student"][k]) for k in a["student"])

@@ -224,6 +224,7 @@ class Run:
     parent: str | None = None  # key of the run whose checkpoint this one starts from
     needs: Path | None = None  # that checkpoint
     stop_at: int | None = None  # train only up to this iteration (``dtg train --stop-at``); resumed later
+    twin: Path | None = None  # a finished run that trained the same weights (:func:`trained_twin`): evaluate only
 
     @property
     def metrics_path(self) -> Path:
@@ -253,6 +254,46 @@ def supervised_part(cfg: Config, until: int | None = None) -> dict[str, Any]:
         data["solver"]["steps"] = [s for s in data["solver"]["steps"] if s < until]
         data.pop("eval_period")
     return {**data, "reads": kept}
+
+
+# What a supervised run reads only to evaluate itself (val set, curve points) or not at all
+# (the unlabeled data, the ceiling's json): two runs that differ only here train the same weights.
+EVALUATION_ONLY = ("data.val_json", "data.val_images", "data.unlabeled", "data.unlabeled_images", "data.full_json",
+                   "eval_period")
+
+
+def training_key(cfg: Config) -> str | None:
+    """The identity of a supervised run's *training* (its weights), or None for other methods: its
+    :func:`supervised_part` without :data:`EVALUATION_ONLY`, and the labeled data's fingerprint."""
+    if cfg.method != "supervised":
+        return None
+    data = supervised_part(cfg)
+    _without(data, EVALUATION_ONLY)
+    labeled = _fingerprint([(cfg.data.train_json, cfg.data.train_images)])
+    return hashlib.sha1(f"{json.dumps(data, sort_keys=True)}:{labeled}".encode()).hexdigest()[:12]
+
+
+def trained_twin(run: Run, cache: Path) -> Path | None:
+    """A finished supervised run under ``cache`` that trained the same weights as ``run`` (same
+    :func:`training_key`) and kept every checkpoint ``run`` keeps; None when there is none."""
+    key = training_key(run.cfg)
+    if key is None or run.metrics_path.is_file():
+        return None
+    from dtg.config import from_dict
+    import yaml
+
+    for other in sorted(Path(cache).glob("*/run.yaml")):
+        folder = other.parent
+        if folder == run.out or not (folder / "metrics.json").is_file():
+            continue
+        try:
+            cfg = from_dict(yaml.safe_load(other.read_text()))
+        except Exception:  # noqa: BLE001 - an unreadable neighbour is simply not a twin
+            continue
+        kept = all((folder / "checkpoints" / iteration_checkpoint(i)).is_file() for i in run.cfg.checkpoint_at)
+        if kept and training_key(cfg) == key:
+            return folder
+    return None
 
 
 def branch_key(key: str, parent: str, iteration: int) -> str:
@@ -316,6 +357,8 @@ def run_one(run: Run, threads: int) -> tuple[str, float]:
         return "cached", 0.0
     run.out.mkdir(parents=True, exist_ok=True)
     save_config(run.cfg, run.out / "run.yaml")
+    if run.twin is not None and not (run.out / "checkpoints" / "last.pth").is_file():
+        _adopt(run)  # the same weights were trained already: copy them, only evaluate here
     resume = (run.out / "checkpoints" / "last.pth").is_file()
     stop = ["--stop-at", str(run.stop_at)] if run.stop_at is not None else []
     cmd = [sys.executable, "-m", "dtg", "train", "--config", str(run.out / "run.yaml"),
@@ -331,6 +374,22 @@ def run_one(run: Run, threads: int) -> tuple[str, float]:
     if rc != 0 or not run.metrics_path.is_file():
         return f"failed (exit {rc}, see {run.out / 'train.log'})", seconds
     return ("resumed" if resume else "trained"), seconds
+
+
+def _adopt(run: Run) -> None:
+    """Copy the twin's final and kept checkpoints into ``run`` (then ``--resume`` only evaluates)."""
+    import shutil
+
+    assert run.twin is not None
+    (run.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    names = ["last.pth", *(iteration_checkpoint(i) for i in run.cfg.checkpoint_at)]
+    for name in names:
+        src = run.twin / "checkpoints" / name
+        tmp = run.out / "checkpoints" / f".{name}.copy"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, run.out / "checkpoints" / name)
+    with open(run.out / "train.log", "a") as log:
+        log.write(f"# the weights of {run.twin} (same training, other evaluation set): evaluation only\n")
 
 
 def _readiness(run: Run, runs: dict[str, Run], status: dict[str, str]) -> str | None:

@@ -37,6 +37,7 @@ from dtg.config import Config, load_config, to_dict
 from dtg.data.synth import DATASETS
 from dtg.runs import (
     Run, branch_from, branch_key, dataset_fingerprint, ensure_generated, execute, run_key, supervised_part,
+    trained_twin,
 )
 
 Paper = tuple[float, float, float]
@@ -217,6 +218,8 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
         child = add(cfg, branch_key(key_of(cfg), parent.key, cfg.semi.burn_in))
         branch_from(child, parent, cfg.semi.burn_in)
         child.uses.append((name, seed))
+    for run in runs.values():  # a supervised run trained for another split: evaluate its weights only
+        run.twin = trained_twin(run, out / "runs")
     return runs
 
 
@@ -346,6 +349,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         for run in runs.values():
             state = "cached" if run.metrics_path.is_file() else "to train"
             src = f" (from {run.parent} at {run.cfg.semi.burn_in})" if run.parent else ""
+            src += f" (evaluates the weights of {run.twin.name})" if run.twin else ""
             print(f"{run.key}  {state:8s}  {', '.join(f'{r}/seed {s}' for r, s in run.uses) or 'burn-in'}{src}")
         return 0
     status = execute(runs, jobs, threads, log)
