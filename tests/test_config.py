@@ -59,19 +59,25 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fake_resnet50_weights(tmp_path_factory):
-    """A file in torchvision's ResNet-50 format (random values): exercises the local-weights path."""
+def fake_weights(tmp_path_factory):
+    """Files in torchvision's ImageNet formats (random values), by backbone name: exercise the local-weights path."""
     import torchvision
 
-    path = tmp_path_factory.mktemp("w") / "resnet50.pth"
-    torch.save(torchvision.models.resnet50().state_dict(), path)
-    return path
+    folder = tmp_path_factory.mktemp("w")
+
+    def make(backbone: str) -> Path:
+        path = folder / f"{backbone}.pth"
+        if not path.exists():
+            torch.save(getattr(torchvision.models, backbone)().state_dict(), path)
+        return path
+
+    return make
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_every_shipped_config_loads_and_builds(path, fake_resnet50_weights):
+def test_every_shipped_config_loads_and_builds(path, fake_weights):
     cfg = load_config(path)
-    overrides = [f"model.pretrained={fake_resnet50_weights}"] if cfg.model.pretrained else []
+    overrides = [f"model.pretrained={fake_weights(cfg.model.backbone)}"] if cfg.model.pretrained else []
     cfg = load_config(path, overrides)
     model = Detector.from_config(cfg.model, cfg.model.num_classes or 8, cfg.data.test_size, cfg.data.test_max_size)
     assert model.num_classes == (cfg.model.num_classes or 8)
