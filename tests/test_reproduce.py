@@ -9,7 +9,7 @@ import pytest
 from dtg import runs as rn
 from dtg.bench import reproduce as rp
 from dtg.bench.report import (
-    RowResult, fmt_interval, fmt_mean_std, gap_share, gap_table, markdown_table, mean_curve, mean_std, paired_gap,
+    RowResult, convergence_table, fmt_interval, fmt_mean_std, gap_share, last_quarter_moves, gap_table, markdown_table, mean_curve, mean_std, paired_gap,
     t_interval,
 )
 from dtg.cli import main
@@ -62,6 +62,24 @@ def test_t_interval_on_hand_made_numbers():
     assert math.isnan(t_interval([4.0])[1]) and fmt_interval([4.0]) == "-"
     assert fmt_interval([1.0, 1.0, 1.0]) == "[+1.00, +1.00]"
     assert t_interval([0.0] * 40 + [4.0] * 40)[2] - 2.0 == pytest.approx(1.96 * mean_std([0.0] * 40 + [4.0] * 40)[1] / math.sqrt(80))
+
+
+def test_last_quarter_moves_from_the_last_point_at_or_before_three_quarters():
+    assert last_quarter_moves([(500, 50.0), (1000, 58.0), (1500, 61.0), (2000, 62.5)]) == pytest.approx(1.5)
+    # a branched run's curve starts late: 1500 is still at 3/4 of 2000
+    assert last_quarter_moves([(1500, 70.0), (2000, 69.0)]) == pytest.approx(-1.0)
+    # the point just after 3/4 does not count as the start of the last quarter
+    assert last_quarter_moves([(1000, 40.0), (1600, 60.0), (2000, 61.0)]) == pytest.approx(21.0)
+    assert last_quarter_moves([(2000, 62.0)]) is None and last_quarter_moves([]) is None
+
+
+def test_convergence_table_means_curves_and_their_last_quarter_per_row():
+    curves = {"supervised": [[(1000, 58.0), (1500, 61.0), (2000, 62.0)], [(1000, 60.0), (1500, 62.0), (2000, 62.0)]],
+              "sparse": [[]]}
+    table = convergence_table(curves).splitlines()
+    assert len(table) == 3  # header, rule, one row: sparse has no curve
+    assert table[2] == "| supervised | 2 | 1000: 59.0, 1500: 61.5, 2000: 62.0 | 0.50 ± 0.71 |"
+    assert convergence_table({"dtg": [[]]}) == ""
 
 
 def test_gap_share_is_paired_over_seeds_all_three_rows_finished():
@@ -177,8 +195,11 @@ def test_two_rows_one_seed_train_once_then_come_from_the_cache(tiny_dataset, tmp
     assert "2 runs: 0 cached, 2 to train" in first.err
     text = (out / "results.md").read_text()
     assert text == first.out
-    rows = [ln for ln in text.splitlines() if ln.startswith(("| supervised |", "| dtg |"))]
+    main_table, rest = text.split("Gaps (", 1)
+    rows = [ln for ln in main_table.splitlines() if ln.startswith(("| supervised |", "| dtg |"))]
     assert len(rows) == 2 and all(len(ln.split("|")) == 12 for ln in rows)
+    convergence = rest.split("Convergence (", 1)[1]
+    assert "| dtg | 0 | 3: " in convergence  # one evaluation: no last quarter to measure
     raw = json.loads((out / "results.json").read_text())
     gap = raw["dtg"]["per_seed"]["0"]["AP"] - raw["supervised"]["per_seed"]["0"]["AP"]
     assert f"| dtg - supervised | 1 | {gap:.2f} |" in text  # the gap of the two runs' own metrics

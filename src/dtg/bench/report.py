@@ -165,6 +165,33 @@ def mean_curve(curves: Sequence[Curve]) -> Curve:
     return [(it, statistics.fmean(d[it] for d in by_seed)) for it in sorted(common)]
 
 
+def last_quarter_moves(curve: Curve) -> float | None:
+    """AP at the curve's last point minus AP at its last point at or before 3/4 of the way
+    (the convergence check of docs/testbed.md); None when the curve has no such earlier point."""
+    if not curve:
+        return None
+    end = curve[-1][0]
+    earlier = [ap for it, ap in curve if it <= 0.75 * end]
+    return curve[-1][1] - earlier[-1] if earlier else None
+
+
+def convergence_table(curves: dict[str, list[Curve]]) -> str:
+    """Per row: the seed-mean teacher AP at each evaluated iteration, and how far each seed's AP
+    moved over the last quarter of its schedule (mean ± std); rows without curves are left out."""
+    lines = []
+    for name, cs in curves.items():
+        mean = mean_curve([c for c in cs if c])
+        moves = [m for m in (last_quarter_moves(c) for c in cs) if m is not None]
+        if not mean:
+            continue
+        points = ", ".join(f"{it}: {ap:.1f}" for it, ap in mean)
+        lines.append(f"| {name} | {len(moves)} | {points} | {fmt_mean_std(moves) if moves else '-'} |")
+    if not lines:
+        return ""
+    return "\n".join(["| row | seeds | mean teacher AP at iteration | last quarter: AP moved |",
+                      "|---|---:|---|---:|", *lines])
+
+
 def read_curve(run_dir: Path, tag: str = "teacher/AP") -> Curve:
     """(iteration, AP %) of every evaluation a run logged to TensorBoard (``run_dir/tb``); [] if none."""
     tb = Path(run_dir) / "tb"

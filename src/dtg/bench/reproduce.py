@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dtg.bench.report import STATS, RowResult, gap_share, gap_table, markdown_table, plot, read_curve
+from dtg.bench.report import (
+    STATS, RowResult, convergence_table, gap_share, gap_table, markdown_table, plot, read_curve,
+)
 from dtg.config import Config, load_config, to_dict
 from dtg.data.synth import DATASETS
 from dtg.runs import (
@@ -284,6 +286,10 @@ def report(rows: Sequence[Row], runs: dict[str, Run], out: Path, header: str) ->
     if share:
         parts.append("Label efficiency (paired by seed; the paper: DTG recovers 64 % of COCO 10 %'s gap, "
                      "Soft Teacher 51 %):\n\n" + share)
+    converged = convergence_table(curves)
+    if converged:
+        parts.append("Convergence (teacher AP curves of the main rows; a run that moved < 1 AP over the last "
+                     "quarter of its schedule has converged):\n\n" + converged)
     text = "\n\n".join([*parts, NOTES]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
