@@ -48,6 +48,25 @@ class RPNOutputs:
 
 
 @dataclass
+class DenseLayout:
+    """The shapes a :meth:`Detector.forward_dense` pass on images of given sizes produces, without the pass.
+
+    Attributes:
+        image_sizes: per image its unpadded ``(H, W)`` (the wrapper never resizes).
+        padded_size: ``(H, W)`` of the padded batch tensor.
+        feature_sizes: ``(H_l, W_l)`` of each FPN level's feature map (P2-P6).
+        anchors: (A, 4) xyxy anchors of one image, all levels concatenated (``RPNOutputs.anchors``).
+        num_anchors_per_level: ``A_l`` per level, summing to A (``RPNOutputs.num_anchors_per_level``).
+    """
+
+    image_sizes: list[tuple[int, int]]
+    padded_size: tuple[int, int]
+    feature_sizes: list[tuple[int, int]]
+    anchors: Tensor
+    num_anchors_per_level: list[int]
+
+
+@dataclass
 class DenseOutputs:
     """Everything one forward pass gives later stages.
 
@@ -151,6 +170,30 @@ class Detector(nn.Module):
         normed = [tf.normalize(img) for img in images]
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         return ImageList(tf.batch_images(normed, size_divisible=tf.size_divisible), sizes)
+
+    def dense_layout(self, image_sizes: list[tuple[int, int]], dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> DenseLayout:
+        """Padded size, feature-map sizes and anchors of a :meth:`forward_dense` pass on images of
+        ``image_sizes`` (``(H, W)`` each), computed from the sizes alone (no image, no forward).
+
+        The batch is padded as :meth:`preprocess` pads it (to the largest size, rounded up to the
+        transform's ``size_divisible``, 32); the backbone's levels P2-P5 have strides 4, 8, 16, 32
+        (each a ceil-halving of a stride-2 stage: exact on a padded size divisible by 32), P6 is
+        P5 max-pooled with stride 2 (``ceil(H_5 / 2)``). The anchors are the anchor generator's on
+        those sizes, in ``dtype`` (the features' dtype of the pass, e.g. float16 under autocast) on
+        ``device``. tests/test_detector.py checks all of it against real passes of every backbone.
+        """
+        div = int(self.net.transform.size_divisible)
+        h = max(s[0] for s in image_sizes)
+        w = max(s[1] for s in image_sizes)
+        padded = (-(-h // div) * div, -(-w // div) * div)
+        sizes = [(-(-padded[0] // s), -(-padded[1] // s)) for s in (4, 8, 16, 32)]
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))  # LastLevelMaxPool: kernel 1, stride 2
+        gen = self.net.rpn.anchor_generator
+        batch = ImageList(torch.empty((len(image_sizes), 0, *padded), dtype=dtype, device=device), list(image_sizes))
+        feats = [torch.empty((1, 0, *hw), dtype=dtype, device=device) for hw in sizes]
+        per_level = [n * hh * ww for n, (hh, ww) in zip(gen.num_anchors_per_location(), sizes)]
+        return DenseLayout(list(image_sizes), padded, sizes, gen(batch, feats)[0], per_level)
 
     def rpn_dense(self, images: ImageList, features: dict[str, Tensor]) -> RPNOutputs:
         """RPN objectness and deltas for every anchor, with the anchors and their level."""
