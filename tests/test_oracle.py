@@ -70,7 +70,7 @@ def test_oracle_pseudo_labels_are_the_ground_truth_and_it_trains(tiny_dataset, t
     t = Trainer(cfg, log=lambda m: None, progress=False)
     batch = next(iter(t._loader(start_batch=0)))
     items = batch["unsup"]
-    labels = t.method.pseudo_labels(t.teacher, items)
+    labels = t.method.teacher_targets(t.teacher, items).images
     for it, lab in zip(items, labels):
         rec = next(r for r in t.data.unlabeled.records if r.id == it["image_id"])
         boxes, cls = record_targets(rec, t.labels)

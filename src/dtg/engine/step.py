@@ -1,7 +1,7 @@
 """One training step of the Mean Teacher, the same for every method.
 
 Per step: the student's labeled losses (``sup_*``), then, once the burn-in is over, the
-method's unlabeled losses (``unsup_*``); ``L = sum(sup_*) + alpha(t) * sum(unsup_*)``; SGD,
+method's teacher targets and the student's unlabeled losses against them (``unsup_*``); ``L = sum(sup_*) + alpha(t) * sum(unsup_*)``; SGD,
 the LR schedule and the EMA teacher. A step whose loss (or gradient norm) is not finite on
 any rank is skipped on every rank: no optimizer step, no EMA update, the BatchNorm
 statistics of its forward undone; the LR schedule still advances. Skips are logged and
@@ -56,13 +56,17 @@ class StudentLoss(nn.Module):
     def forward(
         self, teacher: Detector, batch: Batch, iteration: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Labeled losses, then (when ``batch["unsup"]`` holds items) the method's unlabeled ones."""
+        """Labeled losses, then (when ``batch["unsup"]`` holds items) the method's unlabeled ones:
+        its teacher's targets (:meth:`Method.teacher_targets`), then the student's losses against
+        them (:meth:`Method.student_losses`). ``iteration`` is not read by any method (alpha(t) is
+        the step's)."""
         losses = labeled_losses(self.student, batch["sup"], self.device)
         stats: dict[str, float] = {}
         if batch["unsup"]:
             keep = nullcontext() if self.strong_bn_stats else bn_stats_frozen(self.student)
             with keep:
-                unsup, stats = self.method.unlabeled_losses(self.student, teacher, batch["unsup"], iteration)
+                targets = self.method.teacher_targets(teacher, batch["unsup"])  # no gradient
+                unsup, stats = self.method.student_losses(self.student, batch["unsup"], targets)
             losses.update(unsup)
         return losses, stats
 

@@ -1,13 +1,18 @@
-"""What every method shares: the batch layout, the method protocol and the labeled loss.
+"""What every method shares: the batch layout, the method protocol, box targets and the labeled loss.
 
 Methods differ only in their unlabeled loss (docs/method.md, "The frame"). The training
-step (:mod:`dtg.engine.step`) computes the labeled losses itself, names them ``sup_*``, and
-asks the method for ``unsup_*`` losses on the unlabeled items once the burn-in is over:
-``L = sum(sup_*) + alpha(t) * sum(unsup_*)``.
+step (:mod:`dtg.engine.step`) computes the labeled losses itself, names them ``sup_*``, and,
+once the burn-in is over, asks the method in two calls for ``unsup_*`` losses on the unlabeled
+items: :meth:`Method.teacher_targets` (the teacher's pass on the weak views, no gradient, the
+method's typed targets) then :meth:`Method.student_losses` (the student's pass on the strong
+views against them); ``L = sum(sup_*) + alpha(t) * sum(unsup_*)``. Tools that need a method's
+targets (``dtg bench targets``, ``dtg explain``, the benchmarks) call ``teacher_targets`` too,
+so there is one teacher pass, the method's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -22,8 +27,31 @@ A ``sup`` item holds ``image`` (3, H, W), ``boxes`` (n, 4) xyxy and ``labels`` (
 ``strong_matrix`` (original image -> view)."""
 
 
+@dataclass
+class BoxTargets:
+    """Box targets of an unlabeled batch for the student's ordinary Faster R-CNN assignment
+    (sparse's pseudo boxes, the oracle's ground truth, DTG's sparse RPN hybrid).
+
+    Attributes:
+        images: per unlabeled item, in :meth:`Detector.supervised_losses`' target format:
+            ``boxes`` (m, 4) float32 xyxy in its strong view, ``labels`` (m,) int64 in 1..K and,
+            with sparse's ignore band on, ``ignore`` (u, 4) uncertain boxes. ``m``, ``u`` may be 0.
+        detections: per item the teacher's final detections on its weak view (``boxes`` (n, 4)
+            xyxy in weak-view pixels, ``scores`` (n,), ``labels`` (n,) in 1..K), which the boxes
+            were taken from; None when the boxes are ground truth (the oracle).
+    """
+
+    images: list[dict[str, torch.Tensor]]
+    detections: list[dict[str, torch.Tensor]] | None = None
+
+    def boxes_per_image(self) -> float:
+        """Mean number of target boxes per image (the ``pseudo_boxes_per_image`` statistic)."""
+        return sum(len(t["boxes"]) for t in self.images) / max(len(self.images), 1)
+
+
 class Method(Protocol):
-    """A semi-supervised method: a name, whether it reads unlabeled data, and its unlabeled loss.
+    """A semi-supervised method: a name, whether it reads unlabeled data, and its unlabeled loss
+    as two calls, the teacher's targets and the student's losses against them.
 
     Built by the registry (:func:`dtg.methods.build_method`) as ``cls(cfg, device)``.
     """
@@ -32,11 +60,36 @@ class Method(Protocol):
     uses_unlabeled: bool
     needs_unlabeled_boxes: bool  # its unlabeled items must carry their ground truth (the oracle only)
 
-    def unlabeled_losses(
-        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Named ``unsup_*`` loss scalars and plain-number statistics for the unlabeled ``items``."""
+    def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> Any:
+        """The method's typed targets for the unlabeled ``items`` (its own dataclass, e.g.
+        :class:`BoxTargets`), from the teacher's pass on their weak views under ``torch.no_grad()``.
+        Reads no student; consumes global random state only where training does (DTG's
+        ``dtg.rcnn_subsample``)."""
         ...
+
+    def student_losses(
+        self, student: Detector, items: list[dict[str, Any]], targets: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Named ``unsup_*`` loss scalars and plain-number statistics of the student's pass on the
+        strong views of ``items`` against ``targets`` (what :meth:`teacher_targets` returned for them)."""
+        ...
+
+    def unlabeled_losses(
+        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int = 0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """``student_losses(student, items, teacher_targets(teacher, items))``."""
+        ...
+
+
+class TwoCallMethod:
+    """The composition every method shares: :meth:`unlabeled_losses` = targets, then losses."""
+
+    def unlabeled_losses(
+        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int = 0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """``student_losses(student, items, teacher_targets(teacher, items))``; ``iteration`` is
+        not read (no method's loss depends on it: the step applies alpha(t))."""
+        return self.student_losses(student, items, self.teacher_targets(teacher, items))  # type: ignore[attr-defined]
 
 
 def labeled_losses(student: Detector, items: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -55,3 +108,7 @@ def weak_images(items: list[dict[str, Any]], device: torch.device) -> list[torch
     """The weak (teacher) views of unlabeled items on ``device``."""
     return [it["weak"].to(device, non_blocking=True) for it in items]
 
+
+def strong_sizes(items: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """``(H, W)`` of each item's strong view: the student's image sizes (the detector never resizes)."""
+    return [(int(it["strong"].shape[-2]), int(it["strong"].shape[-1])) for it in items]

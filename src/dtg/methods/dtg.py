@@ -1,13 +1,18 @@
 """``method=dtg``: Dense Teacher Guidance in the R-CNN and RPN stages (docs/method.md).
 
 Orchestration only: the math lives in :mod:`dtg.losses` (clustering, correspondence,
-INC targets, Rank Matching). Per unlabeled batch: one teacher pass on the weak views
-(dense RPN outputs, proposals, R-CNN outputs on its own proposals), one student pass on
-the strong views, then for each enabled stage ``L_u = L_cls + L_reg + beta * L_RM``.
+INC targets, Rank Matching). Per unlabeled batch: :meth:`DTGMethod.teacher_targets` makes one
+teacher pass on the weak views (dense RPN outputs, proposals, R-CNN outputs on its own
+proposals) and builds each enabled stage's INC targets (:class:`DTGTargets`); the student's
+side of the batch (its image sizes, its anchors) is known from the strong views' shapes
+(:meth:`Detector.dense_layout`), so no student pass is needed for them.
+:meth:`DTGMethod.student_losses` makes one student pass on the strong views and, per enabled
+stage, ``L_u = L_cls + L_reg + beta * L_RM``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,15 +20,17 @@ from torch import Tensor
 
 from dtg.config import Config, DTGConfig
 from dtg.geometry import teacher_to_student
-from dtg.losses.correspondence import anchor_grid
+from dtg.losses.correspondence import AnchorGrid, anchor_grid
 from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas
+from dtg.losses.inc import IncTargets
 from dtg.losses.inc_image import (
-    IncOptions, concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets, take_samples,
+    IncOptions, RcnnImageTargets, concat_targets, keep_members_and_sample_background, rcnn_image_targets,
+    rpn_image_targets, take_samples,
 )
 from dtg.losses.rank_matching import rank_matching_loss
-from dtg.methods.base import strong_images, weak_images
-from dtg.methods.sparse import pseudo_labels
-from dtg.models.detector import DenseOutputs, Detector
+from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, strong_sizes, weak_images
+from dtg.methods.sparse import box_target_losses, pseudo_box_targets
+from dtg.models.detector import DenseLayout, DenseOutputs, Detector
 
 
 def stage_value(d: DTGConfig, stage: str, name: str) -> Any:
@@ -56,7 +63,93 @@ def inc_options(cfg: Config, stage: str | None = None) -> IncOptions:
     )
 
 
-class DTGMethod:
+@dataclass
+class TeacherPass:
+    """The teacher's forward on the weak views of a batch (no gradient).
+
+    Attributes:
+        dense: backbone, FPN, dense RPN outputs and proposals (per image (P_i, 4)).
+        logits: (P, K + 1) R-CNN class logits on its own proposals, P = sum P_i, image-major.
+        deltas: (P, (K + 1) * 4) R-CNN box deltas on them.
+    """
+
+    dense: DenseOutputs
+    logits: Tensor
+    deltas: Tensor
+
+
+@torch.no_grad()
+def teacher_pass(teacher: Detector, weak: list[Tensor], train_top_n: bool | None = True) -> TeacherPass:
+    """The teacher on the (3, H, W) ``weak`` views: :meth:`Detector.forward_dense` (proposals with the
+    training top-N by default, as DTG builds its targets; ``None``: the module's mode) and the
+    R-CNN on its own proposals."""
+    t = teacher.forward_dense(weak, train_top_n=train_top_n)
+    logits, deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
+    return TeacherPass(t, logits, deltas)
+
+
+@dataclass
+class RcnnTargets:
+    """DTG's R-CNN stage targets of a batch.
+
+    Attributes:
+        images: per image the full :class:`RcnnImageTargets` (every teacher proposal mapped into
+            the strong view as a RoI, its INC targets, the clustering, the RoIs that left the view).
+        rois: per image (R_i, 4) the RoIs the student scores: all of ``images[i].rois`` or, with
+            ``dtg.rcnn_subsample``, the members and a background sample of them.
+        targets: INC targets over ``cat(rois)`` (R = sum R_i), clusters numbered across the batch.
+        teacher_logits: (R, K + 1) the teacher's logits of those RoIs' proposals (``dtg.rm_input=logit``).
+    """
+
+    images: list[RcnnImageTargets]
+    rois: list[Tensor]
+    targets: IncTargets
+    teacher_logits: Tensor
+
+
+@dataclass
+class RpnTargets:
+    """DTG's RPN stage targets of a batch.
+
+    Attributes:
+        layout: the student's pass on the strong views as its shapes (:meth:`Detector.dense_layout`):
+            image sizes, padded size, feature sizes, anchors.
+        grid: the student's anchors as a grid (:func:`anchor_grid` of ``layout``), A_s anchors per image.
+        images: per image INC targets over the A_s student anchors.
+        targets: ``images`` concatenated (B * A_s samples, image-major), clusters numbered across the batch.
+        teacher_anchors: (A_t, 4) the teacher's anchors (weak view), which ``grid``'s anchors were paired with.
+    """
+
+    layout: DenseLayout
+    grid: AnchorGrid
+    images: list[IncTargets]
+    targets: IncTargets
+    teacher_anchors: Tensor
+
+
+@dataclass
+class DTGTargets:
+    """Everything :meth:`DTGMethod.student_losses` needs of the teacher, per enabled stage.
+
+    Attributes:
+        teacher: the teacher's pass on the weak views.
+        mats: per image the (3, 3) teacher-to-student matrix ``M`` (weak view -> strong view).
+        student_sizes: per image ``(H, W)`` of the strong view.
+        rcnn: R-CNN stage targets (``dtg.rcnn``), else None.
+        rpn: RPN stage INC targets (``dtg.rpn`` with ``dtg.rpn_targets=dtg``), else None.
+        rpn_boxes: sparse's pseudo boxes for the RPN stage (``dtg.rpn_targets=sparse``, the table 2(c)
+            hybrid), else None.
+    """
+
+    teacher: TeacherPass
+    mats: list[Tensor]
+    student_sizes: list[tuple[int, int]]
+    rcnn: RcnnTargets | None = None
+    rpn: RpnTargets | None = None
+    rpn_boxes: BoxTargets | None = None
+
+
+class DTGMethod(TwoCallMethod):
     """Dense-to-dense guidance; every switch is a ``dtg.*`` config key."""
 
     name = "dtg"
@@ -67,45 +160,62 @@ class DTGMethod:
         self.device, self.cfg, self.d = device, cfg, cfg.dtg
         self.rcnn_opts, self.rpn_opts = inc_options(cfg, "rcnn"), inc_options(cfg, "rpn")
 
-    def unlabeled_losses(
-        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
-    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        with torch.no_grad():
-            t = teacher.forward_dense(weak_images(items, self.device), train_top_n=True)
-            t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
-        s = student.forward_dense(strong_images(items, self.device))
+    @torch.no_grad()
+    def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> DTGTargets:
+        """One teacher pass on the weak views and the INC targets of each enabled stage (with
+        ``dtg.rcnn_subsample`` the background draw uses torch's global generator, as training does)."""
+        t = teacher_pass(teacher, weak_images(items, self.device))
         mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(self.device) for it in items]
+        out = DTGTargets(t, mats, strong_sizes(items))
+        if self.d.rcnn:
+            out.rcnn = self.rcnn_targets(teacher, out)
+        if self.d.rpn and self.d.rpn_targets == "sparse":  # the table 2(c) hybrid
+            out.rpn_boxes = pseudo_box_targets(teacher, items, self.cfg.semi, self.device)
+        elif self.d.rpn:
+            out.rpn = self.rpn_targets(teacher, out)
+        return out
+
+    def student_losses(
+        self, student: Detector, items: list[dict[str, Any]], targets: DTGTargets
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """One student pass on the strong views; the INC (and Rank Matching) losses of each stage
+        ``targets`` holds, in the order R-CNN, RPN; per-image cluster / member statistics."""
+        s = student.forward_dense(strong_images(items, self.device))
         losses: dict[str, Tensor] = {}
         stats: dict[str, float] = {}
-        if self.d.rcnn:
-            losses.update(self._rcnn(student, teacher, t, t_logits, t_deltas, s, mats, stats))
-        if self.d.rpn and self.d.rpn_targets == "sparse":  # the table 2(c) hybrid
-            targets = pseudo_labels(teacher, items, self.cfg.semi, self.device)
-            cls, reg = student.rpn_losses(s, targets)
+        if targets.rcnn is not None:
+            losses.update(self._rcnn(student, s, targets.rcnn, stats))
+        if targets.rpn_boxes is not None:  # the table 2(c) hybrid
+            cls, reg = student.rpn_losses(s, targets.rpn_boxes.images)
             losses.update({"unsup_rpn_cls": cls, "unsup_rpn_reg": reg})
-            stats["pseudo_boxes_per_image"] = sum(len(x["boxes"]) for x in targets) / max(len(items), 1)
-        elif self.d.rpn:
-            losses.update(self._rpn(student, t, s, mats, stats))
+            stats["pseudo_boxes_per_image"] = targets.rpn_boxes.boxes_per_image()
+        elif targets.rpn is not None:
+            losses.update(self._rpn(s, targets.rpn, stats))
         return losses, stats
 
     # ------------------------------------------------------------------ R-CNN
-    def _rcnn(
-        self, student: Detector, teacher: Detector, t: DenseOutputs, t_logits: Tensor, t_deltas: Tensor,
-        s: DenseOutputs, mats: list[Tensor], stats: dict[str, float],
-    ) -> dict[str, Tensor]:
-        d, counts = self.d, [len(p) for p in t.proposals]
-        rois, parts, t_used = [], [], []
-        for i, (logits, deltas) in enumerate(zip(t_logits.split(counts), t_deltas.split(counts))):
-            built = rcnn_image_targets(logits, deltas, t.proposals[i], mats[i], s.images.image_sizes[i],
+    def rcnn_targets(self, teacher: Detector, tt: DTGTargets) -> RcnnTargets:
+        """The teacher's proposals mapped into the strong views as RoIs, and their INC targets
+        (:func:`rcnn_image_targets` per image; ``dtg.rcnn_subsample``: every member, background
+        sampled to ``model.roi_batch_size_per_image`` RoIs per image)."""
+        t = tt.teacher.dense
+        counts = [len(p) for p in t.proposals]
+        images, rois, parts, t_used = [], [], [], []
+        for i, (logits, deltas) in enumerate(zip(tt.teacher.logits.split(counts), tt.teacher.deltas.split(counts))):
+            built = rcnn_image_targets(logits, deltas, t.proposals[i], tt.mats[i], tt.student_sizes[i],
                                        t.images.image_sizes[i], teacher.rcnn_box_coder, self.rcnn_opts)
             rois_i, tg_i = built.rois, built.targets
-            if d.rcnn_subsample:  # the cost switch: every member, background sampled to the RoI budget
+            if self.d.rcnn_subsample:  # the cost switch: every member, background sampled to the RoI budget
                 keep = keep_members_and_sample_background(tg_i, self.cfg.model.roi_batch_size_per_image)
                 rois_i, tg_i, logits = rois_i[keep], take_samples(tg_i, keep), logits[keep]
+            images.append(built)
             rois.append(rois_i)
             parts.append(tg_i)
             t_used.append(logits)
-        tgt = concat_targets(parts)
+        return RcnnTargets(images, rois, concat_targets(parts), torch.cat(t_used))
+
+    def _rcnn(self, student: Detector, s: DenseOutputs, rt: RcnnTargets, stats: dict[str, float]) -> dict[str, Tensor]:
+        d, rois, tgt = self.d, rt.rois, rt.targets
         s_logits, s_deltas = student.roi_forward(s.features, rois, s.images.image_sizes)
         den = len(rois) * self.cfg.model.roi_batch_size_per_image  # the supervised R-CNN denominator
         out = {
@@ -122,7 +232,7 @@ class DTGMethod:
                 p_t = tgt.teacher_scores[member]
             else:
                 p_s = s_logits[member].gather(1, cls[:, None]).squeeze(1)
-                p_t = torch.cat(t_used)[member].gather(1, cls[:, None]).squeeze(1)
+                p_t = rt.teacher_logits[member].gather(1, cls[:, None]).squeeze(1)
             out["unsup_rcnn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
         n = max(len(rois), 1)
         stats["rcnn_clusters_per_image"] = tgt.num_clusters / n
@@ -130,21 +240,26 @@ class DTGMethod:
         return out
 
     # ------------------------------------------------------------------ RPN
-    def _rpn(self, student: Detector, t: DenseOutputs, s: DenseOutputs, mats: list[Tensor],
-             stats: dict[str, float]) -> dict[str, Tensor]:
-        d = self.d
-        grid = anchor_grid(
-            s.rpn.anchors, s.rpn.num_anchors_per_level,
-            [tuple(f.shape[-2:]) for f in s.features.values()], tuple(s.images.tensors.shape[-2:]),
-        )
+    def rpn_targets(self, teacher: Detector, tt: DTGTargets) -> RpnTargets:
+        """The student's anchors (from the strong views' sizes, :meth:`Detector.dense_layout`, in the
+        dtype and on the device of the teacher's features, as the student's pass makes them) and
+        their INC targets from the teacher's dense RPN outputs (:func:`rpn_image_targets` per image)."""
+        t = tt.teacher.dense
+        feat = next(iter(t.features.values()))
+        layout = teacher.dense_layout(tt.student_sizes, feat.dtype, feat.device)
+        grid = anchor_grid(layout.anchors, layout.num_anchors_per_level, layout.feature_sizes, layout.padded_size)
         parts = [
             rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, grid, m,
-                              s.images.image_sizes[i], t.images.image_sizes[i], student.rpn_box_coder, self.rpn_opts)
-            for i, m in enumerate(mats)
+                              tt.student_sizes[i], t.images.image_sizes[i], teacher.rpn_box_coder, self.rpn_opts)
+            for i, m in enumerate(tt.mats)
         ]
-        tgt = concat_targets(parts)
+        return RpnTargets(layout, grid, parts, concat_targets(parts), t.rpn.anchors)
+
+    def _rpn(self, s: DenseOutputs, rt: RpnTargets, stats: dict[str, float]) -> dict[str, Tensor]:
+        d, tgt, n_img = self.d, rt.targets, len(rt.images)
+        check_layout(s, rt.layout)
         obj = s.rpn.objectness.reshape(-1)  # (B, A_s) -> (B * A_s,), image-major like the targets
-        den = len(mats) * self.cfg.model.rpn_batch_size_per_image  # the supervised RPN denominator
+        den = n_img * self.cfg.model.rpn_batch_size_per_image  # the supervised RPN denominator
         out = {
             "unsup_rpn_cls": inc_objectness_loss(obj, tgt, d.normalize, denominator=den,
                                                  gamma=0.0 if d.rpn_cls_loss == "bce" else 2.0),
@@ -157,7 +272,18 @@ class DTGMethod:
             else:
                 p_s, p_t = obj[member], torch.logit(tgt.teacher_scores[member], eps=1e-6)
             out["unsup_rpn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
-        n = max(len(mats), 1)
+        n = max(n_img, 1)
         stats["rpn_clusters_per_image"] = tgt.num_clusters / n
         stats["rpn_members_per_image"] = float((tgt.cluster >= 0).sum()) / n
         return out
+
+
+def check_layout(s: DenseOutputs, layout: DenseLayout) -> None:
+    """Raise when the student's pass ``s`` does not have the shapes the RPN targets were built for
+    (a backbone whose strides :meth:`Detector.dense_layout` does not know): sizes only, no tensor read."""
+    got = (list(s.images.image_sizes), tuple(s.images.tensors.shape[-2:]),
+           [tuple(f.shape[-2:]) for f in s.features.values()], list(s.rpn.num_anchors_per_level))
+    want = (layout.image_sizes, layout.padded_size, layout.feature_sizes, layout.num_anchors_per_level)
+    if got != want:
+        raise RuntimeError(f"the student's pass has image sizes / padded size / feature sizes / anchors per level "
+                           f"{got}, the RPN targets were built for {want}")

@@ -1,9 +1,10 @@
 """``method=oracle``: the sparse baseline fed the unlabeled images' ground truth (the frame's ceiling).
 
 Everything is sparse's (views, matrices, the student's ordinary RPN / R-CNN assignment, losses,
-unlabeled weight, schedule) except where the pseudo boxes come from: the unlabeled images' own
+unlabeled weight, schedule) except where the target boxes come from: the unlabeled images' own
 boxes (``data.full_json``), mapped from the original image into the strong view, instead of
-the teacher's detections. Its gain over ``supervised`` is what the pseudo-label pipeline can
+the teacher's detections. The oracle is a target source: its :meth:`OracleMethod.teacher_targets`
+never asks the teacher. Its gain over ``supervised`` is what the pseudo-label pipeline can
 absorb at all; a method's share of it says how much its targets leave on the table.
 """
 
@@ -13,8 +14,10 @@ from typing import Any
 
 import torch
 
+from dtg.config import Config
 from dtg.geometry import project_targets
-from dtg.methods.sparse import SparseMethod
+from dtg.methods.base import BoxTargets, TwoCallMethod
+from dtg.methods.sparse import box_target_losses
 from dtg.models.detector import Detector
 
 
@@ -29,13 +32,28 @@ def ground_truth_targets(items: list[dict[str, Any]], device: torch.device) -> l
     return out
 
 
-class OracleMethod(SparseMethod):
-    """Sparse with the ground truth as pseudo boxes (the teacher is kept and EMA'd, never asked)."""
+class OracleMethod(TwoCallMethod):
+    """The ground truth as box targets, sparse's student losses (the teacher is kept and EMA'd, never asked)."""
 
     name = "oracle"
+    uses_unlabeled = True
     needs_unlabeled_boxes = True
 
-    def pseudo_labels(self, teacher: Detector, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.device, self.semi = device, cfg.semi
+
+    def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> BoxTargets:
+        """The items' ground truth in their strong views (:func:`ground_truth_targets`); ``teacher`` is not read.
+
+        Raises:
+            ValueError: an item carries no ``gt_boxes`` (loaded without ``unlabeled_boxes=True``).
+        """
         if any("gt_boxes" not in it for it in items):
             raise ValueError("method=oracle: unlabeled items carry no ground truth (load_sources(unlabeled_boxes=True))")
-        return ground_truth_targets(items, self.device)
+        return BoxTargets(ground_truth_targets(items, self.device))
+
+    def student_losses(
+        self, student: Detector, items: list[dict[str, Any]], targets: BoxTargets
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Sparse's :func:`~dtg.methods.sparse.box_target_losses`."""
+        return box_target_losses(student, items, targets, self.semi, self.device)

@@ -14,7 +14,7 @@ import torch
 from dtg.config import Config, SemiConfig
 from dtg.geometry import teacher_to_student
 from dtg.losses.pseudo_label import pseudo_targets
-from dtg.methods.base import strong_images, weak_images
+from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, weak_images
 from dtg.models.detector import Detector
 
 
@@ -23,18 +23,16 @@ def pseudo_threshold(semi: SemiConfig) -> float | torch.Tensor:
     return torch.tensor([1.0, *semi.class_thresholds]) if semi.class_thresholds else semi.pseudo_score_thresh
 
 
-@torch.no_grad()
-def pseudo_labels(teacher: Detector, items: list[dict[str, Any]], semi: SemiConfig,
-                  device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Per unlabeled item: the teacher's detections on the weak view ``>= semi.pseudo_score_thresh``
-    (or its class's ``semi.class_thresholds`` entry)
+def pseudo_labels_from(detections: list[dict[str, torch.Tensor]], items: list[dict[str, Any]], semi: SemiConfig,
+                       device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Per unlabeled item: its teacher ``detections`` on the weak view (``boxes`` (n, 4), ``scores``,
+    ``labels``) ``>= semi.pseudo_score_thresh`` (or its class's ``semi.class_thresholds`` entry)
     mapped into the strong view (``boxes`` (m, 4), ``labels`` (m,)), plus ``ignore`` boxes of the
-    uncertain band when ``semi.uncertain_score_thresh`` is below the threshold."""
-    dets = teacher.predict(weak_images(items, device))
+    uncertain band when ``semi.uncertain_score_thresh`` is below the threshold; on ``device``."""
     unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
     thresh = pseudo_threshold(semi)  # the ignore band, when on, stays below the global threshold
     out = []
-    for it, det in zip(items, dets):
+    for it, det in zip(items, detections):
         m = teacher_to_student(it["weak_matrix"], it["strong_matrix"])
         size = (int(it["strong"].shape[-2]), int(it["strong"].shape[-1]))
         t = pseudo_targets({k: v.cpu() for k, v in det.items()}, m, size, thresh, unsure)
@@ -42,7 +40,27 @@ def pseudo_labels(teacher: Detector, items: list[dict[str, Any]], semi: SemiConf
     return out
 
 
-class SparseMethod:
+@torch.no_grad()
+def pseudo_box_targets(teacher: Detector, items: list[dict[str, Any]], semi: SemiConfig,
+                       device: torch.device) -> BoxTargets:
+    """The teacher's detections on the weak views (:meth:`Detector.predict`) and the pseudo boxes
+    :func:`pseudo_labels_from` takes from them."""
+    dets = teacher.predict(weak_images(items, device))
+    return BoxTargets(pseudo_labels_from(dets, items, semi, device), dets)
+
+
+def box_target_losses(student: Detector, items: list[dict[str, Any]], targets: BoxTargets, semi: SemiConfig,
+                      device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The student's ordinary Faster R-CNN losses on the strong views against box ``targets``
+    (``unsup_rpn_cls`` ... ``unsup_rcnn_reg``; ``semi.unsup_reg=false`` drops the ``_reg`` ones)
+    and ``pseudo_boxes_per_image``."""
+    unsup = student.supervised_losses(strong_images(items, device), targets.images, cls_loss=semi.unsup_cls_loss)
+    if not semi.unsup_reg:  # classification only (Unbiased Teacher): pseudo boxes do not teach boxes
+        unsup = {k: v for k, v in unsup.items() if not k.endswith("_reg")}
+    return {f"unsup_{k}": v for k, v in unsup.items()}, {"pseudo_boxes_per_image": targets.boxes_per_image()}
+
+
+class SparseMethod(TwoCallMethod):
     """Teacher detections >= ``semi.pseudo_score_thresh`` as pseudo boxes; optional ignore band;
     ``semi.unsup_reg=false`` keeps the classification losses only."""
 
@@ -53,16 +71,13 @@ class SparseMethod:
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device, self.semi = device, cfg.semi
 
-    def pseudo_labels(self, teacher: Detector, items: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
-        """Per unlabeled item: pseudo ``boxes`` (m, 4) in its strong view and ``labels`` (m,) (+ ``ignore``)."""
-        return pseudo_labels(teacher, items, self.semi, self.device)
+    def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> BoxTargets:
+        """Per unlabeled item: pseudo ``boxes`` (m, 4) in its strong view and ``labels`` (m,)
+        (+ ``ignore``), and the teacher's detections they come from (:func:`pseudo_box_targets`)."""
+        return pseudo_box_targets(teacher, items, self.semi, self.device)
 
-    def unlabeled_losses(
-        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
+    def student_losses(
+        self, student: Detector, items: list[dict[str, Any]], targets: BoxTargets
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        targets = self.pseudo_labels(teacher, items)
-        unsup = student.supervised_losses(strong_images(items, self.device), targets, cls_loss=self.semi.unsup_cls_loss)
-        if not self.semi.unsup_reg:  # classification only (Unbiased Teacher): pseudo boxes do not teach boxes
-            unsup = {k: v for k, v in unsup.items() if not k.endswith("_reg")}
-        n_boxes = sum(len(t["boxes"]) for t in targets)
-        return {f"unsup_{k}": v for k, v in unsup.items()}, {"pseudo_boxes_per_image": n_boxes / max(len(items), 1)}
+        """:func:`box_target_losses`."""
+        return box_target_losses(student, items, targets, self.semi, self.device)

@@ -7,10 +7,11 @@ from typing import Any
 import torch
 
 from dtg.config import Config
+from dtg.methods.base import TwoCallMethod
 from dtg.models.detector import Detector
 
 
-class SupervisedMethod:
+class SupervisedMethod(TwoCallMethod):
     """No unlabeled loss. The step still keeps the EMA teacher, so that every method is
     compared teacher to teacher, as the paper reports."""
 
@@ -21,7 +22,12 @@ class SupervisedMethod:
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device = device
 
-    def unlabeled_losses(
-        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
+    def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> None:
+        """No targets: the teacher is never asked."""
+        return None
+
+    def student_losses(
+        self, student: Detector, items: list[dict[str, Any]], targets: None
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """No unlabeled loss."""
         return {}, {}
