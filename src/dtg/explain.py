@@ -30,10 +30,10 @@ from dtg.data.coco import load_image
 from dtg.geometry import teacher_to_student
 from dtg.data.augment import View, make_view
 from dtg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from dtg.losses.correspondence import map_proposals
 from dtg.losses.inc import IncTargets
 from dtg.losses.inc_image import IncOptions, rcnn_image_targets
-from dtg.methods.dtg import inc_options
+from dtg.methods import build_method
+from dtg.methods.dtg import DTGMethod
 from dtg.models.detector import Detector
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -167,6 +167,16 @@ def load_models(ckpt: dict[str, Any], path: str | Path) -> tuple[Config, Detecto
     return cfg, models[0], models[1], names
 
 
+def rcnn_method(cfg: Config, tau: float, device: torch.device) -> DTGMethod:
+    """The registry's DTG method for the R-CNN stage of ``cfg`` (any method's checkpoint), with
+    ``dtg.tau_rcnn=tau``: its R-CNN options are that stage's (per-stage keys included); the RPN
+    stage and ``dtg.rcnn_subsample`` are off (every RoI is drawn, no global random state is used)."""
+    d = replace(cfg.dtg, tau_rcnn=tau, rcnn=True, rpn=False, rcnn_subsample=False)
+    method = build_method(replace(cfg, method="dtg", dtg=d), device)
+    assert isinstance(method, DTGMethod)
+    return method
+
+
 @torch.no_grad()
 def explain_checkpoint(
     checkpoint: str | Path, image: str | Path, seed: int = 0, tau: float | None = None,
@@ -176,7 +186,9 @@ def explain_checkpoint(
     draws them) and the :class:`Explanation` of the checkpoint's teacher and student on them.
 
     Returns ``(explanation, weak view, strong view, class names)``; ``tau`` defaults to the
-    checkpoint's ``dtg.tau_rcnn``. Both models run in eval mode.
+    checkpoint's ``dtg.tau_rcnn``. Both models run in eval mode. The teacher pass and the RoIs are
+    the DTG method's (:meth:`DTGMethod.teacher_targets`, :func:`rcnn_method`), with the R-CNN
+    stage's INC options (per-stage ``dtg.rcnn_*`` keys included).
     """
     img = load_image(image)  # DatasetError naming the file
     ckpt = load_checkpoint(checkpoint)
@@ -189,15 +201,16 @@ def explain_checkpoint(
     strong = make_view(img, rng, cfg.data.strong_view)
     m = teacher_to_student(weak.matrix, strong.matrix)
     teacher.to(device), student.to(device)
-    t = teacher.forward_dense([weak.image.to(device)], train_top_n=True)  # as in training
-    t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
-    proposals = t.proposals[0]
-    rois = map_proposals(proposals, m.to(device), strong.size)
+    method = rcnn_method(cfg, tau, torch.device(device))
+    item = {"weak": weak.image, "strong": strong.image, "weak_matrix": weak.matrix, "strong_matrix": strong.matrix}
+    tt = method.teacher_targets(teacher, [item])  # the teacher pass and R-CNN targets of training
+    assert tt.rcnn is not None
+    t = tt.teacher
+    proposals = t.dense.proposals[0]
     s = student.forward_dense([strong.image.to(device)])
-    s_logits, _ = student.roi_forward(s.features, [rois], s.images.image_sizes)
-    opts = replace(inc_options(cfg), tau_rcnn=tau)
-    ex = explain_rcnn(t_logits.cpu(), t_deltas.cpu(), proposals.cpu(), m, weak.size, strong.size,
-                      teacher.rcnn_box_coder, s_logits.cpu(), opts)
+    s_logits, _ = student.roi_forward(s.features, [tt.rcnn.images[0].rois], s.images.image_sizes)
+    ex = explain_rcnn(t.logits.cpu(), t.deltas.cpu(), proposals.cpu(), m, weak.size, strong.size,
+                      teacher.rcnn_box_coder, s_logits.cpu(), method.rcnn_opts)
     ex.meta = {"checkpoint": Path(checkpoint).name, "image": Path(image).name, "seed": seed,
                "iteration": ckpt.get("iteration"), "method": cfg.method}
     return ex, weak, strong, names

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,6 @@ from torchvision.ops import batched_nms
 
 from dtg.config import save_config
 from dtg.data.coco import load_image
-from dtg.geometry import teacher_to_student
 from dtg.data.augment import make_view
 from dtg.bench import cases
 from dtg.methods import Batch
@@ -29,7 +29,8 @@ from dtg.engine.trainer import Trainer
 from dtg.losses.clustering import nms_clusters
 from dtg.losses.correspondence import anchor_grid, map_anchors, match_anchors, match_anchors_with_iou
 from dtg.losses.inc_image import rcnn_image_targets, rpn_image_targets
-from dtg.methods.dtg import inc_options
+from dtg.methods import build_method
+from dtg.methods.dtg import DTGMethod
 
 def median_ms(fn: Callable[[], object], repeat: int) -> float:
     """Median wall time in ms of ``repeat`` calls after one warm-up call."""
@@ -74,40 +75,41 @@ def matching_table(counts: list[int], repeat: int) -> str:
 
 @torch.no_grad()
 def inc_table(trainer: Trainer, batch: Batch, repeat: int) -> str:
-    """Per-image cost of DTG's target building on a real batch, with the functions training calls."""
-    cfg, dev, teacher, student = trainer.cfg, trainer.device, trainer.teacher, trainer.model
-    opts, items = inc_options(cfg), batch["unsup"]
-    t = teacher.forward_dense([it["weak"].to(dev) for it in items], train_top_n=True)
-    t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
-    s = student.forward_dense([it["strong"].to(dev) for it in items])
-    mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(dev) for it in items]
+    """Per-image cost of DTG's target building on a real batch, with the functions training calls
+    (on the teacher pass and student layout of the DTG method's own :meth:`~DTGMethod.teacher_targets`)."""
+    cfg, dev, teacher = trainer.cfg, trainer.device, trainer.teacher
+    items = batch["unsup"]
+    method = build_method(replace(cfg, method="dtg", dtg=replace(cfg.dtg, rcnn=True, rpn=True, rpn_targets="dtg")), dev)
+    assert isinstance(method, DTGMethod)
+    tt = method.teacher_targets(teacher, items)
+    assert tt.rpn is not None
+    t, mats, sizes, lay = tt.teacher.dense, tt.mats, tt.student_sizes, tt.rpn.layout
+    rcnn_opts, rpn_opts = method.rcnn_opts, method.rpn_opts
     counts = [len(p) for p in t.proposals]
-    logits, deltas = t_logits.split(counts), t_deltas.split(counts)
-    feats = [tuple(f.shape[-2:]) for f in s.features.values()]
-    size_s = tuple(s.images.tensors.shape[-2:])
+    logits, deltas = tt.teacher.logits.split(counts), tt.teacher.deltas.split(counts)
 
     def rcnn(i: int) -> object:
-        return rcnn_image_targets(logits[i], deltas[i], t.proposals[i], mats[i], s.images.image_sizes[i],
-                                  t.images.image_sizes[i], teacher.rcnn_box_coder, opts)
+        return rcnn_image_targets(logits[i], deltas[i], t.proposals[i], mats[i], sizes[i],
+                                  t.images.image_sizes[i], teacher.rcnn_box_coder, rcnn_opts)
 
     def grid() -> object:
-        return anchor_grid(s.rpn.anchors, s.rpn.num_anchors_per_level, feats, size_s)
+        return anchor_grid(lay.anchors, lay.num_anchors_per_level, lay.feature_sizes, lay.padded_size)
 
     g = grid()
 
     def rpn(i: int) -> object:
         return rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, g, mats[i],
-                                 s.images.image_sizes[i], t.images.image_sizes[i], student.rpn_box_coder, opts)
+                                 sizes[i], t.images.image_sizes[i], teacher.rpn_box_coder, rpn_opts)
 
     n = len(items)
     each = lambda f: median_ms(lambda: [f(i) for i in range(n)], repeat) / n  # noqa: E731
     rows = [
         ("R-CNN: rcnn_image_targets (mapping + INC)", each(rcnn), f"{statistics.fmean(counts):.0f} proposals"),
-        ("RPN: anchor_grid (once per batch; per image here)", median_ms(grid, repeat) / n, f"{len(s.rpn.anchors):,} anchors"),
+        ("RPN: anchor_grid (once per batch; per image here)", median_ms(grid, repeat) / n, f"{len(lay.anchors):,} anchors"),
         ("RPN: map_anchors + match_anchors", each(lambda i: match_anchors(map_anchors(t.rpn.anchors, mats[i]), g,
-                                                                         opts.canonical, opts.anchor_radius)),
+                                                                         rpn_opts.canonical, rpn_opts.anchor_radius)),
          f"{len(t.rpn.anchors):,} teacher anchors"),
-        ("RPN: rpn_image_targets (matching + INC)", each(rpn), f"tau_rpn {opts.tau_rpn:.3f}"),
+        ("RPN: rpn_image_targets (matching + INC)", each(rpn), f"tau_rpn {rpn_opts.tau_rpn:.3f}"),
     ]
     lines = ["| part | ms / image | size |", "|---|---:|---|"] + [f"| {a} | {b:.2f} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"

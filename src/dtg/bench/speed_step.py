@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,19 @@ from dtg.data.sampler import MixedBatchSampler
 from dtg.geometry import teacher_to_student
 from dtg.engine.step import TrainStep
 from dtg.engine.trainer import Trainer
-from dtg.methods import REGISTRY
-from dtg.methods.base import Batch
+from dtg.methods import REGISTRY, build_method
+from dtg.methods.base import Batch, TwoCallMethod, strong_images, weak_images
+from dtg.methods.dtg import TeacherPass, teacher_pass
 from dtg.losses.correspondence import map_proposals
 from dtg.models.detector import Detector
 
 
-class LowerBoundMethod:
+class LowerBoundMethod(TwoCallMethod):
     """What any Mean Teacher step must do, and nothing of DTG's or sparse's own work.
 
     Labeled: the ordinary supervised losses (the step's own). Unlabeled: the teacher's forward on the weak views
-    (backbone, dense RPN, proposals, R-CNN on its proposals; no gradient) and the student's
+    (backbone, dense RPN, proposals, R-CNN on its proposals; no gradient): DTG's own teacher pass
+    (:func:`dtg.methods.dtg.teacher_pass`), as its targets; and the student's
     forward on the strong views (backbone, dense RPN, R-CNN on the teacher's proposals mapped
     into the student view, as DTG's RoIs are), with a zero-weight dummy loss over all student
     outputs so that the backward pass runs through them. No targets, clustering or matching.
@@ -51,14 +53,16 @@ class LowerBoundMethod:
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device = device
 
-    def unlabeled_losses(self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        with torch.no_grad():
-            t = teacher.forward_dense([it["weak"].to(self.device) for it in items], train_top_n=True)
-            teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
-        s = student.forward_dense([it["strong"].to(self.device) for it in items])
+    def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> TeacherPass:
+        """The teacher pass DTG makes, and nothing built from it."""
+        return teacher_pass(teacher, weak_images(items, self.device))
+
+    def student_losses(self, student: Detector, items: list[dict[str, Any]], targets: TeacherPass
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The student's pass, its R-CNN on the mapped teacher proposals, a zero-weight dummy loss."""
+        s = student.forward_dense(strong_images(items, self.device))
         rois = [map_proposals(p, teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(self.device), size)
-                for p, it, size in zip(t.proposals, items, s.images.image_sizes)]
+                for p, it, size in zip(targets.dense.proposals, items, s.images.image_sizes)]
         logits, deltas = student.roi_forward(s.features, rois, s.images.image_sizes)
         dummy = logits.sum() + deltas.sum() + s.rpn.objectness.sum() + s.rpn.deltas.sum()
         return {"unsup_dummy": dummy * 0.0}, {}
@@ -103,13 +107,13 @@ def calibrate(teacher: Detector, batch: Batch, cfg: Config, rpn_frac: float, rcn
     ``pseudo_score_thresh``: the score of the ``pseudo_per_image``-th best detection (on average).
     Writes them into ``cfg`` (``dtg.tau_rpn``, ``dtg.tau_rcnn``, ``semi.pseudo_score_thresh``).
     """
-    weak = [it["weak"].to(device) for it in batch["unsup"]]
-    t = teacher.forward_dense(weak)
-    logits, _ = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
-    obj = t.rpn.objectness.sigmoid().flatten().float()
-    fg = logits.float().softmax(-1)[:, 1:].amax(-1)
-    scores = torch.cat([d["scores"] for d in teacher.predict(weak)]).sort(descending=True).values.cpu()
-    k = int(round(pseudo_per_image * len(weak)))
+    items = batch["unsup"]
+    t = teacher_pass(teacher, weak_images(items, device), train_top_n=None)  # the teacher module's own top-N
+    obj = t.dense.rpn.objectness.sigmoid().flatten().float()
+    fg = t.logits.float().softmax(-1)[:, 1:].amax(-1)
+    dets = build_method(replace(cfg, method="sparse"), device).teacher_targets(teacher, items).detections
+    scores = torch.cat([d["scores"] for d in dets]).sort(descending=True).values.cpu()
+    k = int(round(pseudo_per_image * len(items)))
     # torch.quantile caps its input size; a strided subsample is plenty for a threshold.
     obj = obj[:: max(1, obj.numel() // 1_000_000)]
     out = {

@@ -1,8 +1,9 @@
 """Target quality of a teacher/student pair on images with ground truth (docs/method.md, "Target quality").
 
-Runs the models the way training does (weak and strong views, DTG's INC targets, sparse's
-pseudo-label assignment on the same student samples) and sums :mod:`dtg.evaluation.targets`
-counts. Used by ``dtg bench targets`` (a checkpoint) and by the trainer, which logs the same
+Takes the targets from the methods themselves (the registry's ``dtg`` and ``sparse``
+:meth:`teacher_targets` on weak and strong views drawn as training draws them: DTG's INC
+targets, sparse's pseudo boxes with its ignore band, assigned to the same student samples) and
+sums :mod:`dtg.evaluation.targets` counts. Used by ``dtg bench targets`` (a checkpoint) and by the trainer, which logs the same
 numbers to TensorBoard (``targets/*``) at each evaluation when the unlabeled images have ground
 truth (``data.full_json``).
 """
@@ -98,7 +99,8 @@ def score_models(teacher: Detector, student: Detector, records: list[ImageRecord
 
 
 def _views(rec: ImageRecord, labels: LabelMap, cfg: Config, seed: int, device: torch.device) -> dict[str, Any]:
-    """Weak and strong view of one record, the teacher-to-student matrix and the GT in the student view."""
+    """One record as an unlabeled training item (weak and strong view, their matrices), plus the
+    teacher-to-student matrix ``m`` and the GT in the student view."""
     from dtg.data.augment import make_view
     from dtg.data.coco import load_image
     from dtg.data.dataset import record_targets
@@ -110,55 +112,56 @@ def _views(rec: ImageRecord, labels: LabelMap, cfg: Config, seed: int, device: t
     strong = make_view(img, rng, cfg.data.strong_view)
     boxes, cls = record_targets(rec, labels)
     gt, gt_labels = project_targets(boxes, cls, strong.matrix, strong.size)
-    return {"weak": weak.image.to(device), "strong": strong.image.to(device), "size": strong.size,
+    return {"weak": weak.image.to(device), "strong": strong.image.to(device), "weak_matrix": weak.matrix,
+            "strong_matrix": strong.matrix, "size": strong.size,
             "m": teacher_to_student(weak.matrix, strong.matrix).to(device), "gt": gt.to(device, torch.float32),
             "gt_labels": gt_labels.to(device)}
+
+
+def scoring_methods(cfg: Config, device: torch.device) -> tuple[Any, Any]:
+    """The registry's ``dtg`` and ``sparse`` methods for ``cfg`` (a checkpoint of any method), whose
+    ``teacher_targets`` give the targets scored: DTG with both stages on, its RPN stage its own
+    (``dtg.rpn_targets=dtg``) and every RoI kept (``dtg.rcnn_subsample`` off: no global random state
+    is used); each stage with its own INC options (per-stage ``dtg.<stage>_*`` keys included)."""
+    from dataclasses import replace
+
+    from dtg.methods import build_method
+
+    d = replace(cfg.dtg, rcnn=True, rpn=True, rpn_targets="dtg", rcnn_subsample=False)
+    return build_method(replace(cfg, method="dtg", dtg=d), device), build_method(replace(cfg, method="sparse"), device)
 
 
 def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teacher: Detector, student: Detector,
                  seed: int, report: TargetReport, device: torch.device) -> None:
     """Add one batch's counts, pairing and positive weights to ``report``."""
     from dtg.evaluation.targets import add_counts, paired_share, pseudo_assignment, stage_counts
-    from dtg.losses.correspondence import anchor_grid
-    from dtg.losses.inc_image import anchor_partners, concat_targets, rcnn_image_targets, rpn_image_targets
-    from dtg.losses.pseudo_label import pseudo_targets
-    from dtg.methods.dtg import inc_options
-    from dtg.methods.sparse import pseudo_threshold
+    from dtg.losses.inc_image import anchor_partners, concat_targets
 
     views = [_views(r, labels, cfg, seed, device) for r in records]
-    opts = inc_options(cfg)
-    t = teacher.forward_dense([v["weak"] for v in views], train_top_n=True)
-    t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
-    dets = teacher.predict([v["weak"] for v in views])
-    s = student.forward_dense([v["strong"] for v in views])
-    grid = anchor_grid(s.rpn.anchors, s.rpn.num_anchors_per_level, [tuple(f.shape[-2:]) for f in s.features.values()],
-                       tuple(s.images.tensors.shape[-2:]))
-    semi = cfg.semi
-    unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
+    dtg, sparse = scoring_methods(cfg, device)
+    tt = dtg.teacher_targets(teacher, views)
+    st = sparse.teacher_targets(teacher, views)
     rpn_m, roi_m = student.net.rpn.proposal_matcher, student.net.roi_heads.proposal_matcher
-    counts = [len(p) for p in t.proposals]
+    grid = tt.rpn.grid
     rcnn_parts, rpn_parts = [], []
-    for i, (v, lg, dl) in enumerate(zip(views, t_logits.split(counts), t_deltas.split(counts))):
-        size, gt, gl = v["size"], v["gt"], v["gt_labels"]
-        built = rcnn_image_targets(lg, dl, t.proposals[i], v["m"], size, t.images.image_sizes[i],
-                                   teacher.rcnn_box_coder, opts)
+    for i, v in enumerate(views):
+        gt, gl = v["gt"], v["gt_labels"]
+        built = tt.rcnn.images[i]
         tg = built.targets
         boxes = teacher.rcnn_box_coder.decode_single(tg.reg_targets.float(), built.rois.float())
         add_counts(report.counts.setdefault("rcnn/dtg", {}),
                    stage_counts(built.rois, tg.classes, boxes, tg.reg_mask, gt, gl))
         rcnn_parts.append(tg)
-        rpn_t = rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, grid, v["m"],
-                                  size, t.images.image_sizes[i], student.rpn_box_coder, opts)
-        boxes = student.rpn_box_coder.decode_single(rpn_t.reg_targets.float(), grid.anchors.float())
+        rpn_t = tt.rpn.images[i]
+        boxes = teacher.rpn_box_coder.decode_single(rpn_t.reg_targets.float(), grid.anchors.float())
         ones = torch.ones_like(gl)
         add_counts(report.counts.setdefault("rpn/dtg", {}),
                    stage_counts(grid.anchors, rpn_t.classes, boxes, rpn_t.reg_mask, gt, ones))
         rpn_parts.append(rpn_t)
-        partner = anchor_partners(t.rpn.anchors, v["m"], grid, opts)
+        partner = anchor_partners(tt.rpn.teacher_anchors, tt.mats[i], grid, dtg.rpn_opts)
         report.paired.append(paired_share(partner, grid.offsets, grid.anchors.shape[0]))
-        _add_detections(report, dets[i], v, labels.num_classes)
-        pl = pseudo_targets({k: x.cpu() for k, x in dets[i].items()}, v["m"].cpu(), size, pseudo_threshold(semi), unsure)
-        pl = {k: x.to(device) for k, x in pl.items()}
+        _add_detections(report, st.detections[i], v, labels.num_classes)
+        pl = st.images[i]
         ign = pl.get("ignore")
         lab, tgt = pseudo_assignment(built.rois, pl["boxes"], pl["labels"], roi_m, ign, roi_m.high_threshold)
         lab[built.outside] = -1
