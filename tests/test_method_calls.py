@@ -1,0 +1,240 @@
+"""The methods' two calls: ``teacher_targets`` (the teacher's typed targets) and ``student_losses``.
+
+The reference below is the pre-split ``DTGMethod.unlabeled_losses`` (one call, the student's pass
+first, its anchors read from that pass): the split must give the same losses, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtg.config import ModelConfig, load_config
+from dtg.engine.trainer import Trainer
+from dtg.geometry import teacher_to_student
+from dtg.losses.correspondence import anchor_grid
+from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas
+from dtg.losses.inc_image import (
+    concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets, take_samples,
+)
+from dtg.losses.pseudo_label import pseudo_targets
+from dtg.losses.rank_matching import rank_matching_loss
+from dtg.methods.base import BoxTargets
+from dtg.methods.dtg import DTGTargets, stage_switch
+from dtg.methods.oracle import ground_truth_targets
+from dtg.methods.sparse import pseudo_threshold
+from dtg.models.detector import Detector
+
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "mobilenet_v2"])
+def test_dense_layout_is_the_forward_pass_shapes(backbone):
+    det = Detector.from_config(ModelConfig(backbone=backbone, pretrained=None), 3).eval()
+    for sizes in ([(128, 160)], [(97, 131), (150, 201)], [(160, 224), (33, 45)], [(64, 64)]):
+        with torch.no_grad():
+            out = det.forward_dense([torch.rand(3, *s) for s in sizes])
+        lay = det.dense_layout(sizes)
+        assert lay.image_sizes == out.images.image_sizes
+        assert lay.padded_size == tuple(out.images.tensors.shape[-2:])
+        assert lay.feature_sizes == [tuple(f.shape[-2:]) for f in out.features.values()]
+        assert lay.num_anchors_per_level == out.rpn.num_anchors_per_level
+        assert torch.equal(lay.anchors, out.rpn.anchors) and lay.anchors.dtype == out.rpn.anchors.dtype
+
+
+def _old_dtg_losses(method, student, teacher, items):
+    """b1458c3's DTGMethod.unlabeled_losses, verbatim but for names (the reference of the split)."""
+    d, cfg, dev = method.d, method.cfg, method.device
+    with torch.no_grad():
+        t = teacher.forward_dense([it["weak"].to(dev) for it in items], train_top_n=True)
+        t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
+    s = student.forward_dense([it["strong"].to(dev) for it in items])
+    mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(dev) for it in items]
+    losses, stats = {}, {}
+    if d.rcnn:
+        counts = [len(p) for p in t.proposals]
+        rois, parts, t_used = [], [], []
+        for i, (logits, deltas) in enumerate(zip(t_logits.split(counts), t_deltas.split(counts))):
+            built = rcnn_image_targets(logits, deltas, t.proposals[i], mats[i], s.images.image_sizes[i],
+                                       t.images.image_sizes[i], teacher.rcnn_box_coder, method.rcnn_opts)
+            rois_i, tg_i = built.rois, built.targets
+            if d.rcnn_subsample:
+                keep = keep_members_and_sample_background(tg_i, cfg.model.roi_batch_size_per_image)
+                rois_i, tg_i, logits = rois_i[keep], take_samples(tg_i, keep), logits[keep]
+            rois.append(rois_i)
+            parts.append(tg_i)
+            t_used.append(logits)
+        tgt = concat_targets(parts)
+        s_logits, s_deltas = student.roi_forward(s.features, rois, s.images.image_sizes)
+        den = len(rois) * cfg.model.roi_batch_size_per_image
+        losses["unsup_rcnn_cls"] = inc_classification_loss(s_logits, tgt, d.normalize, cfg.model.focal_gamma,
+                                                           denominator=den)
+        losses["unsup_rcnn_reg"] = inc_regression_loss(select_class_deltas(s_deltas, tgt.classes), tgt, d.normalize,
+                                                       denominator=den)
+        if stage_switch(d, "rcnn", "rank_matching"):
+            member = tgt.cluster >= 0
+            cls = tgt.classes[member].clamp(min=0)
+            if d.rm_input == "prob":
+                p_s = torch.softmax(s_logits[member], -1).gather(1, cls[:, None]).squeeze(1)
+                p_t = tgt.teacher_scores[member]
+            else:
+                p_s = s_logits[member].gather(1, cls[:, None]).squeeze(1)
+                p_t = torch.cat(t_used)[member].gather(1, cls[:, None]).squeeze(1)
+            losses["unsup_rcnn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+        stats["rcnn_clusters_per_image"] = tgt.num_clusters / len(rois)
+    if d.rpn and d.rpn_targets == "sparse":
+        dets = teacher.predict([it["weak"].to(dev) for it in items])
+        semi = cfg.semi
+        unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
+        targets = [pseudo_targets({k: v.cpu() for k, v in det.items()},
+                                  teacher_to_student(it["weak_matrix"], it["strong_matrix"]),
+                                  tuple(it["strong"].shape[-2:]), pseudo_threshold(semi), unsure)
+                   for it, det in zip(items, dets)]
+        cls, reg = student.rpn_losses(s, targets)
+        losses.update({"unsup_rpn_cls": cls, "unsup_rpn_reg": reg})
+    elif d.rpn:
+        grid = anchor_grid(s.rpn.anchors, s.rpn.num_anchors_per_level,
+                           [tuple(f.shape[-2:]) for f in s.features.values()], tuple(s.images.tensors.shape[-2:]))
+        parts = [rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, grid, m,
+                                   s.images.image_sizes[i], t.images.image_sizes[i], student.rpn_box_coder,
+                                   method.rpn_opts) for i, m in enumerate(mats)]
+        tgt = concat_targets(parts)
+        obj = s.rpn.objectness.reshape(-1)
+        den = len(mats) * cfg.model.rpn_batch_size_per_image
+        losses["unsup_rpn_cls"] = inc_objectness_loss(obj, tgt, d.normalize, denominator=den,
+                                                      gamma=0.0 if d.rpn_cls_loss == "bce" else 2.0)
+        losses["unsup_rpn_reg"] = inc_regression_loss(s.rpn.deltas.reshape(-1, 4), tgt, d.normalize, denominator=den)
+        if stage_switch(d, "rpn", "rank_matching"):
+            member = tgt.cluster >= 0
+            if d.rm_input == "prob":
+                p_s, p_t = obj[member].sigmoid(), tgt.teacher_scores[member]
+            else:
+                p_s, p_t = obj[member], torch.logit(tgt.teacher_scores[member], eps=1e-6)
+            losses["unsup_rpn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+        stats["rpn_clusters_per_image"] = tgt.num_clusters / len(mats)
+    return losses, stats
+
+
+def _trainer(tiny_dataset, tmp_path, *overrides):
+    cfg = tiny_config(tiny_dataset, tmp_path, "data.batch_labeled=1", "data.batch_unlabeled=2",
+                      "data.strong_view={short_edge: [96, 112], max_size: 128, strong: true}", "dtg.tau_rpn=0.3",
+                      "dtg.tau_rcnn=0.05", "semi.pseudo_score_thresh=0.05", "semi.uncertain_score_thresh=0.01",
+                      "data.val_json=", *overrides)
+    t = Trainer(cfg, log=lambda m: None, progress=False)
+    return t, next(iter(t._loader(0)))["unsup"]
+
+
+DTG_CASES = {
+    "default": [],
+    "rpn_sparse_hybrid": ["dtg.rpn_targets=sparse"],
+    "rcnn_subsample_logit_rm": ["dtg.rcnn_subsample=true", "dtg.rm_input=logit", "dtg.rpn_rank_matching=false"],
+    "per_stage": ["dtg.rcnn_reg_target=own", "dtg.rpn_inc_cls=false"],
+}
+
+
+@pytest.mark.parametrize("name", list(DTG_CASES))
+def test_dtg_two_calls_equal_the_one_call_they_replace(tiny_dataset, tmp_path, name):
+    t, items = _trainer(tiny_dataset, tmp_path / name, "method=dtg", *DTG_CASES[name])
+    torch.manual_seed(0)  # rcnn_subsample and the hybrid's RPN sampler draw from the global generator
+    want, want_stats = _old_dtg_losses(t.method, t.model, t.teacher, items)
+    torch.manual_seed(0)
+    targets = t.method.teacher_targets(t.teacher, items)
+    assert isinstance(targets, DTGTargets)
+    got, stats = t.method.student_losses(t.model, items, targets)
+    assert list(got) == list(want)  # the same losses in the same order (the step sums them in order)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    for k, v in want_stats.items():
+        assert stats[k] == v
+    assert (targets.rpn_boxes is not None) == (name == "rpn_sparse_hybrid")
+    if targets.rpn is not None:
+        assert stats["rpn_clusters_per_image"] > 0
+        assert targets.rpn.targets.labels.shape[0] == len(items) * targets.rpn.layout.anchors.shape[0]
+    assert stats["rcnn_clusters_per_image"] > 0
+    torch.manual_seed(0)
+    composed, _ = t.method.unlabeled_losses(t.model, t.teacher, items, 0)
+    assert all(torch.equal(composed[k], want[k]) for k in want)
+
+
+def test_teacher_targets_read_no_student_and_leave_no_gradient(tiny_dataset, tmp_path):
+    t, items = _trainer(tiny_dataset, tmp_path, "method=dtg")
+    targets = t.method.teacher_targets(t.teacher, items)
+    for tensor in (targets.teacher.logits, targets.rcnn.targets.teacher_scores, targets.rpn.targets.reg_targets,
+                   *targets.rcnn.rois):
+        assert not tensor.requires_grad
+    assert targets.student_sizes == [tuple(it["strong"].shape[-2:]) for it in items]
+
+
+def test_sparse_targets_are_the_pseudo_labels_of_the_teacher_detections(tiny_dataset, tmp_path):
+    t, items = _trainer(tiny_dataset, tmp_path, "method=sparse")
+    targets = t.method.teacher_targets(t.teacher, items)
+    assert isinstance(targets, BoxTargets)
+    dets = t.teacher.predict([it["weak"] for it in items])
+    semi = t.cfg.semi
+    for it, det, got_det, got in zip(items, dets, targets.detections, targets.images):
+        assert all(torch.equal(det[k], got_det[k]) for k in det)
+        want = pseudo_targets(det, teacher_to_student(it["weak_matrix"], it["strong_matrix"]),
+                              tuple(it["strong"].shape[-2:]), semi.pseudo_score_thresh, semi.uncertain_score_thresh)
+        assert set(got) == set(want) == {"boxes", "labels", "ignore"}
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert sum(len(x["boxes"]) for x in targets.images) > 0
+    torch.manual_seed(0)
+    losses, stats = t.method.student_losses(t.model, items, targets)
+    torch.manual_seed(0)
+    want = t.model.supervised_losses([it["strong"] for it in items], targets.images, cls_loss=semi.unsup_cls_loss)
+    assert all(torch.equal(losses[f"unsup_{k}"], v) for k, v in want.items())
+    assert stats["pseudo_boxes_per_image"] == sum(len(x["boxes"]) for x in targets.images) / len(items)
+
+
+def test_oracle_targets_are_the_ground_truth_without_a_teacher(tiny_dataset, tmp_path):
+    t, items = _trainer(tiny_dataset, tmp_path, "method=oracle", f"data.full_json={tiny_dataset.train_full}")
+    targets = t.method.teacher_targets(None, items)  # a target source: the teacher is never read
+    assert targets.detections is None
+    for got, want in zip(targets.images, ground_truth_targets(items, t.device)):
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="carry no ground truth"):
+        t.method.teacher_targets(None, [{k: v for k, v in it.items() if k != "gt_boxes"} for it in items])
+
+
+def test_supervised_has_no_targets_and_no_losses(tiny_dataset, tmp_path):
+    t, items = _trainer(tiny_dataset, tmp_path, "method=supervised")
+    assert t.method.teacher_targets(None, items) is None
+    assert t.method.student_losses(t.model, items, None) == ({}, {})
+
+
+def test_per_stage_overrides_reach_bench_targets_and_explain():
+    from dtg.evaluation.target_quality import scoring_methods
+    from dtg.explain import rcnn_method
+
+    cfg = load_config(None, ["method=sparse", "dtg.rcnn_reg_target=own", "dtg.rpn_inc_cls=false",
+                             "dtg.rcnn_subsample=true", "dtg.rpn_targets=sparse", "dtg.rpn=false"])
+    dtg, sparse = scoring_methods(cfg, torch.device("cpu"))
+    assert (dtg.name, sparse.name) == ("dtg", "sparse")
+    assert (dtg.rcnn_opts.reg_target, dtg.rpn_opts.reg_target) == ("own", "kept")
+    assert (dtg.rcnn_opts.cls_labels, dtg.rpn_opts.cls_labels) == (True, False)
+    # both stages scored, every RoI kept, DTG's own RPN targets: whatever the checkpoint trained with
+    assert dtg.d.rcnn and dtg.d.rpn and dtg.d.rpn_targets == "dtg" and not dtg.d.rcnn_subsample
+    assert cfg.dtg.rcnn_subsample and cfg.method == "sparse"  # the caller's config is left alone
+    ex = rcnn_method(cfg, 0.2, torch.device("cpu"))
+    assert ex.rcnn_opts.reg_target == "own" and ex.rcnn_opts.tau_rcnn == 0.2 and not ex.d.rpn
+
+
+def test_bench_targets_scores_with_the_per_stage_options(tiny_dataset, tmp_path, monkeypatch):
+    """``score_models`` builds its R-CNN targets with the R-CNN stage's options (a spy on the INC call)."""
+    import dtg.methods.dtg as dtg_mod
+    from dtg.data.dataset import LabelMap
+    from dtg.evaluation.target_quality import score_models, unlabeled_with_boxes
+
+    t, _ = _trainer(tiny_dataset, tmp_path, "method=dtg", f"data.full_json={tiny_dataset.train_full}",
+                    "dtg.rcnn_reg_target=own", "dtg.rpn_inc_reg=false")
+    seen = []
+    real_rcnn, real_rpn = dtg_mod.rcnn_image_targets, dtg_mod.rpn_image_targets
+    monkeypatch.setattr(dtg_mod, "rcnn_image_targets", lambda *a: seen.append(("rcnn", a[-1])) or real_rcnn(*a))
+    monkeypatch.setattr(dtg_mod, "rpn_image_targets", lambda *a: seen.append(("rpn", a[-1])) or real_rpn(*a))
+    records = unlabeled_with_boxes(t.cfg, 2)
+    report = score_models(t.teacher.eval(), t.model.eval(), records, t.labels, t.cfg)
+    assert report.images == 2 and {"rcnn/dtg", "rpn/dtg", "rcnn/sparse", "rpn/sparse"} <= set(report.counts)
+    assert {s for s, _ in seen} == {"rcnn", "rpn"}
+    assert all(o.reg_target == ("own" if s == "rcnn" else "kept") for s, o in seen)
+    assert all(o.reg_labels == (s == "rcnn") for s, o in seen)
+    assert isinstance(t.labels, LabelMap)
