@@ -29,7 +29,7 @@ from dtg.losses.inc_image import (
 )
 from dtg.losses.rank_matching import rank_matching_loss
 from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, strong_sizes, weak_images
-from dtg.methods.sparse import box_target_losses, pseudo_box_targets
+from dtg.methods.sparse import pseudo_box_targets
 from dtg.models.detector import DenseLayout, DenseOutputs, Detector
 
 
