@@ -277,6 +277,9 @@ def test_select_class_deltas() -> None:
     deltas = torch.arange(24.0).reshape(2, 12)
     out = select_class_deltas(deltas, torch.tensor([2, -1]))
     assert out.tolist() == [[8, 9, 10, 11], [12, 13, 14, 15]]
+    # a batch that keeps no RoI (rcnn_subsample with every RoI ignored): (0, 4), and a loss of 0
+    empty = select_class_deltas(torch.zeros(0, 12, requires_grad=True), torch.zeros(0, dtype=torch.int64))
+    assert empty.shape == (0, 4)
 
 
 def test_rcnn_invariants_random() -> None:

@@ -43,7 +43,7 @@ def select_class_deltas(deltas: Tensor, labels: Tensor) -> Tensor:
     """
     n = deltas.shape[0]
     rows = torch.arange(n, device=deltas.device)
-    return deltas.reshape(n, -1, 4)[rows, labels.clamp(min=0)]
+    return deltas.reshape(n, deltas.shape[1] // 4, 4)[rows, labels.clamp(min=0)]  # n may be 0
 
 
 def cluster_mean(values: Tensor, cluster: Tensor) -> Tensor:
