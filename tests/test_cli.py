@@ -1,12 +1,14 @@
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from dtg.cli import build_parser, main
 from dtg.config import Config, load_config, to_dict
+from dtg.evaluation.coco_eval import STAT_NAMES, evaluate_bbox
 
 ROOT = Path(__file__).parent.parent
 
@@ -76,6 +78,23 @@ def test_train_then_eval_from_the_command_line(tiny_dataset, tmp_path, capsys):
     metrics = json.loads((tmp_path / "ev" / "metrics_teacher.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert json.loads((tmp_path / "ev" / "results_teacher.json").read_text()) is not None
+    assert set(metrics) == set(STAT_NAMES) and all(v == -1 or 0 <= v <= 1 for v in metrics.values())
+    results = json.loads((tmp_path / "ev" / "results_teacher.json").read_text())
+    assert isinstance(results, list) and len(results) > 0
+    val = json.loads(Path(tiny_dataset.val).read_text())
+    sizes = {im["id"]: (im["width"], im["height"]) for im in val["images"]}
+    categories = {c["id"] for c in val["categories"]}
+    for r in results:  # COCO results of the val images, in their original pixels
+        assert set(r) == {"image_id", "category_id", "bbox", "score"}
+        assert r["image_id"] in sizes and r["category_id"] in categories
+        (x, y, w, h), (width, height) = r["bbox"], sizes[r["image_id"]]
+        assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= width + 0.01 and y + h <= height + 0.01
+        assert d["model"]["box_score_thresh"] <= r["score"] <= 1
+    per_image = Counter(r["image_id"] for r in results)
+    assert max(per_image.values()) <= d["model"]["detections_per_img"]
+    # the metrics are those of the results file; the training run's final evaluation wrote the same file
+    assert evaluate_bbox(tiny_dataset.val, results) == metrics
+    assert json.loads((tmp_path / "run" / "results_teacher.json").read_text()) == results
     # the same numbers as the training run's final evaluation of the teacher (the default model)
     train_metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher"]
     assert metrics["AP"] == pytest.approx(train_metrics["AP"], abs=1e-9)
