@@ -423,6 +423,16 @@ def test_rcnn_subsample_scores_every_member_and_a_background_sample(switches, de
     assert differ(losses, base, ["unsup_rcnn_cls"]) and same(losses, base, RPN_KEYS)
 
 
+def test_rcnn_subsample_that_keeps_no_roi_gives_zero_rcnn_losses(switches, default):
+    """No RoI above ``tau_rcnn`` and every RoI in the ignore band: nothing is scored, and the
+    R-CNN losses are 0 (with a graph), not an error; the RPN is untouched."""
+    _, base, _ = default
+    t, losses, _ = switches.run("dtg.rcnn_subsample=true", "dtg.tau_rcnn=1.0", "dtg.uncertain_rcnn=0.0")
+    assert all(len(r) == 0 for r in t.rcnn.rois)
+    assert all(float(losses[k]) == 0.0 for k in ("unsup_rcnn_cls", "unsup_rcnn_reg"))
+    assert same(losses, base, RPN_KEYS)
+
+
 def test_rpn_targets_sparse_is_sparse_pseudo_boxes_in_the_rpn_stage(switches, default):
     from dtg.methods.sparse import pseudo_box_targets
 
