@@ -37,7 +37,8 @@ from dtg.evaluation.inference import evaluate_model
 from dtg.methods import build_method
 from dtg.models.detector import Detector
 from dtg.models.ema import make_teacher
-from dtg.runs import dataset_fingerprint, iteration_checkpoint, progress_line, progress_state, provenance
+from dtg.progress import progress_line, progress_state
+from dtg.run_identity import dataset_fingerprint, iteration_checkpoint, provenance
 
 
 class Trainer:
