@@ -9,6 +9,7 @@ from torchvision.models.detection import FasterRCNN
 from dtg.config import ModelConfig
 from dtg.losses.detection import rcnn_losses
 from dtg.losses.focal import softmax_focal_loss
+from dtg.losses.pseudo_label import background_to_ignore
 from dtg.models.backbones import ModelError, build_backbone
 from dtg.models.detector import Detector, build_faster_rcnn
 
@@ -169,7 +170,7 @@ def test_ignore_boxes_remove_background_samples_from_the_losses(model):
         runs = {}
         for name, tg in (("plain", plain), ("nothing", nothing), ("unsure", unsure)):
             torch.manual_seed(1)  # the same anchor / RoI sampling draws
-            runs[name] = model.losses_from_dense(out, tg)
+            runs[name] = model.losses_from_dense(out, tg, ignore_rule=background_to_ignore)
     assert all(torch.equal(runs["plain"][k], runs["nothing"][k]) for k in runs["plain"])
     assert not torch.equal(runs["plain"]["rpn_cls"], runs["unsure"]["rpn_cls"])
     assert all(torch.isfinite(v) for v in runs["unsure"].values())
