@@ -24,12 +24,12 @@ from dtg.dist import all_gather_objects, init_distributed, mean_scalars, run_on_
 from dtg.engine.checkpoint import (
     CheckpointError, atomic_save, init_weights, load_checkpoint, restore_training, rng_state, training_state,
 )
-from dtg.engine.runtime import (  # noqa: F401  (TrainingError, resolve_device: public here too)
-    TrainingError, prepare_output_dir, resolve_device, seed_everything, use_cpu_kernels,
-)
 from dtg.engine.hooks import (
     CheckpointHook, EvalHook, HookBase, ProgressHook, TargetQualityHook, TensorBoardHook, is_log_iteration,
     target_records,
+)
+from dtg.engine.runtime import (  # noqa: F401  (TrainingError, resolve_device: public here too)
+    TrainingError, prepare_output_dir, resolve_device, seed_everything, use_cpu_kernels,
 )
 from dtg.engine.step import TrainStep
 from dtg.evaluation.coco_eval import write_results
