@@ -9,6 +9,7 @@ from torchvision.models.detection import FasterRCNN
 from dtg.config import ModelConfig
 from dtg.losses.detection import rcnn_losses
 from dtg.losses.focal import softmax_focal_loss
+from dtg.losses.pseudo_label import background_to_ignore
 from dtg.models.backbones import ModelError, build_backbone
 from dtg.models.detector import Detector, build_faster_rcnn
 
@@ -169,7 +170,20 @@ def test_ignore_boxes_remove_background_samples_from_the_losses(model):
         runs = {}
         for name, tg in (("plain", plain), ("nothing", nothing), ("unsure", unsure)):
             torch.manual_seed(1)  # the same anchor / RoI sampling draws
-            runs[name] = model.losses_from_dense(out, tg)
+            runs[name] = model.losses_from_dense(out, tg, ignore_rule=background_to_ignore)
     assert all(torch.equal(runs["plain"][k], runs["nothing"][k]) for k in runs["plain"])
     assert not torch.equal(runs["plain"]["rpn_cls"], runs["unsure"]["rpn_cls"])
     assert all(torch.isfinite(v) for v in runs["unsure"].values())
+
+
+def test_ignore_boxes_need_a_rule_from_the_caller(model):
+    """The detector knows no ignore band of its own: 'ignore' boxes without an ignore_rule are refused."""
+    images = [torch.rand(3, 128, 160)]
+    unsure = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1]),
+               "ignore": torch.tensor([[80.0, 20.0, 150.0, 100.0]])}]
+    with torch.no_grad():
+        out = model.forward_dense(images)
+        with pytest.raises(ValueError, match="ignore_rule"):
+            model.losses_from_dense(out, unsure)
+        with pytest.raises(ValueError, match="ignore_rule"):
+            model.rpn_losses(out, unsure)

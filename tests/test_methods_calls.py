@@ -17,7 +17,7 @@ from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, in
 from dtg.losses.inc_image import (
     concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets, take_samples,
 )
-from dtg.losses.pseudo_label import pseudo_targets
+from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
 from dtg.losses.rank_matching import rank_matching_loss
 from dtg.methods.base import BoxTargets
 from dtg.methods.dtg import DTGTargets, stage_switch
@@ -90,7 +90,7 @@ def _old_dtg_losses(method, student, teacher, items):
                                   teacher_to_student(it["weak_matrix"], it["strong_matrix"]),
                                   tuple(it["strong"].shape[-2:]), pseudo_threshold(semi), unsure)
                    for it, det in zip(items, dets)]
-        cls, reg = student.rpn_losses(s, targets)
+        cls, reg = student.rpn_losses(s, targets, ignore_rule=background_to_ignore)
         losses.update({"unsup_rpn_cls": cls, "unsup_rpn_reg": reg})
     elif d.rpn:
         grid = anchor_grid(s.rpn.anchors, s.rpn.num_anchors_per_level,
@@ -181,7 +181,8 @@ def test_sparse_targets_are_the_pseudo_labels_of_the_teacher_detections(tiny_dat
     torch.manual_seed(0)
     losses, stats = t.method.student_losses(t.model, items, targets)
     torch.manual_seed(0)
-    want = t.model.supervised_losses([it["strong"] for it in items], targets.images, cls_loss=semi.unsup_cls_loss)
+    want = t.model.supervised_losses([it["strong"] for it in items], targets.images, cls_loss=semi.unsup_cls_loss,
+                                     ignore_rule=background_to_ignore)
     assert all(torch.equal(losses[f"unsup_{k}"], v) for k, v in want.items())
     assert stats["pseudo_boxes_per_image"] == sum(len(x["boxes"]) for x in targets.images) / len(items)
 

@@ -7,7 +7,8 @@ import time
 
 from dtg.config import Config
 from dtg.engine.trainer import Trainer
-from dtg.runs import ProgressMonitor, Run, progress_line, progress_state
+from dtg.progress import progress_line, progress_state
+from dtg.run_exec import ProgressMonitor, Run
 
 from conftest import tiny_config
 

@@ -10,7 +10,7 @@ from dtg.config import save_config
 from dtg.engine.checkpoint import load_checkpoint
 from dtg.engine.trainer import Trainer, TrainingError
 from dtg.models.detector import build_faster_rcnn
-from dtg.runs import dataset_fingerprint, val_fingerprint
+from dtg.run_identity import dataset_fingerprint, val_fingerprint
 
 from conftest import tiny_config
 

@@ -12,7 +12,7 @@ from typing import Any, TYPE_CHECKING, Sequence
 from dtg.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from dtg.runs import Run
+    from dtg.run_exec import Run
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file overriding the built-in defaults (which are configs/embedded.yaml)")
@@ -160,7 +160,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _check_same_run(run: "Run") -> None:
     """Refuse to reuse (skip or resume) an output folder that holds a run of another config."""
-    from dtg.runs import config_hash
+    from dtg.run_identity import config_hash
 
     saved = run.out / "config.yaml"
     if saved.is_file() and config_hash(load_config(str(saved))) != config_hash(run.cfg):
@@ -183,7 +183,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dtg.data.synth import generate, read_marker
     from dtg.methods import REGISTRY
     from dtg.models.weights import resolve_pretrained
-    from dtg.runs import Run, branch_from, execute, git_state, iteration_checkpoint
+    from dtg.run_exec import Run, branch_from, execute
+    from dtg.run_identity import git_state, iteration_checkpoint
 
     cfg = _config(args)
     t_start = time.perf_counter()

@@ -37,10 +37,8 @@ from dtg.bench.report import (
 )
 from dtg.config import Config, load_config, to_dict
 from dtg.data.synth import DATASETS
-from dtg.runs import (
-    Run, branch_from, branch_key, dataset_fingerprint, ensure_generated, execute, run_key, supervised_part,
-    trained_twin,
-)
+from dtg.run_exec import Run, branch_from, ensure_generated, execute, trained_twin
+from dtg.run_identity import branch_key, dataset_fingerprint, run_key, supervised_part
 
 Paper = tuple[float, float, float]
 MAIN_ROWS = ("supervised", "sparse", "dtg", "oracle", "full-labels")
@@ -183,10 +181,10 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
 
     Generated datasets are made (or remade when stale) first, so that their fingerprints are current.
     With ``shared_burn_in`` a semi-supervised run whose config differs from the supervised row's
-    only in keys a supervised run does not read (:data:`dtg.runs.SUPERVISED_IGNORES`) does not
+    only in keys a supervised run does not read (:data:`dtg.run_identity.SUPERVISED_IGNORES`) does not
     train its own ``semi.burn_in`` iterations: it starts from the supervised run's checkpoint at
     that iteration (``dtg train --init-from``, fresh optimizer, same schedule), and its identity
-    says so (:func:`dtg.runs.branch_key`).
+    says so (:func:`dtg.run_identity.branch_key`).
     """
     from dtg.methods import REGISTRY
 

@@ -7,7 +7,8 @@ A training checkpoint is a dict:
 * ``iteration``; ``sampler``: ``{"batches_drawn", "seed", "world_size"}``;
 * ``rng`` (rank 0's generators) and, under torchrun, ``rng_ranks`` (every rank's);
 * ``config`` (the resolved config as a dict), ``categories`` (COCO categories, by id);
-* ``best_ap``, ``history`` (per evaluation: iteration and AP of each model).
+* the trainer's hooks' state (:meth:`dtg.engine.hooks.HookBase.state_dict`): ``best_ap`` and
+  ``history`` (per evaluation: iteration and AP of each model) of the evaluation hook.
 
 Checkpoints are written atomically: to a temporary file in the same folder, fsynced, then
 renamed. A reader therefore sees either the previous complete file or the new complete
@@ -176,11 +177,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def training_state(
     student: "Detector", teacher: "Detector", step: StepState, iteration: int, cfg: "Config",
-    categories: list[dict], best_ap: float, history: list[dict], rngs: list[dict[str, Any]], world_size: int,
+    categories: list[dict], hook_state: dict[str, Any], rngs: list[dict[str, Any]], world_size: int,
 ) -> dict[str, Any]:
     """The whole training state as a checkpoint dict (see the module docstring).
 
     Args:
+        hook_state: the hooks' top-level entries (``best_ap``, ``history``).
         rngs: :func:`rng_state` of every rank, in rank order (one entry in a single process).
     """
     from dtg.config import to_dict
@@ -193,8 +195,7 @@ def training_state(
         "rng": rngs[0],
         "config": to_dict(cfg),
         "categories": categories,
-        "best_ap": best_ap,
-        "history": history,
+        **hook_state,
         "teacher": teacher.net.state_dict(),
     }
     if world_size > 1:
@@ -205,14 +206,15 @@ def training_state(
 def restore_training(
     ckpt: dict[str, Any], path: str | Path, student: "Detector", teacher: "Detector", step: StepState,
     categories: list[dict], train_json: str, seed: int, rank: int, world_size: int,
-) -> tuple[int, float, list[dict], str | None]:
-    """Load a training checkpoint into the models and the step; set this rank's RNG state.
+) -> tuple[int, str | None]:
+    """Load a training checkpoint into the models and the step; set this rank's RNG state (the
+    hooks read their own entries: :meth:`dtg.engine.hooks.HookBase.load_state_dict`).
 
     Raises:
         CheckpointError: (one line naming ``path``) categories or seed differ, or no teacher.
 
     Returns:
-        ``(iteration, best_ap, history, note)``; ``note`` says when the world size changed
+        ``(iteration, note)``; ``note`` says when the world size changed
         (the data order and random streams then differ from an uninterrupted run).
     """
     if ckpt.get("categories") != categories:
@@ -232,4 +234,4 @@ def restore_training(
         set_rng_state(ckpt["rng"])
         note = (f"{path}: written by {saved_world} processes, resumed by {world_size}: "
                 "the data order and random streams differ from an uninterrupted run")
-    return int(ckpt["iteration"]), float(ckpt.get("best_ap", -1.0)), list(ckpt.get("history", [])), note
+    return int(ckpt["iteration"]), note

@@ -1,7 +1,7 @@
-"""The training loop: draw a mixed batch, take one step, then the after-step hooks
-(logging, checkpoint, evaluation). Every method runs this same loop; the step
-(:mod:`dtg.engine.step`) adds the method's unlabeled loss and the trainer never asks which
-method it runs.
+"""The training loop: draw a mixed batch, take one step, then the hooks (:mod:`dtg.engine.hooks`:
+TensorBoard, progress, evaluation and ``best.pth``, target quality, checkpoints), each keeping its
+own state. Every method runs this same loop; the step (:mod:`dtg.engine.step`) adds the method's
+unlabeled loss and the trainer never asks which method it runs.
 
 The same loop runs in one process or in each of ``W`` torchrun processes (:mod:`dtg.dist`):
 each rank draws its own share of the global batch, the student is synchronised by DDP, the
@@ -11,22 +11,22 @@ teacher is EMA'd identically everywhere, evaluation is sharded, and only rank 0 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from dtg.config import Config, ConfigError
-from dtg.data.coco import DatasetError
+from dtg.config import Config
 from dtg.data.dataset import Sources, load_sources, train_loader
 from dtg.dist import all_gather_objects, init_distributed, mean_scalars, run_on_main, sync_batchnorm
 from dtg.engine.checkpoint import (
     CheckpointError, atomic_save, init_weights, load_checkpoint, restore_training, rng_state, training_state,
+)
+from dtg.engine.hooks import (
+    CheckpointHook, EvalHook, HookBase, ProgressHook, TargetQualityHook, TensorBoardHook, is_log_iteration,
+    target_records,
 )
 from dtg.engine.runtime import (  # noqa: F401  (TrainingError, resolve_device: public here too)
     TrainingError, prepare_output_dir, resolve_device, seed_everything, use_cpu_kernels,
@@ -37,7 +37,10 @@ from dtg.evaluation.inference import evaluate_model
 from dtg.methods import build_method
 from dtg.models.detector import Detector
 from dtg.models.ema import make_teacher
-from dtg.runs import dataset_fingerprint, iteration_checkpoint, progress_line, progress_state, provenance
+from dtg.run_identity import dataset_fingerprint, provenance
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 class Trainer:
@@ -79,10 +82,12 @@ class Trainer:
         if self.dist.enabled:  # the teacher (eval mode only) keeps plain BN layers
             self.model = sync_batchnorm(self.model, self.device)
         self.step = TrainStep(cfg, self.model, self.teacher, self.method, self.dist, self.device, self.log)
-        self.target_records = self._target_records()
         self.iteration = 0
-        self.best_ap = -1.0
-        self.history: list[dict[str, Any]] = []
+        self.scalars: dict[str, float] = {}  # this rank's values of the last step
+        self.logged: dict[str, float] | None = None  # every rank's mean of them, at a log iteration
+        self.stopped_early = False
+        self.hooks: list[HookBase] = []
+        self.register_hooks(self.default_hooks())
         need = sum(p.numel() for p in self.model.parameters()) * 4 * 4 + (64 << 20)
         error = run_on_main(self.dist, lambda: prepare_output_dir(self.out, need, cfg, self.log), (TrainingError,))
         if error:
@@ -103,37 +108,25 @@ class Trainer:
             raise TrainingError(f"config key 'semi.class_thresholds': {given} values for the {n} categories of "
                                 f"{self.cfg.data.train_json} (one per category, in id order, or [])")
 
-    def _target_records(self) -> list:
-        """Unlabeled images with boxes whose target quality goes to TensorBoard (empty: off)."""
+    # ------------------------------------------------------------------ hooks
+    def default_hooks(self) -> list[HookBase]:
+        """TensorBoard, progress, evaluation (+ ``best.pth``), target quality, checkpoints, in that order."""
         cfg = self.cfg
-        if not (self.is_main and self.method.uses_unlabeled and cfg.target_images > 0 and cfg.data.full_json):
-            return []
-        if not Path(cfg.data.full_json).is_file():
-            self.log(f"target quality not logged: {cfg.data.full_json} (data.full_json) not found")
-            return []
-        from dtg.evaluation.target_quality import unlabeled_with_boxes
+        tb = TensorBoardHook(self.out / "tb", enabled=self.is_main)
+        records = target_records(cfg, self.is_main and self.method.uses_unlabeled, self.log)
+        return [
+            tb,
+            ProgressHook(self.out, show=self.progress, write=self.is_main),
+            EvalHook(cfg.eval_period, tb),
+            TargetQualityHook(records, tb),
+            CheckpointHook(cfg.checkpoint_period, list(cfg.checkpoint_at)),
+        ]
 
-        try:
-            return unlabeled_with_boxes(cfg, cfg.target_images)
-        except (ConfigError, DatasetError) as e:  # full_json is not these unlabeled images' boxes
-            self.log(f"target quality not logged: {e}")
-            return []
-
-    def log_target_quality(self, writer: SummaryWriter) -> None:
-        """``targets/<stage>_<method>/<ratio>`` scalars of both methods' targets (docs/method.md, "Target quality")."""
-        from dtg.evaluation.target_quality import score_models
-
-        student = self.model.eval()
-        try:
-            summary = score_models(self.teacher, student, self.target_records, self.labels, self.cfg).summary()
-        finally:
-            self.model.train()
-        for key, ratios in summary["quality"].items():
-            for name, value in ratios.items():
-                if value is not None:
-                    writer.add_scalar(f"targets/{key.replace('/', '_')}/{name}", value, self.iteration)
-        for level, share in enumerate(summary["paired_per_level"]):
-            writer.add_scalar(f"targets/rpn_paired/P{level + 2}", share, self.iteration)
+    def register_hooks(self, hooks: list[HookBase]) -> None:
+        """Append ``hooks`` (called in list order after those already registered)."""
+        for h in hooks:
+            h.trainer = self
+        self.hooks.extend(hooks)
 
     def _loader(self, start_batch: int) -> torch.utils.data.DataLoader:
         n_u = self.cfg.data.batch_unlabeled if self.method.uses_unlabeled else 0
@@ -143,8 +136,11 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The whole training state; identical on every rank (a collective under torchrun)."""
         rngs = all_gather_objects(self.dist, rng_state())  # every rank's generators: exact resume per rank
+        hook_state: dict[str, Any] = {}
+        for h in self.hooks:
+            hook_state.update(h.state_dict())
         return training_state(self.model, self.teacher, self.step, self.iteration, self.cfg, self.labels.categories,
-                              self.best_ap, self.history, rngs, self.dist.world_size)
+                              hook_state, rngs, self.dist.world_size)
 
     def save(self, name: str) -> Path:
         """Rank 0 writes ``checkpoints/NAME`` atomically; a failed write fails every rank (one line)."""
@@ -160,10 +156,12 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Continue exactly where the checkpoint at ``path`` stopped."""
         ckpt = load_checkpoint(path)
-        self.iteration, self.best_ap, self.history, note = restore_training(
+        self.iteration, note = restore_training(
             ckpt, path, self.model, self.teacher, self.step, self.labels.categories, self.cfg.data.train_json,
             self.cfg.seed, self.dist.rank, self.dist.world_size,
         )
+        for h in self.hooks:
+            h.load_state_dict(ckpt)
         if note:
             self.log(note)
         self.step.last_checkpoint = (Path(path), self.iteration)
@@ -196,33 +194,28 @@ class Trainer:
         """
         cfg = self.cfg
         end = cfg.solver.max_iter if stop_at is None else min(stop_at, cfg.solver.max_iter)
-        writer = SummaryWriter(str(self.out / "tb"), purge_step=self.iteration or None) if self.is_main else None
-        loader = iter(self._loader(start_batch=self.iteration))
-        # A redrawn bar on a terminal; in a log file (no terminal), plain progress lines instead.
-        self._plain = self.progress and not sys.stderr.isatty()
-        bar = tqdm(
-            total=cfg.solver.max_iter, initial=self.iteration, desc=f"train {cfg.method}",
-            disable=not self.progress or self._plain, dynamic_ncols=True, file=sys.stderr,
-        )
-        self._clock = (time.perf_counter(), self.iteration, time.perf_counter())  # start, its iteration, last line
         try:
+            for h in self.hooks:
+                h.before_train()
+            loader = iter(self._loader(start_batch=self.iteration))
             t0 = time.perf_counter()
             while self.iteration < end:
-                scalars = self.step(next(loader), self.iteration)
+                self.scalars = self.step(next(loader), self.iteration)
                 self.iteration += 1
-                bar.update(1)
-                self._after_step(scalars, writer, bar)
-            bar.close()
+                self.logged = mean_scalars(self.dist, self.scalars) if is_log_iteration(cfg, self.iteration) else None
+                for h in self.hooks:
+                    h.after_step()
             elapsed = time.perf_counter() - t0
-            if self.iteration < cfg.solver.max_iter:  # stopped early on request
-                self.save("last.pth")
-                return None
-            metrics = self.evaluate(writer, final=True)
-            self.save("last.pth")
+            self.stopped_early = self.iteration < cfg.solver.max_iter  # stopped early on request
+            for h in self.hooks:
+                h.after_train()
         finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
+            for h in self.hooks:
+                h.close()
+        if self.stopped_early:
+            return None
+        evaluation = next((h for h in self.hooks if isinstance(h, EvalHook)), None)
+        metrics = evaluation.final if evaluation is not None else {}
         summary = {
             "method": cfg.method, "iterations": self.iteration, "train_seconds": round(elapsed, 1),
             "world_size": self.dist.world_size, "nonfinite_steps": self.step.nonfinite.total, **metrics,
@@ -232,38 +225,12 @@ class Trainer:
             (self.out / "metrics.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _after_step(self, scalars: dict[str, float], writer: SummaryWriter | None, bar: tqdm) -> None:
-        """Logging, periodic evaluation and checkpoints after iteration ``self.iteration``."""
-        cfg, it = self.cfg, self.iteration
-        if it % cfg.log_period == 0 or it == cfg.solver.max_iter:
-            scalars = mean_scalars(self.dist, scalars)
-            for k, v in scalars.items() if writer is not None else ():
-                writer.add_scalar(f"train/{k}", v, it)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in scalars.items() if k.endswith(("cls", "reg")) or k == "loss"})
-            if self.is_main:
-                self._report_progress(scalars)
-        if cfg.eval_period > 0 and it % cfg.eval_period == 0 and it < cfg.solver.max_iter:
-            self.evaluate(writer)
-        if it % cfg.checkpoint_period == 0 or it == cfg.solver.max_iter:
-            self.save("last.pth")
-        if it in cfg.checkpoint_at:
-            self.save(iteration_checkpoint(it))
-
-    def _report_progress(self, scalars: dict[str, float]) -> None:
-        """``progress.json`` (read by ``dtg demo`` / ``dtg bench reproduce``) and, without a terminal,
-        a plain line at most every 30 s (and at the end)."""
-        start, start_it, last_line = self._clock
-        now, it, total = time.perf_counter(), self.iteration, self.cfg.solver.max_iter
-        state = progress_state(self.cfg.method, it, total, now - start, it - start_it, scalars)
-        tmp = self.out / "progress.json.tmp"
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.out / "progress.json")
-        if self._plain and (now - last_line >= 30.0 or it == total):
-            print(f"[train] {progress_line(state)}", file=sys.stderr, flush=True)
-            self._clock = (start, start_it, now)
-
     def evaluate(self, writer: SummaryWriter | None = None, final: bool = False) -> dict[str, Any]:
-        """COCO metrics of the student and the teacher on the val set (every rank calls)."""
+        """COCO metrics of the student and the teacher on the val set (every rank calls); ``{}`` without one.
+
+        Their scalars go to ``writer`` (``student/*``, ``teacher/*``); ``final`` also writes
+        ``results_<model>.json`` (rank 0). The AP history and ``best.pth`` are :class:`EvalHook`'s.
+        """
         if self.data.val is None:
             return {}
         models = {"student": self.model, "teacher": self.teacher}
@@ -280,12 +247,5 @@ class Trainer:
                     writer.add_scalar(f"{name}/{k}", v, self.iteration)
             if final and self.is_main:
                 write_results(self.out / f"results_{name}.json", results)
-        if writer is not None and self.target_records:
-            self.log_target_quality(writer)
         out["reported"] = "teacher"
-        ap = out["teacher"]["AP"]
-        self.history.append({"iteration": self.iteration, **{k: out[k]["AP"] for k in models}})
-        if ap > self.best_ap and not math.isnan(ap):
-            self.best_ap = ap
-            self.save("best.pth")
         return out

@@ -53,6 +53,9 @@ def background_to_ignore(labels: torch.Tensor, boxes: torch.Tensor, ignore_boxes
                          iou_threshold: float) -> torch.Tensor:
     """Background samples that overlap an uncertain teacher box, turned into "ignored".
 
+    The sparse baseline's ignore band: the rule its methods pass to the detector's losses
+    (``ignore_rule``, :data:`dtg.models.detector.IgnoreRule`), which know no band of their own.
+
     Args:
         labels: (N,) int64 sample labels after the ordinary assignment (0 = background,
             > 0 foreground, -1 already ignored).

@@ -27,6 +27,7 @@ from dtg.losses.inc_image import (
     IncOptions, RcnnImageTargets, concat_targets, keep_members_and_sample_background, rcnn_image_targets,
     rpn_image_targets, take_samples,
 )
+from dtg.losses.pseudo_label import background_to_ignore
 from dtg.losses.rank_matching import rank_matching_loss
 from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, strong_sizes, weak_images
 from dtg.methods.sparse import pseudo_box_targets
@@ -186,7 +187,7 @@ class DTGMethod(TwoCallMethod):
         if targets.rcnn is not None:
             losses.update(self._rcnn(student, s, targets.rcnn, stats))
         if targets.rpn_boxes is not None:  # the table 2(c) hybrid
-            cls, reg = student.rpn_losses(s, targets.rpn_boxes.images)
+            cls, reg = student.rpn_losses(s, targets.rpn_boxes.images, ignore_rule=background_to_ignore)
             losses.update({"unsup_rpn_cls": cls, "unsup_rpn_reg": reg})
             stats["pseudo_boxes_per_image"] = targets.rpn_boxes.boxes_per_image()
         elif targets.rpn is not None:

@@ -13,7 +13,7 @@ import torch
 
 from dtg.config import Config, SemiConfig
 from dtg.geometry import teacher_to_student
-from dtg.losses.pseudo_label import pseudo_targets
+from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
 from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, weak_images
 from dtg.models.detector import Detector
 
@@ -54,7 +54,8 @@ def box_target_losses(student: Detector, items: list[dict[str, Any]], targets: B
     """The student's ordinary Faster R-CNN losses on the strong views against box ``targets``
     (``unsup_rpn_cls`` ... ``unsup_rcnn_reg``; ``semi.unsup_reg=false`` drops the ``_reg`` ones)
     and ``pseudo_boxes_per_image``."""
-    unsup = student.supervised_losses(strong_images(items, device), targets.images, cls_loss=semi.unsup_cls_loss)
+    unsup = student.supervised_losses(strong_images(items, device), targets.images, cls_loss=semi.unsup_cls_loss,
+                                      ignore_rule=background_to_ignore)  # the ignore band (uncertain boxes)
     if not semi.unsup_reg:  # classification only (Unbiased Teacher): pseudo boxes do not teach boxes
         unsup = {k: v for k, v in unsup.items() if not k.endswith("_reg")}
     return {f"unsup_{k}": v for k, v in unsup.items()}, {"pseudo_boxes_per_image": targets.boxes_per_image()}

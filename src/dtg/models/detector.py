@@ -11,6 +11,7 @@ size from the data pipeline, and only normalisation and padding to a multiple of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +25,19 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from dtg.config import ModelConfig
 from dtg.losses.detection import rcnn_losses
-from dtg.losses.pseudo_label import background_to_ignore
 from dtg.models.backbones import ModelError, build_backbone
+
+
+# Which background samples near a target's ``"ignore"`` boxes leave the losses:
+# ``rule(labels (N,) after the assignment, sample boxes (N, 4) xyxy, ignore boxes (U, 4) xyxy, IoU threshold)``
+# -> (N,) bool, True = leave out. The sparse baseline's ignore band passes
+# :func:`dtg.losses.pseudo_label.background_to_ignore`; the detector knows no rule of its own.
+IgnoreRule = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+
+
+def _check_ignore_rule(targets: list[dict[str, Tensor]], rule: IgnoreRule | None) -> None:
+    if rule is None and any(t.get("ignore") is not None for t in targets):
+        raise ValueError("targets carry 'ignore' boxes but no ignore_rule says what to do with them")
 
 
 @dataclass
@@ -257,39 +269,46 @@ class Detector(nn.Module):
 
     # ------------------------------------------------------------------ uses
     def supervised_losses(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]], cls_loss: str | None = None
+        self, images: list[Tensor], targets: list[dict[str, Tensor]], cls_loss: str | None = None,
+        ignore_rule: IgnoreRule | None = None,
     ) -> dict[str, Tensor]:
         """Ordinary Faster R-CNN losses against ``targets`` (``boxes`` (n, 4) xyxy, ``labels`` (n,) in 1..K).
 
         Args:
             cls_loss: R-CNN classification loss for this call (``"ce"`` / ``"focal"``); default: the model's.
+            ignore_rule: what ``"ignore"`` boxes in ``targets`` do (:meth:`losses_from_dense`).
 
         Returns:
             ``{"rpn_cls", "rpn_reg", "rcnn_cls", "rcnn_reg"}`` scalars.
         """
         out = self.forward_dense(images)
-        return self.losses_from_dense(out, targets, cls_loss)
+        return self.losses_from_dense(out, targets, cls_loss, ignore_rule)
 
     def losses_from_dense(
-        self, out: DenseOutputs, targets: list[dict[str, Tensor]], cls_loss: str | None = None
+        self, out: DenseOutputs, targets: list[dict[str, Tensor]], cls_loss: str | None = None,
+        ignore_rule: IgnoreRule | None = None,
     ) -> dict[str, Tensor]:
         """Standard RPN and R-CNN label assignment and losses on an existing forward pass.
 
-        A target may carry ``"ignore"`` (u, 4) boxes (uncertain pseudo boxes): anchors that the
-        RPN would not call background near them (IoU >= its background threshold) and sampled
-        background RoIs that would be foreground for them (IoU >= the R-CNN foreground
-        threshold) are left out of the losses (:func:`dtg.losses.pseudo_label.background_to_ignore`).
+        A target may carry ``"ignore"`` (u, 4) boxes; then ``ignore_rule`` (:data:`IgnoreRule`) is
+        required and decides which background samples leave the losses: anchors, given the RPN's
+        background threshold, and sampled RoIs, given the R-CNN foreground threshold (the sparse
+        baseline's ignore band: :func:`dtg.losses.pseudo_label.background_to_ignore`).
+
+        Raises:
+            ValueError: a target carries ``"ignore"`` boxes and ``ignore_rule`` is None.
         """
+        _check_ignore_rule(targets, ignore_rule)
         heads = self.net.roi_heads
         ignores = [t.get("ignore") for t in targets]
-        rpn_cls, rpn_reg = self.rpn_losses(out, targets)
+        rpn_cls, rpn_reg = self.rpn_losses(out, targets, ignore_rule)
         plain = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         props, _, roi_labels, roi_targets = heads.select_training_samples(list(out.proposals), plain)
         logits, deltas = self.roi_forward(out.features, props, out.images.image_sizes)
         roi_labels, roi_targets = torch.cat(roi_labels), torch.cat(roi_targets)
         if any(t_ign is not None for t_ign in ignores):
             drop = torch.cat([
-                background_to_ignore(lab, p, t_ign, heads.proposal_matcher.high_threshold) if t_ign is not None
+                ignore_rule(lab, p, t_ign, heads.proposal_matcher.high_threshold) if t_ign is not None
                 else torch.zeros(len(p), dtype=torch.bool, device=p.device)
                 for p, lab, t_ign in zip(props, roi_labels.split([len(p) for p in props]), ignores)
             ])
@@ -300,16 +319,18 @@ class Detector(nn.Module):
         )
         return {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "rcnn_cls": rcnn_cls, "rcnn_reg": rcnn_reg}
 
-    def rpn_losses(self, out: DenseOutputs, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
-        """The standard RPN assignment (with ``"ignore"`` boxes, see :meth:`losses_from_dense`) and
-        losses ``(rpn_cls, rpn_reg)`` on an existing forward pass."""
+    def rpn_losses(self, out: DenseOutputs, targets: list[dict[str, Tensor]],
+                   ignore_rule: IgnoreRule | None = None) -> tuple[Tensor, Tensor]:
+        """The standard RPN assignment (with ``"ignore"`` boxes and ``ignore_rule``, see
+        :meth:`losses_from_dense`) and losses ``(rpn_cls, rpn_reg)`` on an existing forward pass."""
+        _check_ignore_rule(targets, ignore_rule)
         rpn = self.net.rpn
         b = out.rpn.objectness.shape[0]
         anchors = [out.rpn.anchors] * b
         labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
         for lab, t in zip(labels, targets):
             if t.get("ignore") is not None:
-                lab[background_to_ignore(lab, out.rpn.anchors, t["ignore"], rpn.proposal_matcher.low_threshold)] = -1.0
+                lab[ignore_rule(lab, out.rpn.anchors, t["ignore"], rpn.proposal_matcher.low_threshold)] = -1.0
         reg_targets = rpn.box_coder.encode(matched, anchors)
         return rpn.compute_loss(out.rpn.objectness.reshape(-1, 1), out.rpn.deltas.reshape(-1, 4), labels, reg_targets)
 

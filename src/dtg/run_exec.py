@@ -1,0 +1,276 @@
+"""The execution of runs as subprocesses, and the progress monitor that watches them.
+
+:func:`execute` trains runs as ``python -m dtg train`` subprocesses, ``jobs`` at a time; a run
+whose ``metrics.json`` exists is not trained again, one with a checkpoint is resumed. ``dtg demo``
+and ``dtg bench reproduce`` both run on it. What a run *is* (its hash, fingerprints, provenance)
+is :mod:`dtg.run_identity`; the training engine never imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from dtg.config import Config, save_config, to_dict
+from dtg.progress import progress_line
+from dtg.run_identity import iteration_checkpoint, training_key
+
+
+@dataclass
+class Run:
+    """One training run (a resolved config), shared by every (row, seed) that resolves to it.
+
+    A run that starts from another run's checkpoint (a semi-supervised run branching off its
+    supervised burn-in, :func:`branch_from`) names it in ``parent`` and waits for the file
+    ``needs`` before it starts.
+    """
+
+    key: str
+    cfg: Config
+    out: Path
+    uses: list[tuple[str, int]] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # more ``dtg train`` arguments (e.g. --init-from)
+    parent: str | None = None  # key of the run whose checkpoint this one starts from
+    needs: Path | None = None  # that checkpoint
+    stop_at: int | None = None  # train only up to this iteration (``dtg train --stop-at``); resumed later
+    twin: Path | None = None  # a finished run that trained the same weights (:func:`trained_twin`): evaluate only
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.json"
+
+
+def trained_twin(run: Run, cache: Path) -> Path | None:
+    """A finished supervised run under ``cache`` that trained the same weights as ``run`` (same
+    :func:`training_key`) and kept every checkpoint ``run`` keeps; None when there is none."""
+    key = training_key(run.cfg)
+    if key is None or run.metrics_path.is_file():
+        return None
+    from dtg.config import from_dict
+    import yaml
+
+    for other in sorted(Path(cache).glob("*/run.yaml")):
+        folder = other.parent
+        if folder == run.out or not (folder / "metrics.json").is_file():
+            continue
+        try:
+            cfg = from_dict(yaml.safe_load(other.read_text()))
+        except Exception:  # noqa: BLE001 - an unreadable neighbour is simply not a twin
+            continue
+        kept = all((folder / "checkpoints" / iteration_checkpoint(i)).is_file() for i in run.cfg.checkpoint_at)
+        if kept and training_key(cfg) == key:
+            return folder
+    return None
+
+
+def branch_from(child: Run, parent: Run, iteration: int) -> None:
+    """Make ``child`` start from ``parent``'s checkpoint at ``iteration`` (``dtg train --init-from``).
+
+    The parent keeps that checkpoint (``checkpoint_at``); the child waits for it (:func:`execute`).
+    """
+    if iteration not in parent.cfg.checkpoint_at:
+        parent.cfg.checkpoint_at = sorted([*parent.cfg.checkpoint_at, iteration])
+    child.parent, child.needs = parent.key, parent.out / "checkpoints" / iteration_checkpoint(iteration)
+    child.extra_args = ["--init-from", str(child.needs)]
+
+
+def read_progress(run: Run) -> dict[str, Any] | None:
+    """The run's ``progress.json``, or None before its first logged step (or mid-replace)."""
+    try:
+        return json.loads((run.out / "progress.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_one(run: Run, threads: int) -> tuple[str, float]:
+    """Train (or resume) one run in a subprocess unless its metrics exist: ``(status, seconds)``.
+
+    With ``run.stop_at`` the subprocess stops there (status ``stopped``) and a later call resumes it.
+    """
+    if run.metrics_path.is_file():
+        return "cached", 0.0
+    run.out.mkdir(parents=True, exist_ok=True)
+    save_config(run.cfg, run.out / "run.yaml")
+    if run.twin is not None and not (run.out / "checkpoints" / "last.pth").is_file():
+        _adopt(run)  # the same weights were trained already: copy them, only evaluate here
+    resume = (run.out / "checkpoints" / "last.pth").is_file()
+    stop = ["--stop-at", str(run.stop_at)] if run.stop_at is not None else []
+    cmd = [sys.executable, "-m", "dtg", "train", "--config", str(run.out / "run.yaml"),
+           "--set", f"threads={threads}", "--no-progress", *(["--resume", "auto"] if resume else run.extra_args), *stop]
+    t0 = time.perf_counter()
+    with open(run.out / "train.log", "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - t0
+    if rc == 0 and run.stop_at is not None and not run.metrics_path.is_file():
+        return "stopped", seconds
+    if rc != 0 or not run.metrics_path.is_file():
+        return f"failed (exit {rc}, see {run.out / 'train.log'})", seconds
+    return ("resumed" if resume else "trained"), seconds
+
+
+def _adopt(run: Run) -> None:
+    """Copy the twin's final and kept checkpoints into ``run`` (then ``--resume`` only evaluates)."""
+    import shutil
+
+    assert run.twin is not None
+    (run.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    names = ["last.pth", *(iteration_checkpoint(i) for i in run.cfg.checkpoint_at)]
+    for name in names:
+        src = run.twin / "checkpoints" / name
+        tmp = run.out / "checkpoints" / f".{name}.copy"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, run.out / "checkpoints" / name)
+    with open(run.out / "train.log", "a") as log:
+        log.write(f"# the weights of {run.twin} (same training, other evaluation set): evaluation only\n")
+
+
+def _readiness(run: Run, runs: dict[str, Run], status: dict[str, str]) -> str | None:
+    """``"ready"``, None (wait: its parent is pending or training) or a failure message."""
+    if run.needs is None or run.needs.is_file():
+        return "ready"
+    state = status.get(run.parent or "")
+    if state in ("pending", "running"):
+        return None
+    if state is None or state.startswith("failed"):
+        return f"failed (the run it starts from, {run.parent}, failed or is not planned)"
+    return (f"failed ({run.needs} does not exist: remove {runs[run.parent or ''].out} to train that run again "
+            f"with this checkpoint)")
+
+
+def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], None]) -> dict[str, str]:
+    """Run everything, ``jobs`` at a time, with a progress line per running run; returns each run's status.
+
+    A run with ``needs`` starts once that checkpoint exists (its parent is still training
+    meanwhile); it fails, without training, when its parent failed or ended without it.
+    """
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    todo = [r for r in runs.values() if not r.metrics_path.is_file()]
+    status = {k: ("cached" if r.metrics_path.is_file() else "pending") for k, r in runs.items()}
+    running: dict[str, Run] = {}
+    monitor = ProgressMonitor(running, log)
+    monitor.say(f"{len(runs)} runs: {len(runs) - len(todo)} cached, {len(todo)} to train ({jobs} at a time, "
+                f"{threads} threads each)")
+
+    def work(run: Run) -> None:
+        label = ", ".join(f"{row}/seed {s}" for row, s in run.uses) or "supervised burn-in"
+        monitor.say(f"start {run.key} ({label})" + (f" from {run.needs}" if run.needs else ""))
+        running[run.key] = run
+        try:
+            status[run.key], seconds = run_one(run, threads)
+        finally:
+            running.pop(run.key, None)
+        monitor.say(f"{status[run.key]} {run.key} ({label}) in {seconds:.0f} s")
+
+    monitor.start()
+    # Branches whose checkpoint exists first (they finish what is started), then seed by seed.
+    order = {id(r): i for i, r in enumerate(todo)}
+    pending = sorted(todo, key=lambda r: (r.needs is None or not r.needs.is_file(), r.cfg.seed, order[id(r)]))
+    futures: set = set()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            while pending or futures:
+                pending.sort(key=lambda r: (r.needs is None or not r.needs.is_file(), r.cfg.seed, order[id(r)]))
+                for run in list(pending):
+                    if len(futures) >= max(1, jobs):
+                        break
+                    state = _readiness(run, runs, status)
+                    if state is None:
+                        continue
+                    pending.remove(run)
+                    if state == "ready":
+                        status[run.key] = "running"
+                        futures.add(pool.submit(work, run))
+                    else:
+                        status[run.key] = state
+                        monitor.say(f"{state}: {run.key}")
+                if futures:
+                    done, futures = wait(futures, timeout=2.0, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                elif pending:
+                    time.sleep(0.5)
+    finally:
+        monitor.stop()
+    return status
+
+
+class ProgressMonitor:
+    """A thread that shows one progress line per running run: redrawn in place on a terminal
+    (every 2 s), printed as plain lines through ``log`` otherwise (every ``every`` seconds)."""
+
+    def __init__(self, running: dict[str, Run], log: Callable[[str], None], every: float = 30.0) -> None:
+        import threading
+
+        self.running, self.log, self.tty = running, log, sys.stderr.isatty()
+        self.every = 2.0 if self.tty else every
+        self.drawn = 0
+        self.last: dict[str, str] = {}  # per run, the line last printed (a log gets a line only when it changed)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def say(self, message: str) -> None:
+        """``log(message)`` above the progress lines (which are redrawn below it on a terminal)."""
+        with self._lock:
+            self._erase()
+            self.log(message)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            self._erase()
+
+    def lines(self, changed_only: bool = False) -> list[str]:
+        """One line per running run; with ``changed_only``, only those that differ from the last one shown."""
+        out = []
+        for run in list(self.running.values()):
+            state = read_progress(run)
+            label = ", ".join(f"{row}/seed {s}" for row, s in run.uses) or f"burn-in {run.key}"
+            line = progress_line(state, label) if state else f"{label}: starting"
+            if not changed_only or self.last.get(run.key) != line:
+                out.append(line)
+            self.last[run.key] = line
+        return out
+
+    def _erase(self) -> None:
+        if self.tty and self.drawn:
+            sys.stderr.write(f"\x1b[{self.drawn}F\x1b[J")
+            sys.stderr.flush()
+            self.drawn = 0
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            with self._lock:
+                if self.tty:
+                    lines = self.lines()
+                    self._erase()
+                    sys.stderr.write("".join(f"  {ln}\n" for ln in lines))
+                    sys.stderr.flush()
+                    self.drawn = len(lines)
+                else:
+                    for ln in self.lines(changed_only=True):
+                        self.log(ln)
+
+
+def ensure_generated(cfgs: Iterable[Config], log: Callable[[str], None]) -> None:
+    """Generate (or regenerate, when stale) each distinct embedded dataset these configs read."""
+    from dtg.data.synth import generate
+
+    for cfg in {json.dumps(to_dict(c.synth), sort_keys=True): c for c in cfgs}.values():
+        if Path(cfg.synth.out_dir).resolve() in Path(cfg.data.train_json).resolve().parents:
+            log(f"checking the generated dataset in {cfg.synth.out_dir} (made again if its config or content changed)")
+            generate(cfg.synth, progress=False)  # returns at once when it is complete and current
