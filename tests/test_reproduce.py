@@ -80,6 +80,40 @@ def test_convergence_table_means_curves_and_their_last_quarter_per_row():
     assert len(table) == 3  # header, rule, one row: sparse has no curve
     assert table[2] == "| supervised | 2 | 1000: 59.0, 1500: 61.5, 2000: 62.0 | 0.50 ± 0.71 |"
     assert convergence_table({"dtg": [[]]}) == ""
+    assert convergence_table({"sparse": [[(2000, 74.0)], [(2000, 72.0)]]}) == ""  # final evaluations only
+
+
+def test_read_curve_keeps_an_evaluation_that_a_resumed_run_purged(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dtg.bench.report import read_curve
+
+    first = SummaryWriter(str(tmp_path / "tb"))
+    for step, ap in ((500, 0.5), (1000, 0.6), (1500, 0.7)):
+        first.add_scalar("teacher/AP", ap, step)
+    first.close()
+    # a run resumed at 1500 by the old trainer purged from 1500 on, its own last evaluation included
+    resumed = SummaryWriter(str(tmp_path / "tb"), purge_step=1500)
+    resumed.add_scalar("teacher/AP", 0.8, 2000)
+    resumed.close()
+    curve = read_curve(tmp_path)
+    assert [it for it, _ in curve] == [500, 1000, 1500, 2000]
+    assert [ap for _, ap in curve] == pytest.approx([50.0, 60.0, 70.0, 80.0])
+
+
+def test_a_resumed_run_keeps_the_evaluation_of_its_checkpoint_iteration(tiny_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dtg.engine.trainer import Trainer
+
+    cfg = tiny_config(tiny_dataset, tmp_path / "run", "eval_period=2", "checkpoint_period=2")
+    Trainer(cfg, log=lambda m: None, progress=False).train(stop_at=2)  # evaluates at 2, then saves last.pth
+    resumed = Trainer(cfg, log=lambda m: None, progress=False)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "last.pth")
+    resumed.train()
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})  # TensorBoard's own purging
+    acc.Reload()
+    assert [ev.step for ev in acc.Scalars("teacher/AP")] == [2, 4]
 
 
 def test_gap_share_is_paired_over_seeds_all_three_rows_finished():

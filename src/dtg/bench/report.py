@@ -177,12 +177,13 @@ def last_quarter_moves(curve: Curve) -> float | None:
 
 def convergence_table(curves: dict[str, list[Curve]]) -> str:
     """Per row: the seed-mean teacher AP at each evaluated iteration, and how far each seed's AP
-    moved over the last quarter of its schedule (mean ± std); rows without curves are left out."""
+    moved over the last quarter of its schedule (mean ± std); rows without a curve that reaches
+    back to the last quarter's start are left out."""
     lines = []
     for name, cs in curves.items():
         mean = mean_curve([c for c in cs if c])
         moves = [m for m in (last_quarter_moves(c) for c in cs) if m is not None]
-        if not mean:
+        if not mean or not moves:  # no curve, or only final evaluations (``--curve-points 0``)
             continue
         points = ", ".join(f"{it}: {ap:.1f}" for it, ap in mean)
         lines.append(f"| {name} | {len(moves)} | {points} | {fmt_mean_std(moves) if moves else '-'} |")
@@ -201,7 +202,9 @@ def read_curve(run_dir: Path, tag: str = "teacher/AP") -> Curve:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:  # pragma: no cover - tensorboard is a dependency
         return []
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    # No purging: runs resumed before the trainer's purge step was fixed purged their own last
+    # evaluation. A resumed run repeats its steps exactly, so keeping the latest value of a step is safe.
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0}, purge_orphaned_data=False)
     acc.Reload()
     if tag not in acc.Tags().get("scalars", []):
         return []

@@ -87,8 +87,10 @@ class TensorBoardHook(HookBase):
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            # A resumed run drops the events after its checkpoint's iteration.
-            self.writer = SummaryWriter(str(self.folder), purge_step=self.trainer.iteration or None)
+            # Resuming at iteration i: what was logged at steps <= i (evaluation and checkpoint of i
+            # included) is final; events after it are logged again, so TensorBoard drops the old ones from i + 1.
+            it = self.trainer.iteration
+            self.writer = SummaryWriter(str(self.folder), purge_step=it + 1 if it else None)
 
     def after_step(self) -> None:
         logged = self.trainer.logged
