@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does a refactor change what training computes? Trains the embedded tiny model for 60 deterministic
 # iterations (1 thread, seed 0, unlabeled branch from iteration 20 on) for every method, plus dtg's
-# table 2(c) hybrid (dtg.rpn_targets=sparse) and its cost switch (dtg.rcnn_subsample=true), and prints
+# table 2(c) hybrid (dtg.rpn.targets=sparse) and its cost switch (dtg.rcnn.subsample=true), and prints
 # the sha256 of the final student and teacher weights per row. Run it on the code before and after a
 # change: equal hashes = bit-identical training. Run by hand from the repository root; the CLI is
 # invoked as `python -m dtg`, so PYTHONPATH selects the code under test, e.g.
@@ -18,8 +18,8 @@ OUT=${OUT:-runs/bitident}
 ITERS=${ITERS:-60}
 BURN_IN=${BURN_IN:-20}
 PY=${PYTHON:-python}
-THRESH=(semi.pseudo_score_thresh=0.06 semi.uncertain_score_thresh=0.05 dtg.tau_rcnn=0.06 dtg.tau_rpn=0.4
-        dtg.uncertain_rpn=0.3 dtg.uncertain_rcnn=0.05)
+THRESH=(sparse.pseudo_score_thresh=0.06 sparse.uncertain_score_thresh=0.05 dtg.rcnn.tau=0.06 dtg.rpn.tau=0.4
+        dtg.rpn.uncertain=0.3 dtg.rcnn.uncertain=0.05)
 $PY -m dtg synth >/dev/null
 
 run() {  # name, then --set pairs
@@ -62,5 +62,5 @@ run supervised method=supervised
 run sparse method=sparse
 run dtg method=dtg
 run oracle method=oracle
-run dtg-rpn-sparse method=dtg dtg.rpn_targets=sparse
-run dtg-rcnn-subsample method=dtg dtg.rcnn_subsample=true
+run dtg-rpn-sparse method=dtg dtg.rpn.targets=sparse
+run dtg-rcnn-subsample method=dtg dtg.rcnn.subsample=true

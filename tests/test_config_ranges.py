@@ -107,7 +107,7 @@ def test_relations_between_keys(override, needle):
 
 
 @pytest.mark.parametrize("override", ["solver.lr=-1", "data.batch_labeled=0", "semi.ema_momentum=2",
-                                      "dtg.tau_rcnn=1.5", "solver.steps=[900,700]"])
+                                      "dtg.rcnn.tau=1.5", "solver.steps=[900,700]"])
 def test_cli_refuses_before_reading_data(override, tmp_path, capsys):
     code = main(["train", "--set", f"data.train_json={tmp_path / 'missing.json'}", "--set", override,
                  "--output-dir", str(tmp_path / "out")])

@@ -63,7 +63,7 @@ def _config(paths: Any, labeled_json: Path, out: Path, per_rank: int, *extra: st
         f"data.val_images={paths.train_images}", f"data.batch_labeled={per_rank}", f"data.batch_unlabeled={per_rank}",
         f"data.labeled_view={VIEW}", f"data.weak_view={VIEW}",
         "data.strong_view={short_edge: [96, 96], max_size: 96, flip_prob: 0.5, strong: true}",
-        "semi.burn_in=0", "semi.alpha_warmup=1", "semi.pseudo_score_thresh=1.0",
+        "semi.burn_in=0", "semi.alpha_warmup=1", "sparse.pseudo_score_thresh=1.0",
         "model.rpn_batch_size_per_image=4096", "model.rpn_post_nms_top_n_train=32", "model.roi_batch_size_per_image=64",
         f"solver.max_iter={ITERS}", "checkpoint_period=1", *extra,
     )

@@ -13,7 +13,7 @@ from torchvision.models.detection._utils import BoxCoder
 from dtg.cli import main
 from dtg.engine.trainer import Trainer
 from dtg.explain import explain_checkpoint, explain_rcnn, render
-from dtg.losses.inc_image import IncOptions
+from dtg.config import RcnnStageConfig
 
 from conftest import tiny_config
 
@@ -93,7 +93,7 @@ def test_explain_rcnn_on_hand_made_outputs():
     flip = torch.tensor([[-1.0, 0, 100], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)  # hflip of a 100 px view
     s_logits = torch.tensor([[0.0, 1, 0], [0, 3, 0], [0, 0, 1], [0, 0, 0]])  # student prefers member 1
     ex = explain_rcnn(logits, deltas, props, flip, (100, 100), (100, 100), BoxCoder((10.0, 10.0, 5.0, 5.0)),
-                      s_logits, IncOptions(tau_rcnn=0.5))
+                      s_logits, RcnnStageConfig(tau=0.5, uncertain=1.0))  # no ignore band
     _check_clusters(ex)
     assert [c.members for c in ex.clusters] == [[0, 1], [2]]
     assert [c.label for c in ex.clusters] == [1, 2] and ex.clusters[0].kept == 0

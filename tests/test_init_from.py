@@ -18,7 +18,7 @@ from conftest import intercept_step, tiny_config
 
 SEMI = ("method=dtg", "data.batch_unlabeled=2", "semi.burn_in=2", "semi.alpha_warmup=1",
         "data.strong_view={short_edge: [96, 112], max_size: 128, strong: true}", "data.val_json=",
-        "dtg.tau_rpn=0.3", "dtg.tau_rcnn=0.05")
+        "dtg.rpn.tau=0.3", "dtg.rcnn.tau=0.05")
 
 
 @pytest.fixture(scope="module")

@@ -64,21 +64,21 @@ def test_pseudo_targets_threshold_and_projection():
 
 
 def test_class_thresholds_need_one_value_per_category(tiny_dataset, tmp_path):
-    with pytest.raises(TrainingError, match=r"'semi.class_thresholds': 2 values for the 5 categories"):
-        Trainer(tiny_config(tiny_dataset, tmp_path / "x", "method=sparse", "semi.class_thresholds=[0.5, 0.6]"),
+    with pytest.raises(TrainingError, match=r"'sparse.class_thresholds': 2 values for the 5 categories"):
+        Trainer(tiny_config(tiny_dataset, tmp_path / "x", "method=sparse", "sparse.class_thresholds=[0.5, 0.6]"),
                 log=lambda m: None)
 
 
 def test_unsup_reg_off_leaves_only_classification_losses(tiny_dataset, tmp_path):
     from dtg.methods.sparse import SparseMethod
 
-    cfg = tiny_config(tiny_dataset, tmp_path / "x", "method=sparse", "semi.pseudo_score_thresh=0.0",
-                      "semi.uncertain_score_thresh=0.0", "data.batch_unlabeled=2")
+    cfg = tiny_config(tiny_dataset, tmp_path / "x", "method=sparse", "sparse.pseudo_score_thresh=0.0",
+                      "sparse.uncertain_score_thresh=0.0", "data.batch_unlabeled=2")
     t = Trainer(cfg, log=lambda m: None, progress=False)
     items = next(iter(t._loader(0)))["unsup"]
     torch.manual_seed(0)  # the samplers draw from the global generator
     on, _ = t.method.unlabeled_losses(t.model, t.teacher, items, 10)
-    cfg.semi.unsup_reg = False
+    cfg.sparse.unsup_reg = False
     torch.manual_seed(0)
     off, _ = SparseMethod(cfg, t.device).unlabeled_losses(t.model, t.teacher, items, 10)
     assert set(on) == {"unsup_rpn_cls", "unsup_rpn_reg", "unsup_rcnn_cls", "unsup_rcnn_reg"}
@@ -125,7 +125,7 @@ def test_three_iteration_sparse_run_writes_both_models(tiny_dataset, tmp_path):
     cfg = tiny_config(
         tiny_dataset, tmp_path / "sparse", "method=sparse", "solver.max_iter=3", "data.batch_labeled=1",
         "data.batch_unlabeled=2", "data.strong_view={short_edge: [96, 112], max_size: 128, strong: true}",
-        "semi.pseudo_score_thresh=0.0", "semi.alpha_warmup=2",
+        "sparse.pseudo_score_thresh=0.0", "semi.alpha_warmup=2",
     )
     t = Trainer(cfg, log=lambda m: None, progress=False)
     start = {k: v.clone() for k, v in t.teacher.net.state_dict().items()}

@@ -20,7 +20,7 @@ from dtg.losses.inc_image import (
 from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
 from dtg.losses.rank_matching import rank_matching_loss
 from dtg.methods.base import BoxTargets
-from dtg.methods.dtg import DTGTargets, stage_switch
+from dtg.methods.dtg import DTGTargets
 from dtg.methods.oracle import ground_truth_targets
 from dtg.methods.sparse import pseudo_threshold
 from dtg.models.detector import Detector
@@ -51,14 +51,14 @@ def _old_dtg_losses(method, student, teacher, items):
     s = student.forward_dense([it["strong"].to(dev) for it in items])
     mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(dev) for it in items]
     losses, stats = {}, {}
-    if d.rcnn:
+    if d.rcnn.enabled:
         counts = [len(p) for p in t.proposals]
         rois, parts, t_used = [], [], []
         for i, (logits, deltas) in enumerate(zip(t_logits.split(counts), t_deltas.split(counts))):
             built = rcnn_image_targets(logits, deltas, t.proposals[i], mats[i], s.images.image_sizes[i],
-                                       t.images.image_sizes[i], teacher.rcnn_box_coder, method.rcnn_opts)
+                                       t.images.image_sizes[i], teacher.rcnn_box_coder, d.rcnn)
             rois_i, tg_i = built.rois, built.targets
-            if d.rcnn_subsample:
+            if d.rcnn.subsample:
                 keep = keep_members_and_sample_background(tg_i, cfg.model.roi_batch_size_per_image)
                 rois_i, tg_i, logits = rois_i[keep], take_samples(tg_i, keep), logits[keep]
             rois.append(rois_i)
@@ -71,7 +71,7 @@ def _old_dtg_losses(method, student, teacher, items):
                                                            denominator=den)
         losses["unsup_rcnn_reg"] = inc_regression_loss(select_class_deltas(s_deltas, tgt.classes), tgt, d.normalize,
                                                        denominator=den)
-        if stage_switch(d, "rcnn", "rank_matching"):
+        if d.rcnn.rank_matching:
             member = tgt.cluster >= 0
             cls = tgt.classes[member].clamp(min=0)
             if d.rm_input == "prob":
@@ -80,11 +80,11 @@ def _old_dtg_losses(method, student, teacher, items):
             else:
                 p_s = s_logits[member].gather(1, cls[:, None]).squeeze(1)
                 p_t = torch.cat(t_used)[member].gather(1, cls[:, None]).squeeze(1)
-            losses["unsup_rcnn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+            losses["unsup_rcnn_rm"] = d.rm_weight * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
         stats["rcnn_clusters_per_image"] = tgt.num_clusters / len(rois)
-    if d.rpn and d.rpn_targets == "sparse":
+    if d.rpn.enabled and d.rpn.targets == "sparse":
         dets = teacher.predict([it["weak"].to(dev) for it in items])
-        semi = cfg.semi
+        semi = cfg.sparse
         unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
         targets = [pseudo_targets({k: v.cpu() for k, v in det.items()},
                                   teacher_to_student(it["weak_matrix"], it["strong_matrix"]),
@@ -92,33 +92,33 @@ def _old_dtg_losses(method, student, teacher, items):
                    for it, det in zip(items, dets)]
         cls, reg = student.rpn_losses(s, targets, ignore_rule=background_to_ignore)
         losses.update({"unsup_rpn_cls": cls, "unsup_rpn_reg": reg})
-    elif d.rpn:
+    elif d.rpn.enabled:
         grid = anchor_grid(s.rpn.anchors, s.rpn.num_anchors_per_level,
                            [tuple(f.shape[-2:]) for f in s.features.values()], tuple(s.images.tensors.shape[-2:]))
         parts = [rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, grid, m,
                                    s.images.image_sizes[i], t.images.image_sizes[i], student.rpn_box_coder,
-                                   method.rpn_opts) for i, m in enumerate(mats)]
+                                   method.canonical, d.rpn) for i, m in enumerate(mats)]
         tgt = concat_targets(parts)
         obj = s.rpn.objectness.reshape(-1)
         den = len(mats) * cfg.model.rpn_batch_size_per_image
         losses["unsup_rpn_cls"] = inc_objectness_loss(obj, tgt, d.normalize, denominator=den,
-                                                      gamma=0.0 if d.rpn_cls_loss == "bce" else 2.0)
+                                                      gamma=0.0 if d.rpn.cls_loss == "bce" else 2.0)
         losses["unsup_rpn_reg"] = inc_regression_loss(s.rpn.deltas.reshape(-1, 4), tgt, d.normalize, denominator=den)
-        if stage_switch(d, "rpn", "rank_matching"):
+        if d.rpn.rank_matching:
             member = tgt.cluster >= 0
             if d.rm_input == "prob":
                 p_s, p_t = obj[member].sigmoid(), tgt.teacher_scores[member]
             else:
                 p_s, p_t = obj[member], torch.logit(tgt.teacher_scores[member], eps=1e-6)
-            losses["unsup_rpn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+            losses["unsup_rpn_rm"] = d.rm_weight * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
         stats["rpn_clusters_per_image"] = tgt.num_clusters / len(mats)
     return losses, stats
 
 
 def _trainer(tiny_dataset, tmp_path, *overrides):
     cfg = tiny_config(tiny_dataset, tmp_path, "data.batch_labeled=1", "data.batch_unlabeled=2",
-                      "data.strong_view={short_edge: [96, 112], max_size: 128, strong: true}", "dtg.tau_rpn=0.3",
-                      "dtg.tau_rcnn=0.05", "semi.pseudo_score_thresh=0.05", "semi.uncertain_score_thresh=0.01",
+                      "data.strong_view={short_edge: [96, 112], max_size: 128, strong: true}", "dtg.rpn.tau=0.3",
+                      "dtg.rcnn.tau=0.05", "sparse.pseudo_score_thresh=0.05", "sparse.uncertain_score_thresh=0.01",
                       "data.val_json=", *overrides)
     t = Trainer(cfg, log=lambda m: None, progress=False)
     return t, next(iter(t._loader(0)))["unsup"]
@@ -126,9 +126,9 @@ def _trainer(tiny_dataset, tmp_path, *overrides):
 
 DTG_CASES = {
     "default": [],
-    "rpn_sparse_hybrid": ["dtg.rpn_targets=sparse"],
-    "rcnn_subsample_logit_rm": ["dtg.rcnn_subsample=true", "dtg.rm_input=logit", "dtg.rpn_rank_matching=false"],
-    "per_stage": ["dtg.rcnn_reg_target=own", "dtg.rpn_inc_cls=false"],
+    "rpn_sparse_hybrid": ["dtg.rpn.targets=sparse"],
+    "rcnn_subsample_logit_rm": ["dtg.rcnn.subsample=true", "dtg.rm_input=logit", "dtg.rpn.rank_matching=false"],
+    "per_stage": ["dtg.rcnn.reg_target=own", "dtg.rpn.inc_cls=false"],
 }
 
 
@@ -170,7 +170,7 @@ def test_sparse_targets_are_the_pseudo_labels_of_the_teacher_detections(tiny_dat
     targets = t.method.teacher_targets(t.teacher, items)
     assert isinstance(targets, BoxTargets)
     dets = t.teacher.predict([it["weak"] for it in items])
-    semi = t.cfg.semi
+    semi = t.cfg.sparse
     for it, det, got_det, got in zip(items, dets, targets.detections, targets.images):
         assert all(torch.equal(det[k], got_det[k]) for k in det)
         want = pseudo_targets(det, teacher_to_student(it["weak_matrix"], it["strong_matrix"]),
@@ -207,17 +207,17 @@ def test_per_stage_overrides_reach_bench_targets_and_explain():
     from dtg.evaluation.target_quality import scoring_methods
     from dtg.explain import rcnn_method
 
-    cfg = load_config(None, ["method=sparse", "dtg.rcnn_reg_target=own", "dtg.rpn_inc_cls=false",
-                             "dtg.rcnn_subsample=true", "dtg.rpn_targets=sparse", "dtg.rpn=false"])
+    cfg = load_config(None, ["method=sparse", "dtg.rcnn.reg_target=own", "dtg.rpn.inc_cls=false",
+                             "dtg.rcnn.subsample=true", "dtg.rpn.targets=sparse", "dtg.rpn.enabled=false"])
     dtg, sparse = scoring_methods(cfg, torch.device("cpu"))
     assert (dtg.name, sparse.name) == ("dtg", "sparse")
-    assert (dtg.rcnn_opts.reg_target, dtg.rpn_opts.reg_target) == ("own", "kept")
-    assert (dtg.rcnn_opts.cls_labels, dtg.rpn_opts.cls_labels) == (True, False)
+    assert (dtg.d.rcnn.reg_target, dtg.d.rpn.reg_target) == ("own", "kept")
+    assert (dtg.d.rcnn.inc_cls, dtg.d.rpn.inc_cls) == (True, False)
     # both stages scored, every RoI kept, DTG's own RPN targets: whatever the checkpoint trained with
-    assert dtg.d.rcnn and dtg.d.rpn and dtg.d.rpn_targets == "dtg" and not dtg.d.rcnn_subsample
-    assert cfg.dtg.rcnn_subsample and cfg.method == "sparse"  # the caller's config is left alone
+    assert dtg.d.rcnn.enabled and dtg.d.rpn.enabled and dtg.d.rpn.targets == "dtg" and not dtg.d.rcnn.subsample
+    assert cfg.dtg.rcnn.subsample and cfg.method == "sparse"  # the caller's config is left alone
     ex = rcnn_method(cfg, 0.2, torch.device("cpu"))
-    assert ex.rcnn_opts.reg_target == "own" and ex.rcnn_opts.tau_rcnn == 0.2 and not ex.d.rpn
+    assert ex.d.rcnn.reg_target == "own" and ex.d.rcnn.tau == 0.2 and not ex.d.rpn.enabled
 
 
 def test_bench_targets_scores_with_the_per_stage_options(tiny_dataset, tmp_path, monkeypatch):
@@ -227,7 +227,7 @@ def test_bench_targets_scores_with_the_per_stage_options(tiny_dataset, tmp_path,
     from dtg.evaluation.target_quality import score_models, unlabeled_with_boxes
 
     t, _ = _trainer(tiny_dataset, tmp_path, "method=dtg", f"data.full_json={tiny_dataset.train_full}",
-                    "dtg.rcnn_reg_target=own", "dtg.rpn_inc_reg=false")
+                    "dtg.rcnn.reg_target=own", "dtg.rpn.inc_reg=false")
     seen = []
     real_rcnn, real_rpn = dtg_mod.rcnn_image_targets, dtg_mod.rpn_image_targets
     monkeypatch.setattr(dtg_mod, "rcnn_image_targets", lambda *a: seen.append(("rcnn", a[-1])) or real_rcnn(*a))
@@ -237,5 +237,5 @@ def test_bench_targets_scores_with_the_per_stage_options(tiny_dataset, tmp_path,
     assert report.images == 2 and {"rcnn/dtg", "rpn/dtg", "rcnn/sparse", "rpn/sparse"} <= set(report.counts)
     assert {s for s, _ in seen} == {"rcnn", "rpn"}
     assert all(o.reg_target == ("own" if s == "rcnn" else "kept") for s, o in seen)
-    assert all(o.reg_labels == (s == "rcnn") for s, o in seen)
+    assert all(o.inc_reg == (s == "rcnn") for s, o in seen)
     assert isinstance(t.labels, LabelMap)

@@ -10,7 +10,7 @@ from dtg.engine.trainer import Trainer
 from dtg.losses.inc import IncTargets
 from dtg.losses.inc_image import concat_targets, ignore_samples
 from dtg.methods.base import weak_images
-from dtg.methods.dtg import DTGMethod, inc_options, stage_switch, teacher_pass
+from dtg.methods.dtg import DTGMethod, teacher_pass
 from dtg.losses.correspondence import map_anchors
 
 from conftest import tiny_config
@@ -51,20 +51,20 @@ def test_map_anchors_is_unclipped_projection():
 
 ABLATIONS = {
     "default": [],
-    "rpn_only": ["dtg.rcnn=false"],
-    "rcnn_inc_cls_only": ["dtg.rpn=false", "dtg.inc_reg=false", "dtg.rank_matching=false"],
-    "rcnn_cls_reg": ["dtg.rpn=false", "dtg.rank_matching=false"],
-    "reg_target_own": ["dtg.reg_target=own"],
+    "rpn_only": ["dtg.rcnn.enabled=false"],
+    "rcnn_inc_cls_only": ["dtg.rpn.enabled=false", "dtg.rcnn.inc_reg=false", "dtg.rpn.inc_reg=false", "dtg.rcnn.rank_matching=false", "dtg.rpn.rank_matching=false"],
+    "rcnn_cls_reg": ["dtg.rpn.enabled=false", "dtg.rcnn.rank_matching=false", "dtg.rpn.rank_matching=false"],
+    "reg_target_own": ["dtg.rcnn.reg_target=own", "dtg.rpn.reg_target=own"],
     "normalize_samples": ["dtg.normalize=samples"],
     "normalize_supervised": ["dtg.normalize=supervised"],
-    "anchor_level_area": ["dtg.anchor_level=area", "dtg.anchor_ties=up"],
-    "rpn_bce_supervised": ["dtg.rpn_cls_loss=bce", "dtg.normalize=supervised"],
-    "rcnn_only_components": ["dtg.rcnn_inc_reg=false", "dtg.rcnn_rank_matching=false"],
-    "rcnn_subsample_logit_rm": ["dtg.rcnn_subsample=true", "dtg.rm_input=logit"],
-    "sparse_rpn_hybrid": ["dtg.rpn_targets=sparse", "semi.pseudo_score_thresh=0.05", "semi.uncertain_score_thresh=0.01"],
-    "nms_then_threshold": ["dtg.rpn_candidates=nms_then_threshold"],
-    "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.beta=1.0"],
-    "uncertain_band": ["dtg.uncertain_rpn=0.1", "dtg.uncertain_rcnn=0.01"],
+    "anchor_level_area": ["dtg.rpn.anchor_level=area", "dtg.rpn.anchor_ties=up"],
+    "rpn_bce_supervised": ["dtg.rpn.cls_loss=bce", "dtg.normalize=supervised"],
+    "rcnn_only_components": ["dtg.rcnn.inc_reg=false", "dtg.rcnn.rank_matching=false"],
+    "rcnn_subsample_logit_rm": ["dtg.rcnn.subsample=true", "dtg.rm_input=logit"],
+    "sparse_rpn_hybrid": ["dtg.rpn.targets=sparse", "sparse.pseudo_score_thresh=0.05", "sparse.uncertain_score_thresh=0.01"],
+    "nms_then_threshold": ["dtg.rpn.candidates=nms_then_threshold"],
+    "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.rm_weight=1.0"],
+    "uncertain_band": ["dtg.rpn.uncertain=0.1", "dtg.rcnn.uncertain=0.01"],
 }
 
 
@@ -74,20 +74,20 @@ def test_three_iteration_dtg_run_for_each_ablation(tiny_dataset, tmp_path, name)
     cfg = tiny_config(
         tiny_dataset, tmp_path / name, "method=dtg", "solver.max_iter=3", "data.batch_labeled=1",
         "data.batch_unlabeled=2", "data.strong_view={short_edge: [96, 112], max_size: 128, strong: true}",
-        "semi.alpha_warmup=1", "dtg.tau_rpn=0.3", "dtg.tau_rcnn=0.05", "data.val_json=", *ABLATIONS[name],
+        "semi.alpha_warmup=1", "dtg.rpn.tau=0.3", "dtg.rcnn.tau=0.05", "data.val_json=", *ABLATIONS[name],
     )
     t = Trainer(cfg, log=lambda m: None, progress=False)
     before = {k: v.clone() for k, v in t.model.net.state_dict().items()}
     batch = next(iter(t._loader(0)))
     losses, stats = t.method.unlabeled_losses(t.model, t.teacher, batch["unsup"], 0)
-    stages = [s for s, on in (("rpn", cfg.dtg.rpn), ("rcnn", cfg.dtg.rcnn)) if on]
+    stages = [s for s, on in (("rpn", cfg.dtg.rpn.enabled), ("rcnn", cfg.dtg.rcnn.enabled)) if on]
     for s in stages:
         assert {f"unsup_{s}_cls", f"unsup_{s}_reg"} <= set(losses)
-        if s == "rpn" and cfg.dtg.rpn_targets == "sparse":  # the hybrid: sparse's RPN loss, no RPN clusters
+        if s == "rpn" and cfg.dtg.rpn.targets == "sparse":  # the hybrid: sparse's RPN loss, no RPN clusters
             assert "unsup_rpn_rm" not in losses and stats["pseudo_boxes_per_image"] > 0
             continue
-        assert (f"unsup_{s}_rm" in losses) == stage_switch(cfg.dtg, s, "rank_matching")
-        if not stage_switch(cfg.dtg, s, "inc_reg"):
+        assert (f"unsup_{s}_rm" in losses) == getattr(cfg.dtg, s).rank_matching
+        if not getattr(cfg.dtg, s).inc_reg:
             assert losses[f"unsup_{s}_reg"].item() == 0.0
         assert stats[f"{s}_clusters_per_image"] > 0 and stats[f"{s}_members_per_image"] >= stats[f"{s}_clusters_per_image"]
     assert all(torch.isfinite(v) for v in losses.values())
@@ -98,18 +98,18 @@ def test_three_iteration_dtg_run_for_each_ablation(tiny_dataset, tmp_path, name)
 
 
 def test_per_stage_switches_override_the_shared_ones():
-    from dtg.config import load_config
+    """A config stored before the per-stage sections (shared switches with per-stage overrides, as
+    an older checkpoint holds it) reads as each stage's own switches, the override winning."""
+    from dtg.config import from_dict
 
-    cfg = load_config(None, ["method=dtg", "dtg.rcnn_inc_reg=false", "dtg.rpn_rank_matching=false",
-                             "dtg.inc_cls=false", "dtg.rpn_inc_cls=true", "dtg.rcnn_reg_target=own"])
-    d = cfg.dtg
-    assert not stage_switch(d, "rcnn", "inc_reg") and stage_switch(d, "rpn", "inc_reg")
-    assert stage_switch(d, "rcnn", "rank_matching") and not stage_switch(d, "rpn", "rank_matching")
-    assert not stage_switch(d, "rcnn", "inc_cls") and stage_switch(d, "rpn", "inc_cls")
-    rcnn, rpn = inc_options(cfg, "rcnn"), inc_options(cfg, "rpn")
-    assert (rcnn.cls_labels, rcnn.reg_labels, rpn.cls_labels, rpn.reg_labels) == (False, False, True, True)
+    cfg = from_dict({"method": "dtg", "dtg": {"rcnn_inc_reg": False, "rpn_rank_matching": False, "inc_cls": False,
+                                              "rpn_inc_cls": True, "rcnn_reg_target": "own", "rpn_reg_target": None}})
+    rcnn, rpn = cfg.dtg.rcnn, cfg.dtg.rpn
+    assert not rcnn.inc_reg and rpn.inc_reg
+    assert rcnn.rank_matching and not rpn.rank_matching
+    assert not rcnn.inc_cls and rpn.inc_cls
+    assert (rcnn.inc_cls, rcnn.inc_reg, rpn.inc_cls, rpn.inc_reg) == (False, False, True, True)
     assert (rcnn.reg_target, rpn.reg_target) == ("own", "kept")
-    assert inc_options(cfg).cls_labels is False  # without a stage: the shared switches
 
 
 # ----------------------------------------------------------------------------- each switch's effect
@@ -123,10 +123,10 @@ def _geometry_items(items):
     """Two hand-made unlabeled items whose teacher-to-student matrices exercise the anchor switches.
 
     Item 0: a horizontal flip of a 100 px wide weak view, so that mapped anchor centres fall half-way
-    between the cells of the stride-8 level (100 = 12.5 * 8): ``dtg.anchor_ties`` decides them.
+    between the cells of the stride-8 level (100 = 12.5 * 8): ``dtg.rpn.anchor_ties`` decides them.
     Item 1: a 40 degree rotation about the centre (the strong image is the weak one: only the matrix
     and the sizes reach the targets), whose min/max boxes are over sqrt(2) times the equal-area boxes
-    for 2:1 anchors: ``dtg.anchor_level`` moves them a level.
+    for 2:1 anchors: ``dtg.rpn.anchor_level`` moves them a level.
     """
     eye = torch.eye(3, dtype=torch.float64)
     weak0 = items[0]["weak"][:, :, :100]
@@ -185,7 +185,7 @@ class Switches:
 @pytest.fixture(scope="module")
 def switches(tiny_dataset, tmp_path_factory):
     cfg = tiny_config(tiny_dataset, tmp_path_factory.mktemp("switches"), "method=dtg", "data.batch_unlabeled=2",
-                      "data.val_json=", "dtg.beta=3.0", "dtg.normalize=samples")
+                      "data.val_json=", "dtg.rm_weight=3.0", "dtg.normalize=samples")
     t = Trainer(cfg, log=lambda m: None, progress=False)
     items = _geometry_items(next(iter(t._loader(0)))["unsup"])
     teacher, tp = _spread_teacher(t.teacher, items, t.device)
@@ -193,8 +193,8 @@ def switches(tiny_dataset, tmp_path_factory):
     obj = tp.dense.rpn.objectness.sigmoid().flatten()
     fg = tp.logits.softmax(-1)[:, 1:].max(-1).values
     q = lambda x, p: float(torch.quantile(x.double(), p))  # noqa: E731
-    base = [f"dtg.tau_rpn={q(obj, 0.7):.6f}", f"dtg.uncertain_rpn={q(obj, 0.4):.6f}",
-            f"dtg.tau_rcnn={q(fg, 0.8):.6f}", f"dtg.uncertain_rcnn={q(fg, 0.4):.6f}"]
+    base = [f"dtg.rpn.tau={q(obj, 0.7):.6f}", f"dtg.rpn.uncertain={q(obj, 0.4):.6f}",
+            f"dtg.rcnn.tau={q(fg, 0.8):.6f}", f"dtg.rcnn.uncertain={q(fg, 0.4):.6f}"]
     for o in base:
         apply_override(cfg, o)
     return Switches(cfg, t.model, teacher, items, t.device)
@@ -239,10 +239,10 @@ def test_the_fixed_batch_is_deterministic_and_exercises_every_kind_of_sample(swi
 
 def test_stage_switches_remove_their_stage_and_leave_the_other_bit_identical(switches, default):
     tg, base, _ = default
-    t, losses, stats = switches.run("dtg.rcnn=false")
+    t, losses, stats = switches.run("dtg.rcnn.enabled=false")
     assert t.rcnn is None and list(losses) == list(RPN_KEYS) and "rcnn_clusters_per_image" not in stats
     assert same(losses, base, RPN_KEYS) and same_targets(t.rpn.targets, tg.rpn.targets)
-    t, losses, stats = switches.run("dtg.rpn=false")
+    t, losses, stats = switches.run("dtg.rpn.enabled=false")
     assert t.rpn is None and t.rpn_boxes is None and list(losses) == list(RCNN_KEYS)
     assert "rpn_clusters_per_image" not in stats
     assert same(losses, base, RCNN_KEYS) and same_targets(t.rcnn.targets, tg.rcnn.targets)
@@ -251,7 +251,7 @@ def test_stage_switches_remove_their_stage_and_leave_the_other_bit_identical(swi
 @pytest.mark.parametrize("stages", [("rcnn", "rpn"), ("rcnn",), ("rpn",)])
 def test_inc_cls_off_ignores_every_sample_for_classification_only(switches, default, stages):
     tg, base, _ = default
-    over = ["dtg.inc_cls=false"] if len(stages) == 2 else [f"dtg.{stages[0]}_inc_cls=false"]
+    over = ["dtg.rcnn.inc_cls=false", "dtg.rpn.inc_cls=false"] if len(stages) == 2 else [f"dtg.{stages[0]}.inc_cls=false"]
     t, losses, _ = switches.run(*over)
     for s in ("rcnn", "rpn"):
         got, want = getattr(t, s).targets, getattr(tg, s).targets
@@ -268,7 +268,7 @@ def test_inc_cls_off_ignores_every_sample_for_classification_only(switches, defa
 @pytest.mark.parametrize("stages", [("rcnn", "rpn"), ("rcnn",), ("rpn",)])
 def test_inc_reg_off_drops_every_regression_target_only(switches, default, stages):
     tg, base, _ = default
-    over = ["dtg.inc_reg=false"] if len(stages) == 2 else [f"dtg.{stages[0]}_inc_reg=false"]
+    over = ["dtg.rcnn.inc_reg=false", "dtg.rpn.inc_reg=false"] if len(stages) == 2 else [f"dtg.{stages[0]}.inc_reg=false"]
     t, losses, _ = switches.run(*over)
     for s in ("rcnn", "rpn"):
         got, want = getattr(t, s).targets, getattr(tg, s).targets
@@ -284,20 +284,20 @@ def test_inc_reg_off_drops_every_regression_target_only(switches, default, stage
 @pytest.mark.parametrize("stages", [("rcnn", "rpn"), ("rcnn",), ("rpn",)])
 def test_rank_matching_off_removes_its_loss_only(switches, default, stages):
     tg, base, _ = default
-    over = ["dtg.rank_matching=false"] if len(stages) == 2 else [f"dtg.{stages[0]}_rank_matching=false"]
+    over = ["dtg.rcnn.rank_matching=false", "dtg.rpn.rank_matching=false"] if len(stages) == 2 else [f"dtg.{stages[0]}.rank_matching=false"]
     t, losses, _ = switches.run(*over)
     assert set(losses) == set(base) - {f"unsup_{s}_rm" for s in stages}
     assert same(losses, base, losses)
     assert same_targets(t.rcnn.targets, tg.rcnn.targets) and same_targets(t.rpn.targets, tg.rpn.targets)
 
 
-def test_beta_scales_rank_matching_only(switches, default):
+def test_rm_weight_scales_rank_matching_only(switches, default):
     _, base, _ = default
-    one, two, zero = (switches.run(f"dtg.beta={b}")[1] for b in (1.0, 2.0, 0.0))
+    one, two, zero = (switches.run(f"dtg.rm_weight={b}")[1] for b in (1.0, 2.0, 0.0))
     for s in ("rcnn", "rpn"):
         rm = f"unsup_{s}_rm"
         assert one[rm].item() > 0
-        assert torch.equal(two[rm], 2.0 * one[rm]) and torch.equal(base[rm], 3.0 * one[rm])  # the default beta 3
+        assert torch.equal(two[rm], 2.0 * one[rm]) and torch.equal(base[rm], 3.0 * one[rm])  # the default rm_weight 3
         assert zero[rm].item() == 0.0
     for other in (one, two, zero):
         assert same(other, base, ["unsup_rcnn_cls", "unsup_rcnn_reg", "unsup_rpn_cls", "unsup_rpn_reg"])
@@ -354,7 +354,7 @@ def test_normalize_cluster_averages_within_clusters(switches, default):
 
 def test_rpn_cls_loss_bce_changes_the_rpn_objectness_loss_only_and_upward(switches, default):
     _, base, _ = default
-    _, losses, _ = switches.run("dtg.rpn_cls_loss=bce")
+    _, losses, _ = switches.run("dtg.rpn.cls_loss=bce")
     # focal = (1 - p_t)^2 * BCE <= BCE per sample, strictly where p_t > 0
     assert losses["unsup_rpn_cls"].item() > base["unsup_rpn_cls"].item()
     assert same(losses, base, ["unsup_rpn_reg", "unsup_rpn_rm", *RCNN_KEYS])
@@ -363,7 +363,8 @@ def test_rpn_cls_loss_bce_changes_the_rpn_objectness_loss_only_and_upward(switch
 @pytest.mark.parametrize("stage", [None, "rcnn", "rpn"])
 def test_reg_target_own_changes_regression_targets_not_classes(switches, default, stage):
     tg, base, _ = default
-    t, losses, _ = switches.run("dtg.reg_target=own" if stage is None else f"dtg.{stage}_reg_target=own")
+    t, losses, _ = switches.run(*(["dtg.rcnn.reg_target=own", "dtg.rpn.reg_target=own"] if stage is None
+                                  else [f"dtg.{stage}.reg_target=own"]))
     for s in ("rcnn", "rpn"):
         got, want = getattr(t, s).targets, getattr(tg, s).targets
         assert torch.equal(got.labels, want.labels) and torch.equal(got.classes, want.classes)
@@ -376,8 +377,8 @@ def test_reg_target_own_changes_regression_targets_not_classes(switches, default
             assert same_targets(got, want) and same(losses, base, [f"unsup_{s}_{k}" for k in ("cls", "reg", "rm")])
 
 
-@pytest.mark.parametrize("override, item", [("dtg.anchor_ties=up", 0), ("dtg.anchor_level=area", 1),
-                                            ("dtg.rpn_candidates=nms_then_threshold", None)])
+@pytest.mark.parametrize("override, item", [("dtg.rpn.anchor_ties=up", 0), ("dtg.rpn.anchor_level=area", 1),
+                                            ("dtg.rpn.candidates=nms_then_threshold", None)])
 def test_rpn_target_switches_change_the_rpn_targets_only(switches, default, override, item):
     """The anchor switches change the flipped item's (ties) or the rotated item's (levels) RPN
     targets and leave the other item's bit-identical; no switch here touches the R-CNN stage."""
@@ -391,11 +392,11 @@ def test_rpn_target_switches_change_the_rpn_targets_only(switches, default, over
 
 @pytest.mark.parametrize("stage", ["rcnn", "rpn"])
 def test_uncertain_band_turns_background_into_ignored(switches, default, stage):
-    """``uncertain_<stage>`` up to ``tau_<stage>``: no band, the band's samples become background;
+    """``dtg.<stage>.uncertain`` up to ``dtg.<stage>.tau``: no band, the band's samples become background;
     the members are the same, the other stage is bit-identical."""
     tg, base, _ = default
-    tau = getattr(switches.cfg.dtg, f"tau_{stage}")
-    t, losses, _ = switches.run(f"dtg.uncertain_{stage}={tau}")
+    tau = getattr(switches.cfg.dtg, stage).tau
+    t, losses, _ = switches.run(f"dtg.{stage}.uncertain={tau}")
     got, want = getattr(t, stage).targets, getattr(tg, stage).targets
     assert torch.equal(got.cluster, want.cluster) and torch.equal(got.labels[want.labels > 0], want.labels[want.labels > 0])
     assert int((got.labels == 0).sum()) > int((want.labels == 0).sum())
@@ -409,7 +410,7 @@ def test_uncertain_band_turns_background_into_ignored(switches, default, stage):
 
 def test_rcnn_subsample_scores_every_member_and_a_background_sample(switches, default):
     tg, base, _ = default
-    t, losses, stats = switches.run("dtg.rcnn_subsample=true")
+    t, losses, stats = switches.run("dtg.rcnn.subsample=true")
     budget = switches.cfg.model.roi_batch_size_per_image
     for full, rois, kept in zip(tg.rcnn.images, t.rcnn.rois, t.rcnn.images):
         members = int((full.targets.cluster >= 0).sum())
@@ -424,10 +425,10 @@ def test_rcnn_subsample_scores_every_member_and_a_background_sample(switches, de
 
 
 def test_rcnn_subsample_that_keeps_no_roi_gives_zero_rcnn_losses(switches, default):
-    """No RoI above ``tau_rcnn`` and every RoI in the ignore band: nothing is scored, and the
+    """No RoI above ``dtg.rcnn.tau`` and every RoI in the ignore band: nothing is scored, and the
     R-CNN losses are 0 (with a graph), not an error; the RPN is untouched."""
     _, base, _ = default
-    t, losses, _ = switches.run("dtg.rcnn_subsample=true", "dtg.tau_rcnn=1.0", "dtg.uncertain_rcnn=0.0")
+    t, losses, _ = switches.run("dtg.rcnn.subsample=true", "dtg.rcnn.tau=1.0", "dtg.rcnn.uncertain=0.0")
     assert all(len(r) == 0 for r in t.rcnn.rois)
     assert all(float(losses[k]) == 0.0 for k in ("unsup_rcnn_cls", "unsup_rcnn_reg"))
     assert same(losses, base, RPN_KEYS)
@@ -437,12 +438,12 @@ def test_rpn_targets_sparse_is_sparse_pseudo_boxes_in_the_rpn_stage(switches, de
     from dtg.methods.sparse import pseudo_box_targets
 
     tg, base, _ = default
-    over = ("dtg.rpn_targets=sparse", "semi.pseudo_score_thresh=0.2", "semi.uncertain_score_thresh=0.1")
+    over = ("dtg.rpn.targets=sparse", "sparse.pseudo_score_thresh=0.2", "sparse.uncertain_score_thresh=0.1")
     t, losses, stats = switches.run(*over)
     assert t.rpn is None and t.rpn_boxes is not None
     assert list(losses) == [*RCNN_KEYS, "unsup_rpn_cls", "unsup_rpn_reg"]
     assert same(losses, base, RCNN_KEYS) and differ(losses, base, ["unsup_rpn_cls", "unsup_rpn_reg"])
-    want = pseudo_box_targets(switches.teacher, switches.items, switches.config(*over).semi, switches.device)
+    want = pseudo_box_targets(switches.teacher, switches.items, switches.config(*over).sparse, switches.device)
     for got, w in zip(t.rpn_boxes.images, want.images):
         assert set(got) == set(w) and all(torch.equal(got[k], w[k]) for k in w)
     assert stats["pseudo_boxes_per_image"] == want.boxes_per_image() > 0

@@ -100,8 +100,8 @@ def dtg_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
     cfg = tiny_config(
         tiny_dataset, tmp_path_factory.mktemp("targets") / "run", "method=dtg", "solver.max_iter=2",
         "data.batch_unlabeled=2", "data.strong_view={short_edge: [96, 112], max_size: 128, strong: true}",
-        "data.val_json=", f"data.full_json={tiny_dataset.train_full}", "semi.burn_in=0", "semi.pseudo_score_thresh=0.05",
-        "semi.uncertain_score_thresh=0.01", "dtg.tau_rcnn=0.05", "dtg.tau_rpn=0.3",
+        "data.val_json=", f"data.full_json={tiny_dataset.train_full}", "semi.burn_in=0", "sparse.pseudo_score_thresh=0.05",
+        "sparse.uncertain_score_thresh=0.01", "dtg.rcnn.tau=0.05", "dtg.rpn.tau=0.3",
     )
     Trainer(cfg, log=lambda m: None, progress=False).train()
     return Path(cfg.output_dir) / "checkpoints" / "last.pth"

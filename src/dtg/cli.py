@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG to write (default: beside the checkpoints, explain/IMAGE_seedS.png)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weak/strong view augmentation (default: 0)")
     p.add_argument("--max-clusters", type=int, default=8, help="clusters drawn, highest kept score first (default: 8)")
-    p.add_argument("--tau-rcnn", type=float, help="candidate threshold (default: dtg.tau_rcnn of the checkpoint)")
+    p.add_argument("--tau-rcnn", type=float, help="candidate threshold (default: dtg.rcnn.tau of the checkpoint)")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
     p.set_defaults(func=cmd_explain)
 

@@ -152,77 +152,81 @@ class SolverConfig:
 
 @dataclass
 class SemiConfig:
-    """The Mean Teacher around every semi-supervised method (docs/method.md, "The frame" and "Baselines")."""
+    """The Mean Teacher around every semi-supervised method (docs/method.md, "The frame")."""
 
     # Defaults are the embedded CPU schedule (1k iterations); the paper's (180k) are in configs/coco_*.yaml:
-    # ema_momentum 0.999, burn_in 0, alpha_warmup 4000, pseudo_score_thresh 0.9.
+    # ema_momentum 0.999, burn_in 0, alpha_warmup 4000 (and sparse.pseudo_score_thresh 0.9).
     ema_momentum: Momentum = 0.99
     # EMA momentum once the unlabeled loss has started (after burn_in); null: ema_momentum throughout.
     # Lets the unlabeled phase's teacher average over a horizon (1 / (1 - m) steps) fitted to its length.
     ema_momentum_unsup: Momentum | None = None
-    alpha: NonNeg = 1.0  # weight of the unlabeled loss: L = L_l + alpha(t) * L_u (the paper: 4)
+    # weight of the unlabeled loss: L = L_l + alpha(t) * L_u (the paper's alpha: 4); the only config key
+    # named alpha (focal's alpha is no key: the losses use none)
+    alpha: NonNeg = 1.0
     burn_in: Count = 400  # supervised-only iterations before the unlabeled loss starts
     alpha_warmup: Count = 100  # iterations of linear warm-up of alpha from 0 after burn-in
-    pseudo_score_thresh: Prob = 0.5  # sparse: teacher detections kept as pseudo boxes
-    # sparse: one threshold per class (labels 1..K, in category-id order) instead of pseudo_score_thresh;
-    # [] uses pseudo_score_thresh for all. `dtg bench targets --on labeled` suggests values.
-    class_thresholds: list[Prob] = field(default_factory=list)
-    # sparse: teacher detections with uncertain_score_thresh <= score < pseudo_score_thresh mark
-    # ignore regions (background samples on them leave the loss); >= pseudo_score_thresh: off (the paper)
-    uncertain_score_thresh: Prob = 0.3
-    unsup_cls_loss: Literal["ce", "focal"] = "focal"  # R-CNN classification loss of the unlabeled branch
-    # sparse / oracle: the unlabeled branch's box regression losses (RPN and R-CNN); Unbiased Teacher drops them
-    unsup_reg: bool = True
     # Whether the student's trainable BatchNorm running statistics (which the EMA teacher inherits)
     # also move on the unlabeled branch's strong views; false: on labeled views only. Moot with frozen BN.
     strong_bn_stats: bool = True
 
 
 @dataclass
-class DTGConfig:
-    """Dense Teacher Guidance switches (docs/method.md).
+class SparseConfig:
+    """The sparse pseudo-box baseline (``method=sparse``; docs/method.md, "Baselines"), also read by
+    ``method=oracle`` (``unsup_reg``, ``unsup_cls_loss``) and by DTG's hybrid RPN (``dtg.rpn.targets=sparse``)."""
 
-    Defaults are the paper's except where the small embedded CPU model needs otherwise
-    (measured, see README Results): ``normalize="samples"`` (the paper's ``cluster``
-    collapsed the teacher), ``tau_rpn`` 0.7 (0.9 gave no RPN cluster) and the ignore bands
-    ``uncertain_rpn`` 0.3 / ``uncertain_rcnn`` 0.1 (the paper: none). The paper configs set
-    the paper's values explicitly.
+    pseudo_score_thresh: Prob = 0.5  # teacher detections kept as pseudo boxes
+    # one threshold per class (labels 1..K, in category-id order) instead of pseudo_score_thresh;
+    # [] uses pseudo_score_thresh for all. `dtg bench targets --on labeled` suggests values.
+    class_thresholds: list[Prob] = field(default_factory=list)
+    # teacher detections with uncertain_score_thresh <= score < pseudo_score_thresh mark ignore
+    # regions (background samples on them leave the loss); >= pseudo_score_thresh: off (the paper)
+    uncertain_score_thresh: Prob = 0.3
+    unsup_cls_loss: Literal["ce", "focal"] = "focal"  # R-CNN classification loss of the unlabeled branch
+    # sparse / oracle: the unlabeled branch's box regression losses (RPN and R-CNN); Unbiased Teacher drops them
+    unsup_reg: bool = True
+
+
+@dataclass
+class StageConfig:
+    """What both DTG stages have (docs/method.md, "INC in the R-CNN stage" / "INC in the RPN stage").
+
+    The stage's INC targets and losses read these keys only: :mod:`dtg.losses.inc_image` takes the
+    stage's config. The paper's tables 2(b) and 3(c) change the R-CNN stage's switches only.
     """
 
-    rpn: bool = True  # DTG in the RPN stage
-    rcnn: bool = True  # DTG in the R-CNN stage
-    inc_cls: bool = True  # INC classification labels
+    enabled: bool = True  # DTG in this stage
+    tau: Prob = 0.45  # INC: teacher score threshold of cluster candidates
+    nms: Prob = 0.5  # INC: IoU threshold of the inverse NMS
+    # Teacher scores in [uncertain, tau) are ignored instead of background (an unsure small teacher
+    # must not teach "background" on likely objects); >= tau: off, the paper's INC.
+    uncertain: Prob = 0.1
+    inc_cls: bool = True  # INC classification labels (false: no classification loss in this stage)
     inc_reg: bool = True  # INC regression labels
     rank_matching: bool = True
-    # Per-stage overrides of the three switches above (None: the switch above, in both stages);
-    # the paper's tables 2(b) and 3(c) change the R-CNN stage only.
-    rcnn_inc_cls: bool | None = None
-    rcnn_inc_reg: bool | None = None
-    rcnn_rank_matching: bool | None = None
-    rpn_inc_cls: bool | None = None
-    rpn_inc_reg: bool | None = None
-    rpn_rank_matching: bool | None = None
-    reg_target: Literal["kept", "own"] = "kept"
-    rcnn_reg_target: Literal["kept", "own"] | None = None  # per-stage overrides of reg_target
-    rpn_reg_target: Literal["kept", "own"] | None = None
-    # RPN stage from the sparse baseline's pseudo boxes (the paper's table 2(c) hybrid) instead of DTG
-    rpn_targets: Literal["dtg", "sparse"] = "dtg"
-    # R-CNN cost switch: keep every member, sample the background down to roi_batch_size_per_image
-    # RoIs per image, so the student's box head sees what it sees in a sparse step
-    rcnn_subsample: bool = False
-    # cluster (paper) | samples | supervised (the supervised loss's denominators); docs/method.md, "Normalisation"
-    normalize: Literal["cluster", "samples", "supervised"] = "samples"
-    rpn_candidates: Literal["threshold_then_nms", "nms_then_threshold"] = "threshold_then_nms"
-    rm_input: Literal["prob", "logit"] = "prob"
-    # RPN objectness loss of the unlabeled branch: sigmoid focal (gamma 2) or plain
-    # BCE (focal with gamma 0, as the supervised RPN loss); docs/method.md, "Normalisation"
-    rpn_cls_loss: Literal["focal", "bce"] = "focal"
-    tau_rpn: Prob = 0.7
-    tau_rcnn: Prob = 0.45
-    rpn_nms: Prob = 0.7
-    rcnn_nms: Prob = 0.5
-    T: Positive = 1.0
-    beta: NonNeg = 3.0
+    reg_target: Literal["kept", "own"] = "kept"  # a member's box target: its cluster's kept box or its own
+
+
+@dataclass
+class RcnnStageConfig(StageConfig):
+    """DTG's R-CNN stage (``dtg.rcnn``); its classification loss is a softmax focal loss with ``model.focal_gamma``."""
+
+    # cost switch: keep every member, sample the background down to model.roi_batch_size_per_image
+    # RoIs per image, so that the student's box head sees what it sees in a sparse step
+    subsample: bool = False
+
+
+@dataclass
+class RpnStageConfig(StageConfig):
+    """DTG's RPN stage (``dtg.rpn``)."""
+
+    tau: Prob = 0.7  # the paper: 0.9 (gave no RPN cluster on the embedded CPU model)
+    nms: Prob = 0.7
+    uncertain: Prob = 0.3
+    # objectness loss of the unlabeled branch: sigmoid focal (gamma 2) or plain BCE (focal with
+    # gamma 0, as the supervised RPN loss); docs/method.md, "Normalisation"
+    cls_loss: Literal["focal", "bce"] = "focal"
+    candidates: Literal["threshold_then_nms", "nms_then_threshold"] = "threshold_then_nms"
     anchor_radius: Count = 1  # grid cells searched around a mapped teacher anchor's centre
     # FPN level of a mapped teacher anchor: "box" (its min/max box) or "area" (an equal-area box,
     # sqrt(|det A| w h)); docs/method.md, "Correspondence"
@@ -230,10 +234,28 @@ class DTGConfig:
     # a mapped anchor centre half-way between two cells goes to the even one ("even", torch.round)
     # or to the next one ("up", so that a half-stride shift after a flip covers every cell)
     anchor_ties: Literal["even", "up"] = "even"
-    # Teacher scores in [uncertain_*, tau_*) are ignored instead of background (an unsure small
-    # teacher must not teach "background" on likely objects); >= tau_*: off, the paper's INC.
-    uncertain_rpn: Prob = 0.3
-    uncertain_rcnn: Prob = 0.1
+    # dtg: INC targets; sparse: the sparse baseline's pseudo boxes (sparse.*), the paper's table 2(c) hybrid
+    targets: Literal["dtg", "sparse"] = "dtg"
+
+
+@dataclass
+class DTGConfig:
+    """Dense Teacher Guidance (docs/method.md): one section per stage and the keys both share.
+
+    Defaults are the paper's except where the small embedded CPU model needs otherwise
+    (measured, see README Results): ``normalize="samples"`` (the paper's ``cluster``
+    collapsed the teacher), ``rpn.tau`` 0.7 (0.9 gave no RPN cluster) and the ignore bands
+    ``rpn.uncertain`` 0.3 / ``rcnn.uncertain`` 0.1 (the paper: none, 1.0). The paper configs set
+    the paper's values explicitly.
+    """
+
+    rcnn: RcnnStageConfig = field(default_factory=RcnnStageConfig)
+    rpn: RpnStageConfig = field(default_factory=RpnStageConfig)
+    # cluster (paper) | samples | supervised (the supervised loss's denominators); docs/method.md, "Normalisation"
+    normalize: Literal["cluster", "samples", "supervised"] = "samples"
+    rm_input: Literal["prob", "logit"] = "prob"  # Rank Matching on probabilities or logits
+    T: Positive = 1.0  # Rank Matching's temperature
+    rm_weight: NonNeg = 3.0  # Rank Matching's weight (the paper's beta): L_u = L_cls + L_reg + rm_weight * L_RM
 
 
 @dataclass
@@ -262,6 +284,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
     dtg: DTGConfig = field(default_factory=DTGConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
@@ -356,13 +379,124 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
     names = {f.name for f in dataclasses.fields(obj)}
     for name, value in updates.items():
         key = f"{prefix}{name}"
+        if name not in names and key in RENAMED:
+            raise renamed_error(key)
         if name not in names:
             raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict) and key in RENAMED:  # dtg.rpn / dtg.rcnn: once a switch
+                raise renamed_error(key)
             _apply(current, value, key + ".")
         else:
             setattr(obj, name, _coerce(value, hints[name], key))
+
+
+# ----------------------------------------------------------------------------- renamed keys
+#
+# Issue 21 gave DTG one section per stage (dtg.rcnn, dtg.rpn), renamed Rank Matching's weight and
+# moved the sparse baseline's keys out of semi. An old key in a YAML file or a --set override is a
+# ConfigError naming its new key; configs stored by older runs (checkpoints, run.yaml) are read
+# through upgrade_legacy, and run identities are hashed over legacy_dict, the old flat layout.
+
+_STAGE_SWITCHES = ("inc_cls", "inc_reg", "rank_matching", "reg_target")  # once shared, with per-stage overrides
+_MOVED = {  # old key -> new key
+    "dtg.rpn": "dtg.rpn.enabled", "dtg.rcnn": "dtg.rcnn.enabled",
+    **{f"dtg.{st}_{k}": f"dtg.{st}.{k}" for st in ("rcnn", "rpn") for k in _STAGE_SWITCHES},
+    "dtg.rpn_targets": "dtg.rpn.targets", "dtg.rcnn_subsample": "dtg.rcnn.subsample",
+    "dtg.rpn_candidates": "dtg.rpn.candidates", "dtg.rpn_cls_loss": "dtg.rpn.cls_loss",
+    "dtg.tau_rpn": "dtg.rpn.tau", "dtg.tau_rcnn": "dtg.rcnn.tau",
+    "dtg.rpn_nms": "dtg.rpn.nms", "dtg.rcnn_nms": "dtg.rcnn.nms",
+    "dtg.uncertain_rpn": "dtg.rpn.uncertain", "dtg.uncertain_rcnn": "dtg.rcnn.uncertain",
+    "dtg.anchor_radius": "dtg.rpn.anchor_radius", "dtg.anchor_level": "dtg.rpn.anchor_level",
+    "dtg.anchor_ties": "dtg.rpn.anchor_ties", "dtg.beta": "dtg.rm_weight",
+    **{f"semi.{k}": f"sparse.{k}" for k in ("pseudo_score_thresh", "class_thresholds", "uncertain_score_thresh",
+                                             "unsup_cls_loss", "unsup_reg")},
+}
+# old key -> its new key(s) (a once-shared switch is now one key per stage)
+RENAMED: dict[str, tuple[str, ...]] = {
+    **{k: (v,) for k, v in _MOVED.items()},
+    **{f"dtg.{k}": (f"dtg.rcnn.{k}", f"dtg.rpn.{k}") for k in _STAGE_SWITCHES},
+}
+
+
+def renamed_error(key: str) -> ConfigError:
+    """The one-line error of an old ``key`` (:data:`RENAMED`)."""
+    new = "' and '".join(RENAMED[key])
+    return ConfigError(f"config key '{key}' was renamed: use '{new}'")
+
+
+def _is_legacy(data: dict) -> bool:
+    dtg, semi = data.get("dtg"), data.get("semi")
+    old_dtg = isinstance(dtg, dict) and any(
+        f"dtg.{k}" in RENAMED and not (k in ("rpn", "rcnn") and isinstance(v, dict)) for k, v in dtg.items())
+    return old_dtg or (isinstance(semi, dict) and any(f"semi.{k}" in RENAMED for k in semi))
+
+
+def upgrade_legacy(data: dict) -> dict:
+    """A config dict stored before issue 21 (a checkpoint's, a run's ``run.yaml``) in today's layout;
+    any other dict unchanged. A per-stage override (``dtg.rcnn_inc_reg``) wins over its shared switch."""
+    if not isinstance(data, dict) or not _is_legacy(data):
+        return data
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    dtg, semi = out.pop("dtg", None) or {}, out.get("semi") or {}
+    new_dtg: dict = {"rcnn": {}, "rpn": {}}
+    for k, v in dtg.items():
+        if k in ("rcnn", "rpn") and isinstance(v, dict):
+            new_dtg[k].update(v)
+        elif k in _STAGE_SWITCHES:
+            for st in ("rcnn", "rpn"):
+                if dtg.get(f"{st}_{k}") is None:
+                    new_dtg[st][k] = v
+        elif f"dtg.{k}" in _MOVED:
+            if v is None and k.split("_", 1)[1] in _STAGE_SWITCHES:
+                continue  # an unset per-stage override: the shared switch above
+            _set_path(new_dtg, _MOVED[f"dtg.{k}"].split(".")[1:], v)
+        else:
+            new_dtg[k] = v
+    out["dtg"] = new_dtg
+    if semi:
+        sparse = dict(out.get("sparse") or {})
+        out["semi"] = {k: v for k, v in semi.items() if f"semi.{k}" not in _MOVED}
+        sparse.update({_MOVED[f"semi.{k}"].split(".")[1]: v for k, v in semi.items() if f"semi.{k}" in _MOVED})
+        out["sparse"] = sparse
+    return out
+
+
+def _set_path(node: dict, parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def legacy_dict(cfg: Config) -> dict:
+    """``cfg`` as a plain nested dict in the layout before issue 21 (flat ``dtg``, the sparse keys in
+    ``semi``): what run identities are hashed over (:mod:`dtg.run_identity`), so that a run cached
+    before the change keeps its key. Equal to that layout's ``to_dict`` for every config it could
+    express; a stage switch is written as the shared switch when both stages agree, else as the
+    differing stage's override (the shared switch at its default)."""
+    data = to_dict(cfg)
+    d, sparse = data.pop("dtg"), data.pop("sparse")
+    data["semi"] = {**data["semi"], **sparse}
+    rcnn, rpn = d.pop("rcnn"), d.pop("rpn")
+    flat: dict[str, Any] = {"rpn": rpn.pop("enabled"), "rcnn": rcnn.pop("enabled")}
+    defaults = StageConfig()
+    for k in _STAGE_SWITCHES:
+        a, b, default = rcnn.pop(k), rpn.pop(k), getattr(defaults, k)
+        if a == b:
+            flat.update({k: a, f"rcnn_{k}": None, f"rpn_{k}": None})
+        else:
+            flat.update({k: default, f"rcnn_{k}": None if a == default else a, f"rpn_{k}": None if b == default else b})
+    for old, new in _MOVED.items():
+        parts = new.split(".")
+        if parts[0] == "dtg" and len(parts) == 3 and parts[2] not in _STAGE_SWITCHES + ("enabled",):
+            flat[old.split(".", 1)[1]] = (rcnn if parts[1] == "rcnn" else rpn).pop(parts[2])
+    flat["beta"] = d.pop("rm_weight")
+    flat.update(d)  # normalize, rm_input, T
+    if rcnn or rpn:  # pragma: no cover - a new stage key needs its place in the legacy layout
+        raise AssertionError(f"stage keys without a legacy name: {sorted(rcnn)} {sorted(rpn)}")
+    data["dtg"] = flat
+    return data
 
 
 def parse_override(text: str) -> dict:
@@ -433,9 +567,10 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    """Inverse of :func:`to_dict`, with the same checks as :func:`load_config`."""
+    """Inverse of :func:`to_dict`, with the same checks as :func:`load_config`; a dict stored in the
+    layout before issue 21 (an older checkpoint or run) is read as well (:func:`upgrade_legacy`)."""
     cfg = Config()
-    _apply(cfg, data)
+    _apply(cfg, upgrade_legacy(data))
     check_relations(cfg)
     return cfg
 

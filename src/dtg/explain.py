@@ -1,7 +1,7 @@
 """``dtg explain``: a look inside the R-CNN stage of DTG (docs/method.md, "INC in the R-CNN stage" and "Rank Matching").
 
 In the spirit of the DTG-SSOD paper's figures 2(b) and 3, for one image and one checkpoint:
-the teacher's R-CNN clusters on its weak view (candidates ``p >= tau_rcnn`` grouped by greedy
+the teacher's R-CNN clusters on its weak view (candidates ``p >= dtg.rcnn.tau`` grouped by greedy
 NMS, exactly as training builds them with :func:`dtg.losses.inc_image.rcnn_image_targets`), and the student RoIs
 on the strong view (the same proposals mapped by ``M``) coloured by the INC label they
 induce, with each cluster's teacher rank vs student rank (what Rank Matching compares).
@@ -31,7 +31,8 @@ from dtg.geometry import teacher_to_student
 from dtg.data.augment import View, make_view
 from dtg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from dtg.losses.inc import IncTargets
-from dtg.losses.inc_image import IncOptions, rcnn_image_targets
+from dtg.config import RcnnStageConfig
+from dtg.losses.inc_image import rcnn_image_targets
 from dtg.methods import build_method
 from dtg.methods.dtg import DTGMethod
 from dtg.models.detector import Detector
@@ -108,7 +109,7 @@ def _kendall(a: list[int], b: list[int]) -> float | None:
 def explain_rcnn(
     teacher_logits: Tensor, teacher_deltas: Tensor, proposals: Tensor, t2s: Tensor,
     teacher_size: tuple[int, int], student_size: tuple[int, int], box_coder: BoxCoder,
-    student_logits: Tensor | None, opts: IncOptions,
+    student_logits: Tensor | None, stage: RcnnStageConfig,
 ) -> Explanation:
     """Clusters, INC labels and ranks of one image, as :class:`DTGMethod` builds them.
 
@@ -119,11 +120,11 @@ def explain_rcnn(
         box_coder: the R-CNN box coder.
         student_logits: (P, K + 1) the student's R-CNN on the mapped RoIs (strong view), in the
             order of ``map_proposals(proposals, t2s, student_size)``; None: student scores 0.
-        opts: the INC options of the run (``opts.tau_rcnn`` is the candidate threshold).
+        stage: the R-CNN stage's config of the run (``dtg.rcnn``; ``stage.tau`` is the candidate threshold).
     """
-    tau = opts.tau_rcnn
+    tau = stage.tau
     rois, final, tg, outside = rcnn_image_targets(teacher_logits, teacher_deltas, proposals, t2s, student_size,
-                                                  teacher_size, box_coder, opts)
+                                                  teacher_size, box_coder, stage)
     # The boxes NMS clustered (drawing only; the clustering itself is rcnn_inc_targets').
     num = teacher_logits.shape[0]
     p, c = teacher_logits.float().softmax(-1)[:, 1:].max(dim=1)
@@ -169,9 +170,10 @@ def load_models(ckpt: dict[str, Any], path: str | Path) -> tuple[Config, Detecto
 
 def rcnn_method(cfg: Config, tau: float, device: torch.device) -> DTGMethod:
     """The registry's DTG method for the R-CNN stage of ``cfg`` (any method's checkpoint), with
-    ``dtg.tau_rcnn=tau``: its R-CNN options are that stage's (per-stage keys included); the RPN
-    stage and ``dtg.rcnn_subsample`` are off (every RoI is drawn, no global random state is used)."""
-    d = replace(cfg.dtg, tau_rcnn=tau, rcnn=True, rpn=False, rcnn_subsample=False)
+    ``dtg.rcnn.tau=tau``: its R-CNN stage is ``cfg``'s (``dtg.rcnn``); the RPN stage and
+    ``dtg.rcnn.subsample`` are off (every RoI is drawn, no global random state is used)."""
+    d = replace(cfg.dtg, rcnn=replace(cfg.dtg.rcnn, tau=tau, enabled=True, subsample=False),
+                rpn=replace(cfg.dtg.rpn, enabled=False))
     method = build_method(replace(cfg, method="dtg", dtg=d), device)
     assert isinstance(method, DTGMethod)
     return method
@@ -186,14 +188,14 @@ def explain_checkpoint(
     draws them) and the :class:`Explanation` of the checkpoint's teacher and student on them.
 
     Returns ``(explanation, weak view, strong view, class names)``; ``tau`` defaults to the
-    checkpoint's ``dtg.tau_rcnn``. Both models run in eval mode. The teacher pass and the RoIs are
+    checkpoint's ``dtg.rcnn.tau``. Both models run in eval mode. The teacher pass and the RoIs are
     the DTG method's (:meth:`DTGMethod.teacher_targets`, :func:`rcnn_method`), with the R-CNN
-    stage's INC options (per-stage ``dtg.rcnn_*`` keys included).
+    stage's config (``dtg.rcnn``).
     """
     img = load_image(image)  # DatasetError naming the file
     ckpt = load_checkpoint(checkpoint)
     cfg, teacher, student, names = load_models(ckpt, checkpoint)
-    tau = cfg.dtg.tau_rcnn if tau is None else float(tau)
+    tau = cfg.dtg.rcnn.tau if tau is None else float(tau)
     if not 0.0 <= tau <= 1.0:
         raise ConfigError(f"--tau-rcnn must be in [0, 1], got {tau}")
     rng = random.Random(seed)
@@ -210,7 +212,7 @@ def explain_checkpoint(
     s = student.forward_dense([strong.image.to(device)])
     s_logits, _ = student.roi_forward(s.features, [tt.rcnn.images[0].rois], s.images.image_sizes)
     ex = explain_rcnn(t.logits.cpu(), t.deltas.cpu(), proposals.cpu(), m, weak.size, strong.size,
-                      teacher.rcnn_box_coder, s_logits.cpu(), method.rcnn_opts)
+                      teacher.rcnn_box_coder, s_logits.cpu(), method.d.rcnn)
     ex.meta = {"checkpoint": Path(checkpoint).name, "image": Path(image).name, "seed": seed,
                "iteration": ckpt.get("iteration"), "method": cfg.method}
     return ex, weak, strong, names

@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
-from dtg.config import Config, DataConfig, to_dict
+from dtg.config import Config, DataConfig, legacy_dict
 from dtg.data.coco import IMAGE_EXTENSIONS
 from dtg.fingerprint import files_fingerprint
 
@@ -34,6 +34,7 @@ VOLATILE_KEYS = ("output_dir", "threads", "log_period", "checkpoint_period", "ch
 # Keys added after runs were first cached, with the value that keeps the code's behaviour from
 # before they existed: at that value they are left out of the hash, so those runs stay valid.
 # A new key goes here with its neutral default; a key whose default changes behaviour must not.
+# Keys of the hashed layout (:func:`dtg.config.legacy_dict`): semi.class_thresholds is sparse.class_thresholds.
 NEUTRAL_KEYS: dict[str, Any] = {
     "cpu_kernels": "fast",
     "semi.class_thresholds": [],
@@ -49,8 +50,10 @@ def _without(data: dict[str, Any], keys: Iterable[str]) -> None:
 
 
 def hashed_dict(cfg: Config) -> dict[str, Any]:
-    """The resolved config as hashed: without :data:`VOLATILE_KEYS` and neutral :data:`NEUTRAL_KEYS`."""
-    data = json.loads(json.dumps(to_dict(cfg)))
+    """The resolved config as hashed: in the layout before issue 21 (:func:`dtg.config.legacy_dict`, so
+    that runs cached before it keep their keys; the keys below are of that layout), without
+    :data:`VOLATILE_KEYS` and neutral :data:`NEUTRAL_KEYS`."""
+    data = json.loads(json.dumps(legacy_dict(cfg)))
     _without(data, VOLATILE_KEYS)
     flat = {k: data[k.split(".")[0]].get(k.split(".")[1]) if "." in k else data.get(k) for k in NEUTRAL_KEYS}
     _without(data, [k for k, v in NEUTRAL_KEYS.items() if flat[k] == v])
@@ -204,7 +207,8 @@ def iteration_checkpoint(iteration: int) -> str:
     return f"iter_{iteration:07d}.pth"
 
 
-# What a supervised run never reads: a semi-supervised config that differs from a supervised one
+# What a supervised run never reads (keys of the hashed layout, :func:`dtg.config.legacy_dict`, where
+# the sparse.* keys lie in semi): a semi-supervised config that differs from a supervised one
 # only here trains exactly like it until its burn-in ends (semi.ema_momentum is read: the teacher).
 SUPERVISED_IGNORES = ("method", "checkpoint_at", "dtg", "semi", "data.batch_unlabeled", "data.weak_view",
                       "data.strong_view")
@@ -218,7 +222,7 @@ def supervised_part(cfg: Config, until: int | None = None) -> dict[str, Any]:
     With ``until``, only what decides its first ``until`` iterations: ``solver.max_iter``, the
     learning-rate steps at or after ``until`` and ``eval_period`` are left out too.
     """
-    full = json.loads(json.dumps(to_dict(cfg)))
+    full = json.loads(json.dumps(legacy_dict(cfg)))
     kept = {key: full[key.split(".")[0]][key.split(".")[1]] for key in SUPERVISED_READS}
     data = hashed_dict(cfg)
     _without(data, SUPERVISED_IGNORES)

@@ -68,9 +68,9 @@ ROWS: tuple[Row, ...] = (
     Row("dtg", DTG, (36.3, 56.4, 38.8), "T2(a) RPN+RCNN = T2(b) +RM (T1 5-fold: 35.92)"),
     Row("oracle", {"method": "oracle"}, None, "not in the paper: sparse fed the unlabeled images' ground truth"),
     # The frame's levers for a teacher's mistakes (docs/testbed.md), each against the sparse row.
-    Row("sparse-t0.9", {**SPARSE, "semi.pseudo_score_thresh": 0.9, "semi.uncertain_score_thresh": 0.9}, None,
+    Row("sparse-t0.9", {**SPARSE, "sparse.pseudo_score_thresh": 0.9, "sparse.uncertain_score_thresh": 0.9}, None,
         "frame: the paper's pseudo-label threshold, no ignore band"),
-    Row("sparse-noreg", {**SPARSE, "semi.unsup_reg": False}, None, "frame: no unlabeled box regression (Unbiased Teacher)"),
+    Row("sparse-noreg", {**SPARSE, "sparse.unsup_reg": False}, None, "frame: no unlabeled box regression (Unbiased Teacher)"),
     Row("sparse-nogeo", {**SPARSE, "data.strong_view.rotate": 0.0, "data.strong_view.shear": 0.0}, None,
         "frame: strong view without rotation and shear"),
     Row("sparse-geo", {**SPARSE, "data.strong_view.rotate": 30.0, "data.strong_view.shear": 30.0}, None,
@@ -78,42 +78,43 @@ ROWS: tuple[Row, ...] = (
     Row("sparse-ema0.998", {**SPARSE, "semi.ema_momentum_unsup": 0.998}, None,
         "frame: teacher EMA over ~500 steps in the unlabeled phase"),
     Row("sparse-constlr", {**SPARSE, "solver.steps": []}, None, "frame: no learning-rate decay in the unlabeled phase"),
-    Row("dtg-paper", {**DTG, "dtg.normalize": "cluster", "dtg.tau_rpn": 0.9, "dtg.uncertain_rpn": 1.0,
-                      "dtg.uncertain_rcnn": 1.0}, (36.3, 56.4, 38.8),
-        "the paper's DTG settings (normalize cluster, tau_rpn 0.9, no ignore bands) in this frame"),
-    Row("hybrid-supnorm", {**DTG, "dtg.rpn_targets": "sparse", "dtg.normalize": "supervised"}, None,
+    Row("dtg-paper", {**DTG, "dtg.normalize": "cluster", "dtg.rpn.tau": 0.9, "dtg.rpn.uncertain": 1.0,
+                      "dtg.rcnn.uncertain": 1.0}, (36.3, 56.4, 38.8),
+        "the paper's DTG settings (normalize cluster, dtg.rpn.tau 0.9, no ignore bands) in this frame"),
+    Row("hybrid-supnorm", {**DTG, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised"}, None,
         "T2(c) hybrid, INC losses on the supervised denominators"),
-    Row("dtg-rpn-only", {**DTG, "dtg.rcnn": False}, (28.5, 47.7, 29.5), "T2(a) RPN only"),
-    Row("dtg-rcnn-only", {**DTG, "dtg.rpn": False}, None, "not in the paper (T2(c) 35.5 has a sparse RPN)"),
-    Row("hybrid", {**DTG, "dtg.rpn_targets": "sparse"}, None, "T2(c) sparse RPN + dense R-CNN: AP 35.5"),
+    Row("dtg-rpn-only", {**DTG, "dtg.rcnn.enabled": False}, (28.5, 47.7, 29.5), "T2(a) RPN only"),
+    Row("dtg-rcnn-only", {**DTG, "dtg.rpn.enabled": False}, None, "not in the paper (T2(c) 35.5 has a sparse RPN)"),
+    Row("hybrid", {**DTG, "dtg.rpn.targets": "sparse"}, None, "T2(c) sparse RPN + dense R-CNN: AP 35.5"),
     Row("norm-supervised", {**DTG, "dtg.normalize": "supervised"}, None, "not in the paper (loss scale)"),
-    Row("anchor-area", {**DTG, "dtg.anchor_level": "area", "dtg.anchor_ties": "up"}, None,
+    Row("anchor-area", {**DTG, "dtg.rpn.anchor_level": "area", "dtg.rpn.anchor_ties": "up"}, None,
         "not in the paper (RPN correspondence)"),
-    Row("rpn-bce", {**DTG, "dtg.normalize": "supervised", "dtg.rpn_cls_loss": "bce"}, None,
+    Row("rpn-bce", {**DTG, "dtg.normalize": "supervised", "dtg.rpn.cls_loss": "bce"}, None,
         "not in the paper (RPN loss as supervised)"),
-    Row("dtg-subsample", {**DTG, "dtg.rcnn_subsample": True}, None, "not in the paper (cost switch)"),
-    Row("inc-cls", {**DTG, "dtg.rcnn_inc_reg": False, "dtg.rcnn_rank_matching": False}, (32.9, 54.0, 34.9),
+    Row("dtg-subsample", {**DTG, "dtg.rcnn.subsample": True}, None, "not in the paper (cost switch)"),
+    Row("inc-cls", {**DTG, "dtg.rcnn.inc_reg": False, "dtg.rcnn.rank_matching": False}, (32.9, 54.0, 34.9),
         "T2(b) INC cls"),
-    Row("inc-cls-reg", {**DTG, "dtg.rcnn_rank_matching": False}, (35.1, 55.0, 37.6), "T2(b) + reg = T3(c) reserved box"),
-    Row("reg-own", {**DTG, "dtg.rcnn_reg_target": "own", "dtg.rcnn_rank_matching": False}, (34.3, 54.0, 36.5),
+    Row("inc-cls-reg", {**DTG, "dtg.rcnn.rank_matching": False}, (35.1, 55.0, 37.6), "T2(b) + reg = T3(c) reserved box"),
+    Row("reg-own", {**DTG, "dtg.rcnn.reg_target": "own", "dtg.rcnn.rank_matching": False}, (34.3, 54.0, 36.5),
         "T3(c) all boxes"),
-    Row("T0.5", {**DTG, "dtg.T": 0.5, "dtg.beta": 1.0}, (35.6, 55.1, 38.4), "T3(a) (beta 1)"),
-    Row("T1", {**DTG, "dtg.T": 1.0, "dtg.beta": 1.0}, (35.8, 55.5, 38.5), "T3(a) (beta 1)"),
-    Row("T5", {**DTG, "dtg.T": 5.0, "dtg.beta": 1.0}, (35.6, 55.3, 38.4), "T3(a) (beta 1)"),
-    Row("beta1", {**DTG, "dtg.T": 1.0, "dtg.beta": 1.0}, (35.8, 55.5, 38.5), "T3(b) (= row T1: same runs)"),
-    Row("beta5", {**DTG, "dtg.beta": 5.0}, (36.1, 55.9, 38.8), "T3(b)"),
-    Row("tau0.40", {**DTG, "dtg.tau_rcnn": 0.40}, (35.8, 55.9, 38.6), "T5 (tau_rcnn)"),
-    Row("tau0.50", {**DTG, "dtg.tau_rcnn": 0.50}, (33.9, 53.1, 36.3), "T5 (tau_rcnn)"),
+    Row("T0.5", {**DTG, "dtg.T": 0.5, "dtg.rm_weight": 1.0}, (35.6, 55.1, 38.4), "T3(a) (beta 1)"),
+    Row("T1", {**DTG, "dtg.T": 1.0, "dtg.rm_weight": 1.0}, (35.8, 55.5, 38.5), "T3(a) (beta 1)"),
+    Row("T5", {**DTG, "dtg.T": 5.0, "dtg.rm_weight": 1.0}, (35.6, 55.3, 38.4), "T3(a) (beta 1)"),
+    Row("beta1", {**DTG, "dtg.T": 1.0, "dtg.rm_weight": 1.0}, (35.8, 55.5, 38.5), "T3(b) (= row T1: same runs)"),
+    Row("beta5", {**DTG, "dtg.rm_weight": 5.0}, (36.1, 55.9, 38.8), "T3(b)"),
+    Row("tau0.40", {**DTG, "dtg.rcnn.tau": 0.40}, (35.8, 55.9, 38.6), "T5 (tau_rcnn)"),
+    Row("tau0.50", {**DTG, "dtg.rcnn.tau": 0.50}, (33.9, 53.1, 36.3), "T5 (tau_rcnn)"),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS}
 NOTES = """\
 Paper: teacher mAP on COCO val2017 with 10 % of train2017 labeled, one data fold (the ablation
 setting of tables 2, 3 and 5; R50-FPN, 180k iterations on 8 GPUs). Table 1's 5-fold means at 10 %
 are supervised 26.90 ± 0.08 and DTG 35.92 ± 0.26; the sparse-to-dense baseline is only in table
-2(c)/(d). Rows beta = 3 and tau_rcnn = 0.45 are the `dtg` row. Table 3(a) was run with beta = 1
+2(c)/(d). Rows beta = 3 and tau_rcnn = 0.45 are the `dtg` row (the paper's beta is `dtg.rm_weight`,
+its tau_rcnn `dtg.rcnn.tau`). Table 3(a) was run with beta = 1
 (the paper: "When we ablate T, beta is set to 1.0"), so rows T1 and beta1 are one config.
 Tables 2(b) and 3(c) change the R-CNN stage only, and so do those rows here
-(`dtg.rcnn_inc_reg`, `dtg.rcnn_rank_matching`, `dtg.rcnn_reg_target`). Ours: COCO AP of the EMA teacher on this config's val set,
+(`dtg.rcnn.inc_reg`, `dtg.rcnn.rank_matching`, `dtg.rcnn.reg_target`). Ours: COCO AP of the EMA teacher on this config's val set,
 mean ± sample std (n - 1) over seeds; gaps are paired by seed."""
 
 

@@ -171,8 +171,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
             threads = cfg.threads or min(2, _cores())
             out.append(f"## (e) memory: training {args.mem_steps} steps at full alpha from the weights above, no eval, "
                        f"{threads} threads, "
-                       f"tau_rpn {cfg.dtg.tau_rpn:.4g}, tau_rcnn {cfg.dtg.tau_rcnn:.4g}, pseudo_score_thresh "
-                       f"{cfg.semi.pseudo_score_thresh:.4g}\n")
+                       f"dtg.rpn.tau {cfg.dtg.rpn.tau:.4g}, dtg.rcnn.tau {cfg.dtg.rcnn.tau:.4g}, "
+                       f"sparse.pseudo_score_thresh {cfg.sparse.pseudo_score_thresh:.4g}\n")
             out.append("| method | steps | peak RSS trainer MiB | largest DataLoader worker MiB | peak GPU GiB | s |\n"
                        "|---|---:|---:|---:|---:|---:|")
             out.extend(sm.memory_row(trainer, m, args.mem_steps, threads, args.checkpoint) for m in args.mem_methods)

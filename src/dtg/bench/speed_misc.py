@@ -79,18 +79,19 @@ def inc_table(trainer: Trainer, batch: Batch, repeat: int) -> str:
     (on the teacher pass and student layout of the DTG method's own :meth:`~DTGMethod.teacher_targets`)."""
     cfg, dev, teacher = trainer.cfg, trainer.device, trainer.teacher
     items = batch["unsup"]
-    method = build_method(replace(cfg, method="dtg", dtg=replace(cfg.dtg, rcnn=True, rpn=True, rpn_targets="dtg")), dev)
+    method = build_method(replace(cfg, method="dtg", dtg=replace(
+        cfg.dtg, rcnn=replace(cfg.dtg.rcnn, enabled=True), rpn=replace(cfg.dtg.rpn, enabled=True, targets="dtg"))), dev)
     assert isinstance(method, DTGMethod)
     tt = method.teacher_targets(teacher, items)
     assert tt.rpn is not None
     t, mats, sizes, lay = tt.teacher.dense, tt.mats, tt.student_sizes, tt.rpn.layout
-    rcnn_opts, rpn_opts = method.rcnn_opts, method.rpn_opts
+    rcnn_stage, rpn_stage, canonical = method.d.rcnn, method.d.rpn, method.canonical
     counts = [len(p) for p in t.proposals]
     logits, deltas = tt.teacher.logits.split(counts), tt.teacher.deltas.split(counts)
 
     def rcnn(i: int) -> object:
         return rcnn_image_targets(logits[i], deltas[i], t.proposals[i], mats[i], sizes[i],
-                                  t.images.image_sizes[i], teacher.rcnn_box_coder, rcnn_opts)
+                                  t.images.image_sizes[i], teacher.rcnn_box_coder, rcnn_stage)
 
     def grid() -> object:
         return anchor_grid(lay.anchors, lay.num_anchors_per_level, lay.feature_sizes, lay.padded_size)
@@ -99,7 +100,7 @@ def inc_table(trainer: Trainer, batch: Batch, repeat: int) -> str:
 
     def rpn(i: int) -> object:
         return rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, g, mats[i],
-                                 sizes[i], t.images.image_sizes[i], teacher.rpn_box_coder, rpn_opts)
+                                 sizes[i], t.images.image_sizes[i], teacher.rpn_box_coder, canonical, rpn_stage)
 
     n = len(items)
     each = lambda f: median_ms(lambda: [f(i) for i in range(n)], repeat) / n  # noqa: E731
@@ -107,9 +108,9 @@ def inc_table(trainer: Trainer, batch: Batch, repeat: int) -> str:
         ("R-CNN: rcnn_image_targets (mapping + INC)", each(rcnn), f"{statistics.fmean(counts):.0f} proposals"),
         ("RPN: anchor_grid (once per batch; per image here)", median_ms(grid, repeat) / n, f"{len(lay.anchors):,} anchors"),
         ("RPN: map_anchors + match_anchors", each(lambda i: match_anchors(map_anchors(t.rpn.anchors, mats[i]), g,
-                                                                         rpn_opts.canonical, rpn_opts.anchor_radius)),
+                                                                         canonical, rpn_stage.anchor_radius)),
          f"{len(t.rpn.anchors):,} teacher anchors"),
-        ("RPN: rpn_image_targets (matching + INC)", each(rpn), f"tau_rpn {rpn_opts.tau_rpn:.3f}"),
+        ("RPN: rpn_image_targets (matching + INC)", each(rpn), f"dtg.rpn.tau {rpn_stage.tau:.3f}"),
     ]
     lines = ["| part | ms / image | size |", "|---|---:|---|"] + [f"| {a} | {b:.2f} | {c} |" for a, b, c in rows]
     return "\n".join(lines) + "\n"

@@ -102,10 +102,10 @@ def calibrate(teacher: Detector, batch: Batch, cfg: Config, rpn_frac: float, rcn
 
     Untrained or briefly trained weights put no score above the paper's thresholds, so no
     cluster (and no pseudo box) would exist and the methods' own work would not be measured.
-    ``tau_rpn``: the ``1 - rpn_frac`` quantile of the anchors' objectness probability;
-    ``tau_rcnn``: the ``1 - rcnn_frac`` quantile of the proposals' best foreground probability;
-    ``pseudo_score_thresh``: the score of the ``pseudo_per_image``-th best detection (on average).
-    Writes them into ``cfg`` (``dtg.tau_rpn``, ``dtg.tau_rcnn``, ``semi.pseudo_score_thresh``).
+    ``dtg.rpn.tau``: the ``1 - rpn_frac`` quantile of the anchors' objectness probability;
+    ``dtg.rcnn.tau``: the ``1 - rcnn_frac`` quantile of the proposals' best foreground probability;
+    ``sparse.pseudo_score_thresh``: the score of the ``pseudo_per_image``-th best detection (on average).
+    Writes them into ``cfg`` (``dtg.rpn.tau``, ``dtg.rcnn.tau``, ``sparse.pseudo_score_thresh``).
     """
     items = batch["unsup"]
     t = teacher_pass(teacher, weak_images(items, device), train_top_n=None)  # the teacher module's own top-N
@@ -117,11 +117,11 @@ def calibrate(teacher: Detector, batch: Batch, cfg: Config, rpn_frac: float, rcn
     # torch.quantile caps its input size; a strided subsample is plenty for a threshold.
     obj = obj[:: max(1, obj.numel() // 1_000_000)]
     out = {
-        "dtg.tau_rpn": float(torch.quantile(obj, 1.0 - rpn_frac)),
-        "dtg.tau_rcnn": float(torch.quantile(fg, 1.0 - rcnn_frac)) if fg.numel() else cfg.dtg.tau_rcnn,
-        "semi.pseudo_score_thresh": float(scores[min(k, len(scores)) - 1]) if k and len(scores) else 1.0,
+        "dtg.rpn.tau": float(torch.quantile(obj, 1.0 - rpn_frac)),
+        "dtg.rcnn.tau": float(torch.quantile(fg, 1.0 - rcnn_frac)) if fg.numel() else cfg.dtg.rcnn.tau,
+        "sparse.pseudo_score_thresh": float(scores[min(k, len(scores)) - 1]) if k and len(scores) else 1.0,
     }
-    cfg.dtg.tau_rpn, cfg.dtg.tau_rcnn, cfg.semi.pseudo_score_thresh = out.values()
+    cfg.dtg.rpn.tau, cfg.dtg.rcnn.tau, cfg.sparse.pseudo_score_thresh = out.values()
     return out
 
 
@@ -195,8 +195,8 @@ def measure(trainer: Trainer, args: Any, interleave: bool) -> tuple[list[str], d
     mixed = draw_batches(trainer, n_l, n_u, count)
     sup = draw_batches(trainer, n_l + n_u, 0, count)
     if args.no_calibrate:
-        out.append(f"Thresholds from the config: tau_rpn {cfg.dtg.tau_rpn}, tau_rcnn {cfg.dtg.tau_rcnn}, "
-                   f"pseudo_score_thresh {cfg.semi.pseudo_score_thresh}.\n")
+        out.append(f"Thresholds from the config: dtg.rpn.tau {cfg.dtg.rpn.tau}, dtg.rcnn.tau {cfg.dtg.rcnn.tau}, "
+                   f"sparse.pseudo_score_thresh {cfg.sparse.pseudo_score_thresh}.\n")
     else:
         th = calibrate(trainer.teacher, mixed[0], cfg, args.rpn_frac, args.rcnn_frac, args.pseudo_per_image, dev)
         out.append(f"Thresholds calibrated on batch 0's weak views (top {100 * args.rpn_frac:g} % of anchors, "

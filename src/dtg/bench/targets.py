@@ -9,7 +9,7 @@ hidden ground truth (:mod:`dtg.evaluation.targets`):
 
 * R-CNN: the teacher's proposals mapped into the student view (DTG's RoIs). DTG labels them
   with its INC targets; sparse with Faster R-CNN's RoI matcher against the teacher's
-  detections >= ``semi.pseudo_score_thresh`` (uncertain ones as ignore regions).
+  detections >= ``sparse.pseudo_score_thresh`` (uncertain ones as ignore regions).
 * RPN: the student's anchors. DTG labels them with its RPN INC targets; sparse with the RPN
   matcher against the same pseudo boxes.
 
@@ -118,7 +118,7 @@ def pseudo_box_table(pb: dict[str, Any], classes: list[str] | None) -> list[str]
     lines += ["", f"Lowest threshold per class with precision >= {pb['target_precision']:g} (at least 5 detections): "
               + ", ".join(f"{n} {_fmt(t)}" for n, t in zip(names, sug))]
     if all(t is not None for t in sug):
-        lines.append(f"`--set semi.class_thresholds=[{', '.join(f'{t:g}' for t in sug)}]`")
+        lines.append(f"`--set sparse.class_thresholds=[{', '.join(f'{t:g}' for t in sug)}]`")
     return lines
 
 

@@ -103,9 +103,9 @@ class Trainer:
             raise TrainingError(
                 f"{self.cfg.data.train_json}: declares {n} categories but model.num_classes is {self.cfg.model.num_classes}"
             )
-        given = len(self.cfg.semi.class_thresholds)
+        given = len(self.cfg.sparse.class_thresholds)
         if given not in (0, n):
-            raise TrainingError(f"config key 'semi.class_thresholds': {given} values for the {n} categories of "
+            raise TrainingError(f"config key 'sparse.class_thresholds': {given} values for the {n} categories of "
                                 f"{self.cfg.data.train_json} (one per category, in id order, or [])")
 
     # ------------------------------------------------------------------ hooks

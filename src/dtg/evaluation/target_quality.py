@@ -121,13 +121,14 @@ def _views(rec: ImageRecord, labels: LabelMap, cfg: Config, seed: int, device: t
 def scoring_methods(cfg: Config, device: torch.device) -> tuple[Any, Any]:
     """The registry's ``dtg`` and ``sparse`` methods for ``cfg`` (a checkpoint of any method), whose
     ``teacher_targets`` give the targets scored: DTG with both stages on, its RPN stage its own
-    (``dtg.rpn_targets=dtg``) and every RoI kept (``dtg.rcnn_subsample`` off: no global random state
-    is used); each stage with its own INC options (per-stage ``dtg.<stage>_*`` keys included)."""
+    (``dtg.rpn.targets=dtg``) and every RoI kept (``dtg.rcnn.subsample`` off: no global random state
+    is used); each stage with its own keys (``dtg.rcnn``, ``dtg.rpn``)."""
     from dataclasses import replace
 
     from dtg.methods import build_method
 
-    d = replace(cfg.dtg, rcnn=True, rpn=True, rpn_targets="dtg", rcnn_subsample=False)
+    d = replace(cfg.dtg, rcnn=replace(cfg.dtg.rcnn, enabled=True, subsample=False),
+                rpn=replace(cfg.dtg.rpn, enabled=True, targets="dtg"))
     return build_method(replace(cfg, method="dtg", dtg=d), device), build_method(replace(cfg, method="sparse"), device)
 
 
@@ -158,7 +159,7 @@ def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teac
         add_counts(report.counts.setdefault("rpn/dtg", {}),
                    stage_counts(grid.anchors, rpn_t.classes, boxes, rpn_t.reg_mask, gt, ones))
         rpn_parts.append(rpn_t)
-        partner = anchor_partners(tt.rpn.teacher_anchors, tt.mats[i], grid, dtg.rpn_opts)
+        partner = anchor_partners(tt.rpn.teacher_anchors, tt.mats[i], grid, dtg.canonical, dtg.d.rpn)
         report.paired.append(paired_share(partner, grid.offsets, grid.anchors.shape[0]))
         _add_detections(report, st.detections[i], v, labels.num_classes)
         pl = st.images[i]

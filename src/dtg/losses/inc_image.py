@@ -2,7 +2,8 @@
 
 :func:`rcnn_image_targets` and :func:`rpn_image_targets` wrap the pure target builders of
 :mod:`dtg.losses.inc` with the view correspondence (proposals mapped into the student view,
-teacher anchors paired with student anchors) and the options of a run (:class:`IncOptions`);
+teacher anchors paired with student anchors) and the stage's config of a run
+(:class:`dtg.config.RcnnStageConfig` ``dtg.rcnn``, :class:`dtg.config.RpnStageConfig` ``dtg.rpn``);
 :func:`concat_targets`, :func:`ignore_samples`, :func:`keep_members_and_sample_background` and
 :func:`take_samples` combine and select targets. Called alike by
 :class:`dtg.methods.dtg.DTGMethod`, ``dtg explain``, ``dtg bench targets`` and the benchmarks.
@@ -10,43 +11,20 @@ teacher anchors paired with student anchors) and the options of a run (:class:`I
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 
+from dtg.config import RcnnStageConfig, RpnStageConfig
 from dtg.geometry import valid_boxes
 from dtg.losses.correspondence import AnchorGrid, area_levels, map_anchors, map_proposals, match_anchors
 from dtg.losses.inc import MIN_BOX_SIZE, IncTargets, check_choice, rcnn_inc_targets, rpn_inc_targets
 
 ANCHOR_LEVELS = ("box", "area")
 ANCHOR_TIES = ("even", "up")
-
-
-@dataclass(frozen=True)
-class IncOptions:
-    """Thresholds and switches of INC target building in both stages (docs/method.md, "INC in the R-CNN stage" and "INC in the RPN stage").
-
-    Built from ``DTGConfig`` by :func:`dtg.methods.dtg.inc_options`; ``canonical`` is the anchor
-    size of FPN level 0 (``model.anchor_sizes[0]``).
-    """
-
-    tau_rcnn: float = 0.45
-    rcnn_nms: float = 0.5
-    uncertain_rcnn: float | None = None
-    tau_rpn: float = 0.9
-    rpn_nms: float = 0.7
-    uncertain_rpn: float | None = None
-    rpn_candidates: str = "threshold_then_nms"
-    reg_target: str = "kept"
-    cls_labels: bool = True
-    reg_labels: bool = True
-    anchor_radius: int = 1
-    canonical: float = 32.0
-    anchor_level: str = "box"  # "box": level of the mapped min/max box; "area": correspondence.area_levels
-    anchor_ties: str = "even"  # centre half-way between cells: "even" (torch.round) or "up" (the next cell)
 
 
 class RcnnImageTargets(NamedTuple):
@@ -60,7 +38,7 @@ class RcnnImageTargets(NamedTuple):
 
 def rcnn_image_targets(
     teacher_logits: Tensor, teacher_deltas: Tensor, proposals: Tensor, teacher_to_student: Tensor,
-    student_size: tuple[int, int], teacher_size: tuple[int, int], box_coder: BoxCoder, opts: IncOptions,
+    student_size: tuple[int, int], teacher_size: tuple[int, int], box_coder: BoxCoder, stage: RcnnStageConfig,
 ) -> RcnnImageTargets:
     """The student RoIs of one image and their R-CNN INC targets, exactly as training builds them.
 
@@ -73,6 +51,8 @@ def rcnn_image_targets(
             own (P, 4) xyxy ``proposals`` (weak view).
         teacher_to_student: (3, 3); student_size / teacher_size: ``(H, W)``.
         box_coder: the R-CNN box coder (:attr:`dtg.models.detector.Detector.rcnn_box_coder`).
+        stage: the R-CNN stage's config (``dtg.rcnn``: ``tau``, ``nms``, ``uncertain``, ``inc_cls``,
+            ``inc_reg``, ``reg_target``).
 
     Returns:
         :class:`RcnnImageTargets`.
@@ -80,28 +60,31 @@ def rcnn_image_targets(
     rois = map_proposals(proposals, teacher_to_student, student_size)
     tg = rcnn_inc_targets(
         teacher_logits, teacher_deltas, proposals, rois, teacher_to_student, student_size, box_coder,
-        tau=opts.tau_rcnn, iou_threshold=opts.rcnn_nms, reg_target=opts.reg_target,
-        cls_labels=opts.cls_labels, reg_labels=opts.reg_labels, teacher_size=teacher_size,
-        uncertain=opts.uncertain_rcnn,
+        tau=stage.tau, iou_threshold=stage.nms, reg_target=stage.reg_target,
+        cls_labels=stage.inc_cls, reg_labels=stage.inc_reg, teacher_size=teacher_size,
+        uncertain=stage.uncertain,
     )
     outside = ~valid_boxes(rois, MIN_BOX_SIZE)  # left the student view
     return RcnnImageTargets(rois, ignore_samples(tg, outside), tg, outside)
 
 
-def anchor_partners(teacher_anchors: Tensor, teacher_to_student: Tensor, grid: AnchorGrid, opts: IncOptions) -> Tensor:
-    """(A_t,) int64 student anchor paired with each (A_t, 4) teacher anchor, -1 for none (``opts.anchor_level``)."""
-    check_choice("anchor_level", opts.anchor_level, ANCHOR_LEVELS)
-    levels = (area_levels(teacher_anchors, teacher_to_student, grid.num_levels, opts.canonical)
-              if opts.anchor_level == "area" else None)
-    check_choice("anchor_ties", opts.anchor_ties, ANCHOR_TIES)
-    return match_anchors(map_anchors(teacher_anchors, teacher_to_student), grid, opts.canonical,
-                         opts.anchor_radius, levels, opts.anchor_ties == "up")
+def anchor_partners(teacher_anchors: Tensor, teacher_to_student: Tensor, grid: AnchorGrid, canonical: float,
+                    stage: RpnStageConfig) -> Tensor:
+    """(A_t,) int64 student anchor paired with each (A_t, 4) teacher anchor, -1 for none (``stage.anchor_level``,
+    ``stage.anchor_ties``, ``stage.anchor_radius``); ``canonical`` is the anchor size of FPN level 0
+    (``model.anchor_sizes[0]``)."""
+    check_choice("anchor_level", stage.anchor_level, ANCHOR_LEVELS)
+    levels = (area_levels(teacher_anchors, teacher_to_student, grid.num_levels, canonical)
+              if stage.anchor_level == "area" else None)
+    check_choice("anchor_ties", stage.anchor_ties, ANCHOR_TIES)
+    return match_anchors(map_anchors(teacher_anchors, teacher_to_student), grid, canonical,
+                         stage.anchor_radius, levels, stage.anchor_ties == "up")
 
 
 def rpn_image_targets(
     teacher_objectness: Tensor, teacher_deltas: Tensor, teacher_anchors: Tensor, teacher_levels: Tensor,
     grid: AnchorGrid, teacher_to_student: Tensor, student_size: tuple[int, int], teacher_size: tuple[int, int],
-    box_coder: BoxCoder, opts: IncOptions,
+    box_coder: BoxCoder, canonical: float, stage: RpnStageConfig,
 ) -> IncTargets:
     """RPN INC targets over the student anchors of one image, with the anchor correspondence.
 
@@ -113,17 +96,20 @@ def rpn_image_targets(
             xyxy; teacher_levels: (A_t,) int64 FPN level.
         grid: the student anchor layout (:func:`~dtg.losses.correspondence.anchor_grid`).
         box_coder: the RPN box coder (:attr:`dtg.models.detector.Detector.rpn_box_coder`).
+        canonical: the anchor size of FPN level 0 (``model.anchor_sizes[0]``).
+        stage: the RPN stage's config (``dtg.rpn``: ``tau``, ``nms``, ``uncertain``, ``candidates``,
+            ``inc_cls``, ``inc_reg``, ``reg_target`` and the ``anchor_*`` keys).
 
     Returns:
         :class:`IncTargets` over ``grid.anchors``.
     """
-    partner = anchor_partners(teacher_anchors, teacher_to_student, grid, opts)
+    partner = anchor_partners(teacher_anchors, teacher_to_student, grid, canonical, stage)
     return rpn_inc_targets(
         teacher_objectness, teacher_deltas, teacher_anchors, teacher_levels, partner, grid.anchors,
         teacher_to_student, student_size, teacher_size, box_coder,
-        tau=opts.tau_rpn, iou_threshold=opts.rpn_nms, candidates=opts.rpn_candidates,
-        cls_labels=opts.cls_labels, reg_labels=opts.reg_labels, reg_target=opts.reg_target,
-        uncertain=opts.uncertain_rpn,
+        tau=stage.tau, iou_threshold=stage.nms, candidates=stage.candidates,
+        cls_labels=stage.inc_cls, reg_labels=stage.inc_reg, reg_target=stage.reg_target,
+        uncertain=stage.uncertain,
     )
 
 
@@ -156,7 +142,7 @@ def ignore_samples(t: IncTargets, ignore: Tensor) -> IncTargets:
 
 
 def keep_members_and_sample_background(t: IncTargets, num: int, generator: torch.Generator | None = None) -> Tensor:
-    """Indices of the samples one image keeps under the R-CNN cost switch (``dtg.rcnn_subsample``).
+    """Indices of the samples one image keeps under the R-CNN cost switch (``dtg.rcnn.subsample``).
 
     Every cluster member is kept; background samples (label 0) are drawn at random, without
     replacement, to fill the image up to ``num`` samples (none when the members alone reach it);

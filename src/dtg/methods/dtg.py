@@ -7,7 +7,9 @@ proposals) and builds each enabled stage's INC targets (:class:`DTGTargets`); th
 side of the batch (its image sizes, its anchors) is known from the strong views' shapes
 (:meth:`Detector.dense_layout`), so no student pass is needed for them.
 :meth:`DTGMethod.student_losses` makes one student pass on the strong views and, per enabled
-stage, ``L_u = L_cls + L_reg + beta * L_RM``.
+stage, ``L_u = L_cls + L_reg + rm_weight * L_RM``. Every key of a stage is read from its section
+of the config (``dtg.rcnn``, ``dtg.rpn``: :class:`dtg.config.RcnnStageConfig`,
+:class:`dtg.config.RpnStageConfig`), which the target builders of :mod:`dtg.losses.inc_image` take.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dtg.config import Config, DTGConfig
+from dtg.config import Config
 from dtg.geometry import teacher_to_student
 from dtg.losses.correspondence import AnchorGrid, anchor_grid
 from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas
 from dtg.losses.inc import IncTargets
 from dtg.losses.inc_image import (
-    IncOptions, RcnnImageTargets, concat_targets, keep_members_and_sample_background, rcnn_image_targets,
+    RcnnImageTargets, concat_targets, keep_members_and_sample_background, rcnn_image_targets,
     rpn_image_targets, take_samples,
 )
 from dtg.losses.pseudo_label import background_to_ignore
@@ -32,36 +34,6 @@ from dtg.losses.rank_matching import rank_matching_loss
 from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, strong_sizes, weak_images
 from dtg.methods.sparse import pseudo_box_targets
 from dtg.models.detector import DenseLayout, DenseOutputs, Detector
-
-
-def stage_value(d: DTGConfig, stage: str, name: str) -> Any:
-    """Key ``name`` (``inc_cls`` | ``inc_reg`` | ``rank_matching`` | ``reg_target``) of ``stage``
-    (``rcnn`` | ``rpn``): the per-stage key ``dtg.<stage>_<name>`` when set, else ``dtg.<name>``."""
-    own = getattr(d, f"{stage}_{name}")
-    return getattr(d, name) if own is None else own
-
-
-def stage_switch(d: DTGConfig, stage: str, name: str) -> bool:
-    """:func:`stage_value` of a boolean switch."""
-    return bool(stage_value(d, stage, name))
-
-
-def inc_options(cfg: Config, stage: str | None = None) -> IncOptions:
-    """The :class:`IncOptions` of a run's ``dtg.*`` keys (and the anchor size of FPN level 0).
-
-    With ``stage`` (``rcnn`` | ``rpn``), the label switches are that stage's (:func:`stage_switch`).
-    """
-    d = cfg.dtg
-    cls_labels = d.inc_cls if stage is None else stage_switch(d, stage, "inc_cls")
-    reg_labels = d.inc_reg if stage is None else stage_switch(d, stage, "inc_reg")
-    reg_target = d.reg_target if stage is None else stage_value(d, stage, "reg_target")
-    return IncOptions(
-        tau_rcnn=d.tau_rcnn, rcnn_nms=d.rcnn_nms, uncertain_rcnn=d.uncertain_rcnn,
-        tau_rpn=d.tau_rpn, rpn_nms=d.rpn_nms, uncertain_rpn=d.uncertain_rpn, rpn_candidates=d.rpn_candidates,
-        reg_target=reg_target, cls_labels=cls_labels, reg_labels=reg_labels,
-        anchor_radius=d.anchor_radius, canonical=float(cfg.model.anchor_sizes[0]), anchor_level=d.anchor_level,
-        anchor_ties=d.anchor_ties,
-    )
 
 
 @dataclass
@@ -97,7 +69,7 @@ class RcnnTargets:
         images: per image the full :class:`RcnnImageTargets` (every teacher proposal mapped into
             the strong view as a RoI, its INC targets, the clustering, the RoIs that left the view).
         rois: per image (R_i, 4) the RoIs the student scores: all of ``images[i].rois`` or, with
-            ``dtg.rcnn_subsample``, the members and a background sample of them.
+            ``dtg.rcnn.subsample``, the members and a background sample of them.
         targets: INC targets over ``cat(rois)`` (R = sum R_i), clusters numbered across the batch.
         teacher_logits: (R, K + 1) the teacher's logits of those RoIs' proposals (``dtg.rm_input=logit``).
     """
@@ -136,9 +108,9 @@ class DTGTargets:
         teacher: the teacher's pass on the weak views.
         mats: per image the (3, 3) teacher-to-student matrix ``M`` (weak view -> strong view).
         student_sizes: per image ``(H, W)`` of the strong view.
-        rcnn: R-CNN stage targets (``dtg.rcnn``), else None.
-        rpn: RPN stage INC targets (``dtg.rpn`` with ``dtg.rpn_targets=dtg``), else None.
-        rpn_boxes: sparse's pseudo boxes for the RPN stage (``dtg.rpn_targets=sparse``, the table 2(c)
+        rcnn: R-CNN stage targets (``dtg.rcnn.enabled``), else None.
+        rpn: RPN stage INC targets (``dtg.rpn.enabled`` with ``dtg.rpn.targets=dtg``), else None.
+        rpn_boxes: sparse's pseudo boxes for the RPN stage (``dtg.rpn.targets=sparse``, the table 2(c)
             hybrid), else None.
     """
 
@@ -159,20 +131,20 @@ class DTGMethod(TwoCallMethod):
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device, self.cfg, self.d = device, cfg, cfg.dtg
-        self.rcnn_opts, self.rpn_opts = inc_options(cfg, "rcnn"), inc_options(cfg, "rpn")
+        self.canonical = float(cfg.model.anchor_sizes[0])  # the anchor size of FPN level 0 (RPN correspondence)
 
     @torch.no_grad()
     def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> DTGTargets:
         """One teacher pass on the weak views and the INC targets of each enabled stage (with
-        ``dtg.rcnn_subsample`` the background draw uses torch's global generator, as training does)."""
+        ``dtg.rcnn.subsample`` the background draw uses torch's global generator, as training does)."""
         t = teacher_pass(teacher, weak_images(items, self.device))
         mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(self.device) for it in items]
         out = DTGTargets(t, mats, strong_sizes(items))
-        if self.d.rcnn:
+        if self.d.rcnn.enabled:
             out.rcnn = self.rcnn_targets(teacher, out)
-        if self.d.rpn and self.d.rpn_targets == "sparse":  # the table 2(c) hybrid
-            out.rpn_boxes = pseudo_box_targets(teacher, items, self.cfg.semi, self.device)
-        elif self.d.rpn:
+        if self.d.rpn.enabled and self.d.rpn.targets == "sparse":  # the table 2(c) hybrid
+            out.rpn_boxes = pseudo_box_targets(teacher, items, self.cfg.sparse, self.device)
+        elif self.d.rpn.enabled:
             out.rpn = self.rpn_targets(teacher, out)
         return out
 
@@ -197,16 +169,16 @@ class DTGMethod(TwoCallMethod):
     # ------------------------------------------------------------------ R-CNN
     def rcnn_targets(self, teacher: Detector, tt: DTGTargets) -> RcnnTargets:
         """The teacher's proposals mapped into the strong views as RoIs, and their INC targets
-        (:func:`rcnn_image_targets` per image; ``dtg.rcnn_subsample``: every member, background
+        (:func:`rcnn_image_targets` per image; ``dtg.rcnn.subsample``: every member, background
         sampled to ``model.roi_batch_size_per_image`` RoIs per image)."""
         t = tt.teacher.dense
         counts = [len(p) for p in t.proposals]
         images, rois, parts, t_used = [], [], [], []
         for i, (logits, deltas) in enumerate(zip(tt.teacher.logits.split(counts), tt.teacher.deltas.split(counts))):
             built = rcnn_image_targets(logits, deltas, t.proposals[i], tt.mats[i], tt.student_sizes[i],
-                                       t.images.image_sizes[i], teacher.rcnn_box_coder, self.rcnn_opts)
+                                       t.images.image_sizes[i], teacher.rcnn_box_coder, self.d.rcnn)
             rois_i, tg_i = built.rois, built.targets
-            if self.d.rcnn_subsample:  # the cost switch: every member, background sampled to the RoI budget
+            if self.d.rcnn.subsample:  # the cost switch: every member, background sampled to the RoI budget
                 keep = keep_members_and_sample_background(tg_i, self.cfg.model.roi_batch_size_per_image)
                 rois_i, tg_i, logits = rois_i[keep], take_samples(tg_i, keep), logits[keep]
             images.append(built)
@@ -225,7 +197,7 @@ class DTGMethod(TwoCallMethod):
             "unsup_rcnn_reg": inc_regression_loss(select_class_deltas(s_deltas, tgt.classes), tgt, d.normalize,
                                                   denominator=den),
         }
-        if stage_switch(d, "rcnn", "rank_matching"):
+        if d.rcnn.rank_matching:
             member = tgt.cluster >= 0
             cls = tgt.classes[member].clamp(min=0)
             if d.rm_input == "prob":
@@ -234,7 +206,7 @@ class DTGMethod(TwoCallMethod):
             else:
                 p_s = s_logits[member].gather(1, cls[:, None]).squeeze(1)
                 p_t = rt.teacher_logits[member].gather(1, cls[:, None]).squeeze(1)
-            out["unsup_rcnn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+            out["unsup_rcnn_rm"] = d.rm_weight * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
         n = max(len(rois), 1)
         stats["rcnn_clusters_per_image"] = tgt.num_clusters / n
         stats["rcnn_members_per_image"] = float((tgt.cluster >= 0).sum()) / n
@@ -251,7 +223,7 @@ class DTGMethod(TwoCallMethod):
         grid = anchor_grid(layout.anchors, layout.num_anchors_per_level, layout.feature_sizes, layout.padded_size)
         parts = [
             rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, grid, m,
-                              tt.student_sizes[i], t.images.image_sizes[i], teacher.rpn_box_coder, self.rpn_opts)
+                              tt.student_sizes[i], t.images.image_sizes[i], teacher.rpn_box_coder, self.canonical, self.d.rpn)
             for i, m in enumerate(tt.mats)
         ]
         return RpnTargets(layout, grid, parts, concat_targets(parts), t.rpn.anchors)
@@ -263,16 +235,16 @@ class DTGMethod(TwoCallMethod):
         den = n_img * self.cfg.model.rpn_batch_size_per_image  # the supervised RPN denominator
         out = {
             "unsup_rpn_cls": inc_objectness_loss(obj, tgt, d.normalize, denominator=den,
-                                                 gamma=0.0 if d.rpn_cls_loss == "bce" else 2.0),
+                                                 gamma=0.0 if d.rpn.cls_loss == "bce" else 2.0),
             "unsup_rpn_reg": inc_regression_loss(s.rpn.deltas.reshape(-1, 4), tgt, d.normalize, denominator=den),
         }
-        if stage_switch(d, "rpn", "rank_matching"):
+        if d.rpn.rank_matching:
             member = tgt.cluster >= 0
             if d.rm_input == "prob":
                 p_s, p_t = obj[member].sigmoid(), tgt.teacher_scores[member]
             else:
                 p_s, p_t = obj[member], torch.logit(tgt.teacher_scores[member], eps=1e-6)
-            out["unsup_rpn_rm"] = d.beta * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+            out["unsup_rpn_rm"] = d.rm_weight * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
         n = max(n_img, 1)
         stats["rpn_clusters_per_image"] = tgt.num_clusters / n
         stats["rpn_members_per_image"] = float((tgt.cluster >= 0).sum()) / n

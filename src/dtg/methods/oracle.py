@@ -40,7 +40,7 @@ class OracleMethod(TwoCallMethod):
     needs_unlabeled_boxes = True
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.device, self.semi = device, cfg.semi
+        self.device, self.sparse = device, cfg.sparse
 
     def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> BoxTargets:
         """The items' ground truth in their strong views (:func:`ground_truth_targets`); ``teacher`` is not read.
@@ -56,4 +56,4 @@ class OracleMethod(TwoCallMethod):
         self, student: Detector, items: list[dict[str, Any]], targets: BoxTargets
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Sparse's :func:`~dtg.methods.sparse.box_target_losses`."""
-        return box_target_losses(student, items, targets, self.semi, self.device)
+        return box_target_losses(student, items, targets, self.sparse, self.device)

@@ -11,26 +11,26 @@ from typing import Any
 
 import torch
 
-from dtg.config import Config, SemiConfig
+from dtg.config import Config, SparseConfig
 from dtg.geometry import teacher_to_student
 from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
 from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, weak_images
 from dtg.models.detector import Detector
 
 
-def pseudo_threshold(semi: SemiConfig) -> float | torch.Tensor:
-    """``semi.pseudo_score_thresh``, or the (K + 1,) per-label thresholds of ``semi.class_thresholds``."""
-    return torch.tensor([1.0, *semi.class_thresholds]) if semi.class_thresholds else semi.pseudo_score_thresh
+def pseudo_threshold(sparse: SparseConfig) -> float | torch.Tensor:
+    """``sparse.pseudo_score_thresh``, or the (K + 1,) per-label thresholds of ``sparse.class_thresholds``."""
+    return torch.tensor([1.0, *sparse.class_thresholds]) if sparse.class_thresholds else sparse.pseudo_score_thresh
 
 
-def pseudo_labels_from(detections: list[dict[str, torch.Tensor]], items: list[dict[str, Any]], semi: SemiConfig,
+def pseudo_labels_from(detections: list[dict[str, torch.Tensor]], items: list[dict[str, Any]], sparse: SparseConfig,
                        device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Per unlabeled item: its teacher ``detections`` on the weak view (``boxes`` (n, 4), ``scores``,
-    ``labels``) ``>= semi.pseudo_score_thresh`` (or its class's ``semi.class_thresholds`` entry)
+    ``labels``) ``>= sparse.pseudo_score_thresh`` (or its class's ``sparse.class_thresholds`` entry)
     mapped into the strong view (``boxes`` (m, 4), ``labels`` (m,)), plus ``ignore`` boxes of the
-    uncertain band when ``semi.uncertain_score_thresh`` is below the threshold; on ``device``."""
-    unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
-    thresh = pseudo_threshold(semi)  # the ignore band, when on, stays below the global threshold
+    uncertain band when ``sparse.uncertain_score_thresh`` is below the threshold; on ``device``."""
+    unsure = sparse.uncertain_score_thresh if sparse.uncertain_score_thresh < sparse.pseudo_score_thresh else None
+    thresh = pseudo_threshold(sparse)  # the ignore band, when on, stays below the global threshold
     out = []
     for it, det in zip(items, detections):
         m = teacher_to_student(it["weak_matrix"], it["strong_matrix"])
@@ -41,44 +41,44 @@ def pseudo_labels_from(detections: list[dict[str, torch.Tensor]], items: list[di
 
 
 @torch.no_grad()
-def pseudo_box_targets(teacher: Detector, items: list[dict[str, Any]], semi: SemiConfig,
+def pseudo_box_targets(teacher: Detector, items: list[dict[str, Any]], sparse: SparseConfig,
                        device: torch.device) -> BoxTargets:
     """The teacher's detections on the weak views (:meth:`Detector.predict`) and the pseudo boxes
     :func:`pseudo_labels_from` takes from them."""
     dets = teacher.predict(weak_images(items, device))
-    return BoxTargets(pseudo_labels_from(dets, items, semi, device), dets)
+    return BoxTargets(pseudo_labels_from(dets, items, sparse, device), dets)
 
 
-def box_target_losses(student: Detector, items: list[dict[str, Any]], targets: BoxTargets, semi: SemiConfig,
+def box_target_losses(student: Detector, items: list[dict[str, Any]], targets: BoxTargets, sparse: SparseConfig,
                       device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The student's ordinary Faster R-CNN losses on the strong views against box ``targets``
-    (``unsup_rpn_cls`` ... ``unsup_rcnn_reg``; ``semi.unsup_reg=false`` drops the ``_reg`` ones)
+    (``unsup_rpn_cls`` ... ``unsup_rcnn_reg``; ``sparse.unsup_reg=false`` drops the ``_reg`` ones)
     and ``pseudo_boxes_per_image``."""
-    unsup = student.supervised_losses(strong_images(items, device), targets.images, cls_loss=semi.unsup_cls_loss,
+    unsup = student.supervised_losses(strong_images(items, device), targets.images, cls_loss=sparse.unsup_cls_loss,
                                       ignore_rule=background_to_ignore)  # the ignore band (uncertain boxes)
-    if not semi.unsup_reg:  # classification only (Unbiased Teacher): pseudo boxes do not teach boxes
+    if not sparse.unsup_reg:  # classification only (Unbiased Teacher): pseudo boxes do not teach boxes
         unsup = {k: v for k, v in unsup.items() if not k.endswith("_reg")}
     return {f"unsup_{k}": v for k, v in unsup.items()}, {"pseudo_boxes_per_image": targets.boxes_per_image()}
 
 
 class SparseMethod(TwoCallMethod):
-    """Teacher detections >= ``semi.pseudo_score_thresh`` as pseudo boxes; optional ignore band;
-    ``semi.unsup_reg=false`` keeps the classification losses only."""
+    """Teacher detections >= ``sparse.pseudo_score_thresh`` as pseudo boxes; optional ignore band;
+    ``sparse.unsup_reg=false`` keeps the classification losses only."""
 
     name = "sparse"
     uses_unlabeled = True
     needs_unlabeled_boxes = False
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.device, self.semi = device, cfg.semi
+        self.device, self.sparse = device, cfg.sparse
 
     def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> BoxTargets:
         """Per unlabeled item: pseudo ``boxes`` (m, 4) in its strong view and ``labels`` (m,)
         (+ ``ignore``), and the teacher's detections they come from (:func:`pseudo_box_targets`)."""
-        return pseudo_box_targets(teacher, items, self.semi, self.device)
+        return pseudo_box_targets(teacher, items, self.sparse, self.device)
 
     def student_losses(
         self, student: Detector, items: list[dict[str, Any]], targets: BoxTargets
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """:func:`box_target_losses`."""
-        return box_target_losses(student, items, targets, self.semi, self.device)
+        return box_target_losses(student, items, targets, self.sparse, self.device)

@@ -1,0 +1,132 @@
+"""The structured DTG / sparse config (issue 21): old keys, stored configs and run identities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dtg.config import RENAMED, Config, ConfigError, from_dict, legacy_dict, load_config, to_dict
+from dtg.run_identity import run_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# run_key(cfg, "fp") of every shipped config (under each method) and of every `dtg bench reproduce`
+# row on configs/testbed.yaml, computed by the code of commit 7d0ce5e (before the per-stage config:
+# flat dtg.*, the sparse keys in semi.*) in a worktree of that commit with the script below; the
+# runs cached under these keys must keep them.
+#   for each configs/*.yaml: cfg = load_config(path); cfg.method = m; run_key(cfg, "fp")
+#   for each row of dtg.bench.reproduce.ROWS: run_key(load_config("configs/testbed.yaml", row.set_args()), "fp")
+RUN_KEYS_7D0CE5E = {
+    "coco_10pct.yaml:supervised": "2c275a989a5d",
+    "coco_10pct.yaml:sparse": "261a7aac1760",
+    "coco_10pct.yaml:dtg": "e8a3e4009645",
+    "coco_10pct.yaml:oracle": "9e02d6f1c359",
+    "coco_10pct_1gpu.yaml:supervised": "b15fd1bb2a22",
+    "coco_10pct_1gpu.yaml:sparse": "2ed55fed1321",
+    "coco_10pct_1gpu.yaml:dtg": "7d1b8592979a",
+    "coco_10pct_1gpu.yaml:oracle": "2163f9d92f6a",
+    "coco_full.yaml:supervised": "eade5ede2bcf",
+    "coco_full.yaml:sparse": "c5390afdda0c",
+    "coco_full.yaml:dtg": "fd20b6b3f07c",
+    "coco_full.yaml:oracle": "2f6d49f92e9e",
+    "coco_full_1gpu.yaml:supervised": "a0b089c90326",
+    "coco_full_1gpu.yaml:sparse": "bf6348ff0592",
+    "coco_full_1gpu.yaml:dtg": "1cf508a9edf7",
+    "coco_full_1gpu.yaml:oracle": "f44d973a7930",
+    "embedded.yaml:supervised": "5258e38ed558",
+    "embedded.yaml:sparse": "6f6be93f1efe",
+    "embedded.yaml:dtg": "30093bc5367f",
+    "embedded.yaml:oracle": "a3df0839e336",
+    "testbed.yaml:supervised": "cc261e382703",
+    "testbed.yaml:sparse": "6fbb403f9074",
+    "testbed.yaml:dtg": "8bb5b0f54c8c",
+    "testbed.yaml:oracle": "12a92db7826d",
+    "voc07_12.yaml:supervised": "cace5051a181",
+    "voc07_12.yaml:sparse": "981cc9f9e3ac",
+    "voc07_12.yaml:dtg": "5ea2066a4a2d",
+    "voc07_12.yaml:oracle": "07a3b3d80427",
+    "voc07_12_1gpu.yaml:supervised": "f0f067c32510",
+    "voc07_12_1gpu.yaml:sparse": "7f632257cd97",
+    "voc07_12_1gpu.yaml:dtg": "401c6d58c819",
+    "voc07_12_1gpu.yaml:oracle": "b133a6f4c95c",
+    "testbed.yaml:full-labels": "cc261e382703",
+    "testbed.yaml:sparse-t0.9": "463d1d9f9507",
+    "testbed.yaml:sparse-noreg": "fb62b1a2c5c6",
+    "testbed.yaml:sparse-nogeo": "6fbb403f9074",
+    "testbed.yaml:sparse-geo": "3cb8f7ec39e5",
+    "testbed.yaml:sparse-ema0.998": "4938fc0e9e65",
+    "testbed.yaml:sparse-constlr": "7c1b1ae41b9a",
+    "testbed.yaml:dtg-paper": "0473a2ef4176",
+    "testbed.yaml:hybrid-supnorm": "f9c7a6003a0d",
+    "testbed.yaml:dtg-rpn-only": "079b7b601da5",
+    "testbed.yaml:dtg-rcnn-only": "75f1eb8a8008",
+    "testbed.yaml:hybrid": "9350db672924",
+    "testbed.yaml:norm-supervised": "6b3399023411",
+    "testbed.yaml:anchor-area": "b92cec11562a",
+    "testbed.yaml:rpn-bce": "caab7d5a46b5",
+    "testbed.yaml:dtg-subsample": "f5a19875903a",
+    "testbed.yaml:inc-cls": "12533d6d1c40",
+    "testbed.yaml:inc-cls-reg": "e173f53e91bf",
+    "testbed.yaml:reg-own": "dc6e826fc93c",
+    "testbed.yaml:T0.5": "e47cdb78498d",
+    "testbed.yaml:T1": "030a27dccd22",
+    "testbed.yaml:T5": "e641e6da7090",
+    "testbed.yaml:beta1": "030a27dccd22",
+    "testbed.yaml:beta5": "821fcc7aac40",
+    "testbed.yaml:tau0.40": "614deb2d9978",
+    "testbed.yaml:tau0.50": "ed7807af675e",
+}
+
+
+def _cases():
+    from dtg.bench.reproduce import ROWS
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        for method in ("supervised", "sparse", "dtg", "oracle"):
+            yield f"{path.name}:{method}", path, [f"method={method}"], method
+    for row in ROWS:
+        yield f"testbed.yaml:{row.name}", ROOT / "configs" / "testbed.yaml", row.set_args(), None
+
+
+@pytest.mark.parametrize("name, path, overrides, method", list(_cases()), ids=lambda x: x if isinstance(x, str) else "")
+def test_run_keys_equal_those_of_the_flat_config(name, path, overrides, method):
+    if method is None:
+        cfg = load_config(path, overrides)
+    else:
+        cfg = load_config(path)
+        cfg.method = method
+    assert run_key(cfg, "fp") == RUN_KEYS_7D0CE5E[name]
+
+
+def test_every_pinned_key_is_checked():
+    assert {name for name, *_ in _cases()} == set(RUN_KEYS_7D0CE5E)
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_an_old_key_names_its_new_key(old, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{old}=1"])
+    msg = str(e.value)
+    assert "\n" not in msg and f"config key '{old}' was renamed: use '{RENAMED[old][0]}'" in msg
+    head, tail = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{head}:\n  {tail}: 1\n")
+    with pytest.raises(ConfigError, match=f"was renamed: use '{RENAMED[old][0]}'"):
+        load_config(path)
+
+
+def test_a_config_stored_in_the_flat_layout_reads_back():
+    cfg = load_config(None, ["method=dtg", "dtg.rcnn.inc_reg=false", "dtg.rpn.tau=0.9", "dtg.rm_weight=1.0",
+                             "sparse.pseudo_score_thresh=0.8", "dtg.rpn.anchor_level=area", "dtg.rcnn.subsample=true"])
+    old = legacy_dict(cfg)
+    assert old["dtg"]["rcnn_inc_reg"] is False and old["dtg"]["inc_reg"] is True and old["dtg"]["beta"] == 1.0
+    assert old["semi"]["pseudo_score_thresh"] == 0.8 and "sparse" not in old
+    assert from_dict(old) == cfg and from_dict(to_dict(cfg)) == cfg
+    assert from_dict(legacy_dict(Config())) == Config()
+
+
+def test_defaults_are_the_effective_values_of_the_flat_config():
+    d = Config().dtg
+    assert (d.rpn.tau, d.rpn.nms, d.rpn.uncertain, d.rcnn.tau, d.rcnn.nms, d.rcnn.uncertain) == (0.7, 0.7, 0.3, 0.45, 0.5, 0.1)
+    assert (d.normalize, d.rm_input, d.T, d.rm_weight) == ("samples", "prob", 1.0, 3.0)
