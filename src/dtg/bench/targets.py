@@ -41,7 +41,7 @@ def score_checkpoint(checkpoint: str | Path, on: str = "unlabeled", max_images: 
     """Score both methods' targets for the checkpoint's teacher on up to ``max_images`` images.
 
     ``overrides`` (``KEY=VALUE``) change the checkpoint's config first (e.g. data paths or
-    ``dtg.tau_rcnn``).
+    ``dtg.rcnn.tau``).
     """
     from dtg.config import ConfigError, apply_override, from_dict, to_dict
     from dtg.data.coco import load_labeled

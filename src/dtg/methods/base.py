@@ -64,7 +64,7 @@ class Method(Protocol):
         """The method's typed targets for the unlabeled ``items`` (its own dataclass, e.g.
         :class:`BoxTargets`), from the teacher's pass on their weak views under ``torch.no_grad()``.
         Reads no student; consumes global random state only where training does (DTG's
-        ``dtg.rcnn_subsample``)."""
+        ``dtg.rcnn.subsample``)."""
         ...
 
     def student_losses(
