@@ -449,7 +449,7 @@ def upgrade_legacy(data: dict) -> dict:
                 if dtg.get(f"{st}_{k}") is None:
                     new_dtg[st][k] = v
         elif f"dtg.{k}" in _MOVED:
-            if v is None and k.split("_", 1)[1] in _STAGE_SWITCHES:
+            if v is None and k.partition("_")[2] in _STAGE_SWITCHES:
                 continue  # an unset per-stage override: the shared switch above
             _set_path(new_dtg, _MOVED[f"dtg.{k}"].split(".")[1:], v)
         else:
