@@ -59,6 +59,7 @@ RUN_KEYS_7D0CE5E = {
     "testbed.yaml:sparse-constlr": "7c1b1ae41b9a",
     "testbed.yaml:dtg-paper": "0473a2ef4176",
     "testbed.yaml:hybrid-supnorm": "f9c7a6003a0d",
+    "testbed.yaml:dtg-lead": "9b997d60c274",  # pinned at e81b651, where the row was added
     "testbed.yaml:dtg-rpn-only": "079b7b601da5",
     "testbed.yaml:dtg-rcnn-only": "75f1eb8a8008",
     "testbed.yaml:hybrid": "9350db672924",
@@ -118,8 +119,10 @@ def test_an_old_key_names_its_new_key(old, tmp_path):
 
 def test_a_config_stored_in_the_flat_layout_reads_back():
     cfg = load_config(None, ["method=dtg", "dtg.rcnn.inc_reg=false", "dtg.rpn.tau=0.9", "dtg.rm_weight=1.0",
-                             "sparse.pseudo_score_thresh=0.8", "dtg.rpn.anchor_level=area", "dtg.rcnn.subsample=true"])
+                             "sparse.pseudo_score_thresh=0.8", "dtg.rpn.anchor_level=area", "dtg.rcnn.subsample=true",
+                             "dtg.rm_scale=inc", "dtg.rpn.transfer=one_to_one"])
     old = legacy_dict(cfg)
+    assert old["dtg"]["rm_scale"] == "inc" and old["dtg"]["rpn_transfer"] == "one_to_one"  # keys added after issue 21
     assert old["dtg"]["rcnn_inc_reg"] is False and old["dtg"]["inc_reg"] is True and old["dtg"]["beta"] == 1.0
     assert old["semi"]["pseudo_score_thresh"] == 0.8 and "sparse" not in old
     assert from_dict(old) == cfg and from_dict(to_dict(cfg)) == cfg

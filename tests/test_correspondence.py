@@ -320,3 +320,70 @@ def test_map_proposals_is_one_to_one_projection():
     assert torch.equal(rois, project_boxes(props, M, (100, 100)))
     assert rois.tolist() == [[58.0, 20.0, 98.0, 60.0], [100.0, 0.0, 100.0, 5.0], [0.0, 10.0, 18.0, 40.0]]
     assert map_proposals(torch.zeros(0, 4), M, (100, 100)).shape == (0, 4)
+
+
+# ----------------------------------------------------------------------------- one-to-one transfer
+
+from dtg.losses.correspondence import assign_one_to_one, match_anchors_one_to_one  # noqa: E402
+
+
+def serial_reference(index, iou, priority):
+    """The definition: teacher anchors in decreasing priority (ties: higher index first), each
+    taking its free candidate of largest IoU (ties: the earlier slot)."""
+    taken, out = set(), [-1] * len(priority)
+    order = sorted(range(len(priority)), key=lambda i: (float(priority[i]), i), reverse=True)
+    for i in order:
+        cands = sorted((c for c in range(index.shape[1]) if iou[i, c] > 0), key=lambda c: (-float(iou[i, c]), c))
+        for c in cands:
+            if int(index[i, c]) not in taken:
+                taken.add(int(index[i, c]))
+                out[i] = int(index[i, c])
+                break
+    return out
+
+
+def test_one_to_one_hand_made():
+    # Three teacher anchors all prefer student anchor 7. Priority 0.9 takes it; 0.8 falls back to its
+    # second choice 3; 0.5's second choice 3 is gone too, so it takes its third, 5.
+    index = torch.tensor([[7, 3, 5], [7, 3, 5], [7, 3, 5]])
+    iou = torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.6, 0.2], [0.7, 0.6, 0.3]])
+    got = assign_one_to_one(index, iou, torch.tensor([0.5, 0.9, 0.8]), 10)
+    assert got.tolist() == [5, 7, 3]
+
+
+def test_one_to_one_loses_an_anchor_only_when_its_window_is_full():
+    index = torch.tensor([[1, 2], [1, 2], [2, 1]])
+    iou = torch.tensor([[0.9, 0.1], [0.8, 0.0], [0.5, 0.4]])
+    got = assign_one_to_one(index, iou, torch.tensor([0.3, 0.9, 0.6]), 3)
+    # 0.9 (row 1) takes 1; 0.6 (row 2) takes 2; 0.3 (row 0) finds 1 and 2 taken: none
+    assert got.tolist() == [-1, 1, 2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_to_one_equals_the_serial_definition_and_is_injective(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, c, a = 60, 9, 40
+    index = torch.randint(0, a, (n, c), generator=g)
+    iou = torch.rand(n, c, generator=g) - 0.2  # some slots are no candidate
+    priority = torch.rand(n, generator=g).round(decimals=1)  # ties in priority
+    got = assign_one_to_one(index, iou, priority, a)
+    assert got.tolist() == serial_reference(index, iou, priority)
+    paired = got[got >= 0]
+    assert paired.unique().numel() == paired.numel()
+
+
+def test_one_to_one_on_a_downscaled_view_pairs_every_anchor_max_pairs_and_more():
+    """A student view at 0.7x: several teacher anchors land on one student anchor. ``max`` pairs one
+    teacher anchor per student anchor; one-to-one pairs as many student anchors at least, and more
+    teacher anchors, each with its own student anchor; with no conflict (identity) the two agree."""
+    teacher, _ = student(128, 160)
+    small, _ = student(96, 112)
+    mapped = map_unclipped(teacher.anchors, scale_matrix(0.7, 0.7))
+    priority = torch.rand(len(mapped), generator=torch.Generator().manual_seed(0))
+    many = corr.match_anchors(mapped, small, CANON)
+    one = match_anchors_one_to_one(mapped, priority, small, CANON)
+    paired = one[one >= 0]
+    assert paired.unique().numel() == paired.numel()  # injective
+    assert paired.numel() > many[many >= 0].unique().numel()  # more teacher anchors keep a partner
+    ident = corr.match_anchors(teacher.anchors, teacher, CANON)
+    assert torch.equal(match_anchors_one_to_one(teacher.anchors, priority, teacher, CANON), ident)

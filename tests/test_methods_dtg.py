@@ -65,6 +65,7 @@ ABLATIONS = {
     "nms_then_threshold": ["dtg.rpn.candidates=nms_then_threshold"],
     "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.rm_weight=1.0"],
     "uncertain_band": ["dtg.rpn.uncertain=0.1", "dtg.rcnn.uncertain=0.01"],
+    "paper_scales": ["dtg.rm_scale=inc", "dtg.rpn.transfer=one_to_one", "dtg.normalize=cluster"],
 }
 
 
@@ -303,12 +304,39 @@ def test_rm_weight_scales_rank_matching_only(switches, default):
         assert same(other, base, ["unsup_rcnn_cls", "unsup_rcnn_reg", "unsup_rpn_cls", "unsup_rpn_reg"])
 
 
-@pytest.mark.parametrize("override", ["dtg.T=5.0", "dtg.rm_input=logit"])
+@pytest.mark.parametrize("override", ["dtg.T=5.0", "dtg.rm_input=logit", "dtg.rm_scale=inc"])
 def test_rank_matching_inputs_change_rank_matching_only(switches, default, override):
     _, base, _ = default
     _, losses, _ = switches.run(override)
     assert differ(losses, base, ["unsup_rcnn_rm", "unsup_rpn_rm"])
     assert same(losses, base, ["unsup_rcnn_cls", "unsup_rcnn_reg", "unsup_rpn_cls", "unsup_rpn_reg"])
+
+
+@pytest.mark.parametrize("normalize", ["samples", "supervised", "cluster"])
+def test_rm_scale_inc_gets_each_stage_s_members_and_inc_denominators(switches, default, monkeypatch, normalize):
+    """The method hands :func:`inc_rank_matching_loss` each stage's member clusters, its labelled-sample
+    count and the supervised denominator; its RM is what that function gives on those inputs."""
+    import dtg.methods.dtg as method_module
+    from dtg.losses.dtg_loss import inc_rank_matching_loss
+
+    tg, _, _ = default
+    calls = []
+
+    def spy(p_s, p_t, cluster, *args, **kwargs):
+        out = inc_rank_matching_loss(p_s, p_t, cluster, *args, **kwargs)
+        calls.append((cluster.clone(), args, kwargs, out.detach()))
+        return out
+
+    monkeypatch.setattr(method_module, "inc_rank_matching_loss", spy)
+    _, losses, _ = switches.run("dtg.rm_scale=inc", f"dtg.normalize={normalize}")
+    m, b = switches.cfg.model, len(switches.items)
+    assert len(calls) == 2  # R-CNN, then RPN
+    for (cluster, args, kwargs, out), s, den in zip(calls, ("rcnn", "rpn"), (b * m.roi_batch_size_per_image,
+                                                                          b * m.rpn_batch_size_per_image)):
+        t = getattr(tg, s).targets
+        assert torch.equal(cluster, t.cluster[t.cluster >= 0])
+        assert args == (normalize, 1.0, "inc", den) and kwargs == {"labelled": int((t.classes >= 0).sum())}
+        assert torch.equal(losses[f"unsup_{s}_rm"], 3.0 * out)
 
 
 def test_normalize_supervised_divides_by_the_supervised_denominators(switches, default):
@@ -388,6 +416,19 @@ def test_rpn_target_switches_change_the_rpn_targets_only(switches, default, over
     changed = [not same_targets(a, b) for a, b in zip(t.rpn.images, tg.rpn.images)]
     assert changed == ([True, True] if item is None else [i == item for i in range(2)])
     assert differ(losses, base, ["unsup_rpn_cls", "unsup_rpn_reg"]) or differ(losses, base, ["unsup_rpn_rm"])
+
+
+def test_one_to_one_transfer_labels_more_student_anchors_and_leaves_the_rcnn_alone(switches, default):
+    """``dtg.rpn.transfer=one_to_one``: a teacher anchor that loses its student anchor to a higher
+    objectness takes a free neighbour instead of being lost, so at least as many student anchors
+    carry a label (and some more); the R-CNN stage is bit-identical."""
+    tg, base, _ = default
+    t, losses, _ = switches.run("dtg.rpn.transfer=one_to_one")
+    assert same_targets(t.rcnn.targets, tg.rcnn.targets) and same(losses, base, RCNN_KEYS)
+    got, want = t.rpn.targets, tg.rpn.targets
+    assert int((got.labels >= 0).sum()) > int((want.labels >= 0).sum())
+    assert int((got.labels == 1).sum()) >= int((want.labels == 1).sum())
+    assert differ(losses, base, ["unsup_rpn_cls"])
 
 
 @pytest.mark.parametrize("stage", ["rcnn", "rpn"])

@@ -154,3 +154,76 @@ def test_segment_log_softmax_matches_per_segment() -> None:
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         rank_matching_loss(torch.zeros(3), torch.zeros(2), torch.zeros(3, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- on the INC losses' scale
+
+from dtg.losses.dtg_loss import inc_classification_loss, inc_rank_matching_loss  # noqa: E402
+from dtg.losses.inc import IncTargets  # noqa: E402
+from dtg.losses.rank_matching import cluster_kl  # noqa: E402
+
+
+def test_cluster_kl_per_cluster_and_zero_for_a_singleton() -> None:
+    student = torch.tensor([0.0, 0.0, math.log(2), 0.0, 0.0, 5.0])
+    teacher = torch.tensor([math.log(3), 0.0, 0.0, 0.0, 0.0, -5.0])
+    kl, counts = cluster_kl(student, teacher, torch.tensor([5, 5, 42, 42, 42, 7]))
+    kl_a = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    kl_b = (math.log(2 / 3) + 2 * math.log(4 / 3)) / 3
+    assert counts.tolist() == [2, 1, 3]  # ids 5, 7, 42 in increasing order
+    assert kl.tolist() == pytest.approx([kl_a, 0.0, kl_b], abs=1e-6)
+
+
+def _batch():
+    """Two 3-member clusters of class 2 and 3 background RoIs; every member has the same focal loss
+    (equal logits), the clusters different KLs."""
+    cluster = torch.tensor([0, 0, 0, 1, 1, 1, -1, -1, -1])
+    labels = torch.tensor([2, 2, 2, 2, 2, 2, 0, 0, 0])
+    tg = IncTargets(labels=labels, reg_targets=torch.zeros(9, 4), reg_mask=labels > 0, cluster=cluster,
+                    teacher_scores=torch.zeros(9), num_clusters=2)
+    logits = torch.zeros(9, 4)
+    logits[6:, 0] = 30.0  # background RoIs classified as background: ~0 focal loss
+    p_s = torch.tensor([0.5, 0.5, 0.5, 0.2, 0.6, 0.9])
+    p_t = torch.tensor([0.9, 0.5, 0.1, 0.9, 0.6, 0.2])
+    return tg, logits, p_s, p_t, cluster[:6]
+
+
+@pytest.mark.parametrize("normalize", ["cluster", "samples", "supervised"])
+def test_inc_scale_keeps_rm_to_inc_ratio_whatever_the_normalisation(normalize) -> None:
+    """With clusters of equal size, L_RM / L_cls is the same ratio under every normalisation with
+    scale='inc' (so rm_weight means one thing), and under 'cluster' RM is the mean KL over clusters."""
+    tg, logits, p_s, p_t, members = _batch()
+    kl, _ = cluster_kl(p_s, p_t, members)
+    den = 64
+    cls = inc_classification_loss(logits, tg, normalize, 2.0, denominator=den)
+    rm = inc_rank_matching_loss(p_s, p_t, members, normalize, 1.0, "inc", denominator=den, labelled=9)
+    ref_cls = inc_classification_loss(logits, tg, "cluster", 2.0)
+    assert float(rm / cls) == pytest.approx(float(kl.mean() / ref_cls), rel=1e-4)
+    old = inc_rank_matching_loss(p_s, p_t, members, normalize, 1.0, "clusters", denominator=den, labelled=9)
+    assert float(old) == pytest.approx(float(kl.mean()), rel=1e-6)  # before issue 25: the same RM whatever the INC scale
+    # ... so against per-sample INC it weighed (samples per cluster member) times more: 9 / 6, 64 / 6
+    assert float(old / rm) == pytest.approx({"cluster": 1.0, "samples": 9 / 6, "supervised": den / 6}[normalize], rel=1e-5)
+
+
+def test_inc_scale_counts_one_member_clusters() -> None:
+    student = torch.tensor([0.0, 0.0, math.log(2), 0.0, 0.0, 5.0])
+    teacher = torch.tensor([math.log(3), 0.0, 0.0, 0.0, 0.0, -5.0])
+    cluster = torch.tensor([5, 5, 42, 42, 42, 7])
+    kl_a = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    kl_b = (math.log(2 / 3) + 2 * math.log(4 / 3)) / 3
+    inc = inc_rank_matching_loss(student, teacher, cluster, "cluster", scale="inc")
+    assert float(inc) == pytest.approx((kl_a + kl_b) / 3, abs=1e-6)  # the singleton counts, with 0
+    old = inc_rank_matching_loss(student, teacher, cluster, "cluster", scale="clusters")
+    assert float(old) == pytest.approx((kl_a + kl_b) / 2, abs=1e-6)
+    per_sample = inc_rank_matching_loss(student, teacher, cluster, "samples", scale="inc", labelled=20)
+    assert float(per_sample) == pytest.approx((2 * kl_a + 3 * kl_b) / 20, abs=1e-6)
+    sup = inc_rank_matching_loss(student, teacher, cluster, "supervised", scale="inc", denominator=512)
+    assert float(sup) == pytest.approx((2 * kl_a + 3 * kl_b) / 512, abs=1e-7)
+
+
+def test_inc_scale_without_members_is_an_attached_zero() -> None:
+    s = torch.zeros(0, requires_grad=True)
+    loss = inc_rank_matching_loss(s, torch.zeros(0), torch.zeros(0, dtype=torch.int64), "samples", labelled=0)
+    assert loss.item() == 0.0
+    loss.backward()
+    with pytest.raises(ValueError, match="scale"):
+        inc_rank_matching_loss(s, torch.zeros(0), torch.zeros(0, dtype=torch.int64), scale="mean")

@@ -236,6 +236,10 @@ class RpnStageConfig(StageConfig):
     anchor_ties: Literal["even", "up"] = "even"
     # dtg: INC targets; sparse: the sparse baseline's pseudo boxes (sparse.*), the paper's table 2(c) hybrid
     targets: Literal["dtg", "sparse"] = "dtg"
+    # several teacher anchors paired with one student anchor: the highest objectness decides and the others
+    # are lost ("max"), or each teacher anchor, in decreasing objectness, takes its best-IoU student anchor
+    # that none before it took ("one_to_one": no teacher anchor lost while its window has a free anchor)
+    transfer: Literal["max", "one_to_one"] = "max"
 
 
 @dataclass
@@ -256,6 +260,10 @@ class DTGConfig:
     rm_input: Literal["prob", "logit"] = "prob"  # Rank Matching on probabilities or logits
     T: Positive = 1.0  # Rank Matching's temperature
     rm_weight: NonNeg = 3.0  # Rank Matching's weight (the paper's beta): L_u = L_cls + L_reg + rm_weight * L_RM
+    # how L_RM is scaled against the INC losses (docs/method.md, "Rank Matching"): "inc" normalises it as
+    # `normalize` normalises INC (rm_weight is then the paper's beta; every cluster counts, a one-member
+    # one with 0); "clusters": the mean over clusters of >= 2 members whatever `normalize` (before issue 25)
+    rm_scale: Literal["inc", "clusters"] = "clusters"
 
 
 @dataclass
@@ -452,6 +460,9 @@ def upgrade_legacy(data: dict) -> dict:
             if v is None and k.partition("_")[2] in _STAGE_SWITCHES:
                 continue  # an unset per-stage override: the shared switch above
             _set_path(new_dtg, _MOVED[f"dtg.{k}"].split(".")[1:], v)
+        elif k.partition("_")[0] in ("rcnn", "rpn"):  # a stage key added after issue 21 (legacy_dict)
+            stage, _, name = k.partition("_")
+            new_dtg[stage][name] = v
         else:
             new_dtg[k] = v
     out["dtg"] = new_dtg
@@ -493,8 +504,8 @@ def legacy_dict(cfg: Config) -> dict:
             flat[old.split(".", 1)[1]] = (rcnn if parts[1] == "rcnn" else rpn).pop(parts[2])
     flat["beta"] = d.pop("rm_weight")
     flat.update(d)  # normalize, rm_input, T
-    if rcnn or rpn:  # pragma: no cover - a new stage key needs its place in the legacy layout
-        raise AssertionError(f"stage keys without a legacy name: {sorted(rcnn)} {sorted(rpn)}")
+    for stage, rest in (("rcnn", rcnn), ("rpn", rpn)):  # keys added after issue 21: "<stage>_<key>"
+        flat.update({f"{stage}_{k}": v for k, v in rest.items()})
     data["dtg"] = flat
     return data
 

@@ -39,6 +39,8 @@ NEUTRAL_KEYS: dict[str, Any] = {
     "cpu_kernels": "fast",
     "semi.class_thresholds": [],
     "semi.strong_bn_stats": True,
+    "dtg.rm_scale": "clusters",
+    "dtg.rpn_transfer": "max",
 }
 
 

@@ -209,16 +209,23 @@ def paired_iou(boxes: Tensor, candidates: Tensor) -> Tensor:
     return inter / (area_b + area_c - inter).clamp(min=1e-12)
 
 
-def _match_chunk(boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int,
-                 levels: Tensor | None = None, half_up: bool = False) -> tuple[Tensor, Tensor]:
-    """:func:`match_anchors` on one chunk; also returns the partner's (N,) IoU (0 without partner)."""
+def _candidate_ious(boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int,
+                    levels: Tensor | None = None, half_up: bool = False) -> tuple[Tensor, Tensor]:
+    """``(index (N, C), iou (N, C))`` of each box's window candidates (:func:`window_candidates`);
+    invalid slots have IoU -1."""
     levels = fpn_level(boxes, grid.num_levels, canonical) if levels is None else levels
     index, valid = window_candidates(boxes, levels, grid, radius, half_up)
     dtype = torch.promote_types(boxes.dtype, grid.anchors.dtype)
     flat = index.reshape(-1)
     cand = torch.stack([grid.anchors[:, k].to(dtype).index_select(0, flat) for k in range(4)], -1)
     iou = paired_iou(boxes.to(dtype), cand.reshape(*index.shape, 4))
-    iou = torch.where(valid, iou, -1.0)
+    return index, torch.where(valid, iou, -1.0)
+
+
+def _match_chunk(boxes: Tensor, grid: AnchorGrid, canonical: float, radius: int,
+                 levels: Tensor | None = None, half_up: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`match_anchors` on one chunk; also returns the partner's (N,) IoU (0 without partner)."""
+    index, iou = _candidate_ious(boxes, grid, canonical, radius, levels, half_up)
     best, slot = iou.max(dim=1)
     partner = index.gather(1, slot[:, None]).squeeze(1)
     proper = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (best > 0)
@@ -296,3 +303,71 @@ def map_proposals(proposals: Tensor, teacher_to_student: Tensor, student_size: t
         that row ``i`` always corresponds to teacher proposal ``i``.
     """
     return project_boxes(proposals, teacher_to_student, student_size)
+
+
+def assign_one_to_one(index: Tensor, iou: Tensor, priority: Tensor, num_student: int) -> Tensor:
+    """An injective pairing: in decreasing ``priority``, each teacher anchor takes its candidate of
+    largest IoU that no teacher anchor before it took (serial dictatorship).
+
+    Computed as deferred acceptance in rounds (each free teacher anchor proposes to its next
+    candidate, a student anchor keeps its highest-priority proposer and frees the one it held),
+    which gives exactly the serial result since every student anchor ranks teacher anchors by
+    the same ``priority``; at most ``N C`` proposals in all.
+
+    Args:
+        index: (N, C) int64 candidate student anchors of each teacher anchor.
+        iou: (N, C) IoU of each candidate, <= 0 for a slot that is no candidate.
+        priority: (N,) float teacher objectness; ties go to the higher teacher index.
+        num_student: A_s.
+
+    Returns:
+        (N,) int64 student anchor of each teacher anchor, -1 when every candidate was taken by a
+        teacher anchor of higher priority (or it has none); no student anchor appears twice.
+    """
+    n, c = index.shape
+    partner = torch.full((n,), -1, dtype=torch.int64, device=index.device)
+    if n == 0 or c == 0:
+        return partner
+    order = torch.argsort(iou, dim=1, descending=True, stable=True)  # nearer cells first on IoU ties
+    pref = index.gather(1, order)  # (N, C) candidates, best first
+    usable = (iou.gather(1, order) > 0).sum(1)  # (N,) candidates with IoU > 0
+    rank = torch.empty(n, dtype=torch.int64, device=index.device)
+    rank[torch.argsort(priority, stable=True)] = torch.arange(n, device=index.device)
+    holder_rank = torch.full((num_student,), -1, dtype=torch.int64, device=index.device)
+    holder = torch.full((num_student,), -1, dtype=torch.int64, device=index.device)
+    nxt = torch.zeros(n, dtype=torch.int64, device=index.device)
+    while True:
+        free = ((partner < 0) & (nxt < usable)).nonzero().squeeze(1)
+        if free.numel() == 0:
+            return partner
+        want = pref[free, nxt[free]]
+        best = holder_rank.scatter_reduce(0, want, rank[free], reduce="amax", include_self=True)
+        won = best[want] == rank[free]
+        taken = want[won]
+        displaced = holder[taken]
+        displaced = displaced[displaced >= 0]
+        partner[displaced] = -1
+        nxt[displaced] += 1
+        nxt[free[~won]] += 1
+        partner[free[won]] = taken
+        holder[taken], holder_rank[taken] = free[won], rank[free[won]]
+
+
+def match_anchors_one_to_one(mapped_boxes: Tensor, priority: Tensor, grid: AnchorGrid, canonical: float,
+                             radius: int = 1, levels: Tensor | None = None, half_up: bool = False) -> Tensor:
+    """:func:`match_anchors` made injective (``dtg.rpn.transfer=one_to_one``): the same candidates
+    (level, cell window, IoU > 0), paired by :func:`assign_one_to_one` in decreasing ``priority``.
+
+    Args:
+        mapped_boxes: (N, 4) teacher anchors in the student view; priority: (N,) their objectness.
+        Others: as :func:`match_anchors`.
+
+    Returns:
+        (N,) int64 index into ``grid.anchors`` or -1; no index appears twice.
+    """
+    if mapped_boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=mapped_boxes.device)
+    index, iou = _candidate_ious(mapped_boxes, grid, canonical, radius, levels, half_up)
+    proper = (mapped_boxes[:, 2] > mapped_boxes[:, 0]) & (mapped_boxes[:, 3] > mapped_boxes[:, 1])
+    iou = torch.where(proper[:, None], iou, -1.0)
+    return assign_one_to_one(index, iou, priority, grid.anchors.shape[0])

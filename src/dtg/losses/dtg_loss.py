@@ -26,6 +26,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from dtg.losses.focal import softmax_focal_loss
 from dtg.losses.inc import IncTargets
+from dtg.losses.rank_matching import cluster_kl, rank_matching_loss
 
 NORMALIZATIONS = ("cluster", "samples", "supervised")
 
@@ -160,3 +161,44 @@ def inc_regression_loss(deltas: Tensor, targets: IncTargets, normalize: str = "c
     if normalize == "supervised":
         return zero + per_sample.sum() / denominator
     return zero + cluster_mean(per_sample, targets.cluster[idx])
+
+
+RM_SCALES = ("inc", "clusters")
+
+
+def inc_rank_matching_loss(student_scores: Tensor, teacher_scores: Tensor, cluster: Tensor,
+                           normalize: str = "cluster", T: float = 1.0, scale: str = "inc",
+                           denominator: int | None = None, labelled: int = 0) -> Tensor:
+    """Rank Matching over clusters, on the scale of the INC losses (docs/method.md, "Rank Matching").
+
+    ``scale="inc"`` combines the per-cluster KL ``L_j`` (:func:`cluster_kl`) the way ``normalize``
+    combines INC's per-member losses, so that ``L_RM / L_cls`` does not depend on the
+    normalisation and ``rm_weight`` is the paper's beta: ``cluster``: the mean of ``L_j`` over
+    every cluster (a one-member cluster adds 0 and counts, as the paper writes); ``samples``:
+    ``sum_j N_j L_j / labelled``; ``supervised``: ``sum_j N_j L_j / denominator``. A cluster of
+    ``N_j`` members thus weighs in RM what its members weigh in INC. ``scale="clusters"`` (before
+    issue 25): the mean of ``L_j`` over clusters of at least 2 members, whatever ``normalize``.
+
+    Args:
+        student_scores: (M,) the student's score of each cluster member for its cluster's class
+            (or its objectness); teacher_scores: (M,) the teacher's (no gradient reaches them).
+        cluster: (M,) int64 cluster id of each member (``IncTargets.cluster`` of the members).
+        denominator: the supervised denominator; ``"supervised"`` only.
+        labelled: the number of labelled samples (``IncTargets.classes >= 0``); ``"samples"`` only.
+
+    Returns:
+        A scalar attached to ``student_scores``'s graph.
+    """
+    _check_normalize(normalize, denominator)
+    if scale not in RM_SCALES:
+        raise ValueError(f"scale must be one of {RM_SCALES}, got {scale!r}")
+    if scale == "clusters":
+        return rank_matching_loss(student_scores, teacher_scores, cluster, T)
+    zero = (student_scores.to(torch.promote_types(student_scores.dtype, torch.float32)) * 0.0).sum()
+    if cluster.numel() == 0:
+        return zero
+    kl, counts = cluster_kl(student_scores, teacher_scores, cluster, T)
+    if normalize == "cluster":
+        return zero + kl.mean()
+    den = denominator if normalize == "supervised" else max(labelled, 1)
+    return zero + (kl * counts.to(kl.dtype)).sum() / den

@@ -20,11 +20,14 @@ from torchvision.models.detection._utils import BoxCoder
 
 from dtg.config import RcnnStageConfig, RpnStageConfig
 from dtg.geometry import valid_boxes
-from dtg.losses.correspondence import AnchorGrid, area_levels, map_anchors, map_proposals, match_anchors
+from dtg.losses.correspondence import (
+    AnchorGrid, area_levels, map_anchors, map_proposals, match_anchors, match_anchors_one_to_one,
+)
 from dtg.losses.inc import MIN_BOX_SIZE, IncTargets, check_choice, rcnn_inc_targets, rpn_inc_targets
 
 ANCHOR_LEVELS = ("box", "area")
 ANCHOR_TIES = ("even", "up")
+TRANSFERS = ("max", "one_to_one")
 
 
 class RcnnImageTargets(NamedTuple):
@@ -69,16 +72,23 @@ def rcnn_image_targets(
 
 
 def anchor_partners(teacher_anchors: Tensor, teacher_to_student: Tensor, grid: AnchorGrid, canonical: float,
-                    stage: RpnStageConfig) -> Tensor:
+                    stage: RpnStageConfig, objectness: Tensor | None = None) -> Tensor:
     """(A_t,) int64 student anchor paired with each (A_t, 4) teacher anchor, -1 for none (``stage.anchor_level``,
-    ``stage.anchor_ties``, ``stage.anchor_radius``); ``canonical`` is the anchor size of FPN level 0
-    (``model.anchor_sizes[0]``)."""
+    ``stage.anchor_ties``, ``stage.anchor_radius``, ``stage.transfer``); ``canonical`` is the anchor size of
+    FPN level 0 (``model.anchor_sizes[0]``); ``objectness`` (A_t,) orders the teacher anchors for
+    ``transfer=one_to_one`` (:func:`~dtg.losses.correspondence.match_anchors_one_to_one`)."""
     check_choice("anchor_level", stage.anchor_level, ANCHOR_LEVELS)
     levels = (area_levels(teacher_anchors, teacher_to_student, grid.num_levels, canonical)
               if stage.anchor_level == "area" else None)
     check_choice("anchor_ties", stage.anchor_ties, ANCHOR_TIES)
-    return match_anchors(map_anchors(teacher_anchors, teacher_to_student), grid, canonical,
-                         stage.anchor_radius, levels, stage.anchor_ties == "up")
+    check_choice("transfer", stage.transfer, TRANSFERS)
+    mapped = map_anchors(teacher_anchors, teacher_to_student)
+    if stage.transfer == "one_to_one":
+        if objectness is None:
+            raise ValueError("transfer='one_to_one' needs the teacher anchors' objectness")
+        return match_anchors_one_to_one(mapped, objectness, grid, canonical, stage.anchor_radius, levels,
+                                        stage.anchor_ties == "up")
+    return match_anchors(mapped, grid, canonical, stage.anchor_radius, levels, stage.anchor_ties == "up")
 
 
 def rpn_image_targets(
@@ -103,7 +113,7 @@ def rpn_image_targets(
     Returns:
         :class:`IncTargets` over ``grid.anchors``.
     """
-    partner = anchor_partners(teacher_anchors, teacher_to_student, grid, canonical, stage)
+    partner = anchor_partners(teacher_anchors, teacher_to_student, grid, canonical, stage, teacher_objectness)
     return rpn_inc_targets(
         teacher_objectness, teacher_deltas, teacher_anchors, teacher_levels, partner, grid.anchors,
         teacher_to_student, student_size, teacher_size, box_coder,

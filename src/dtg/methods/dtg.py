@@ -23,14 +23,15 @@ from torch import Tensor
 from dtg.config import Config
 from dtg.geometry import teacher_to_student
 from dtg.losses.correspondence import AnchorGrid, anchor_grid
-from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas
+from dtg.losses.dtg_loss import (
+    inc_classification_loss, inc_objectness_loss, inc_rank_matching_loss, inc_regression_loss, select_class_deltas,
+)
 from dtg.losses.inc import IncTargets
 from dtg.losses.inc_image import (
     RcnnImageTargets, concat_targets, keep_members_and_sample_background, rcnn_image_targets,
     rpn_image_targets, take_samples,
 )
 from dtg.losses.pseudo_label import background_to_ignore
-from dtg.losses.rank_matching import rank_matching_loss
 from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, strong_sizes, weak_images
 from dtg.methods.sparse import pseudo_box_targets
 from dtg.models.detector import DenseLayout, DenseOutputs, Detector
@@ -206,11 +207,17 @@ class DTGMethod(TwoCallMethod):
             else:
                 p_s = s_logits[member].gather(1, cls[:, None]).squeeze(1)
                 p_t = rt.teacher_logits[member].gather(1, cls[:, None]).squeeze(1)
-            out["unsup_rcnn_rm"] = d.rm_weight * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+            out["unsup_rcnn_rm"] = d.rm_weight * self._rank_matching(p_s, p_t, tgt, den)
         n = max(len(rois), 1)
         stats["rcnn_clusters_per_image"] = tgt.num_clusters / n
         stats["rcnn_members_per_image"] = float((tgt.cluster >= 0).sum()) / n
         return out
+
+    def _rank_matching(self, p_s: Tensor, p_t: Tensor, tgt: IncTargets, denominator: int) -> Tensor:
+        """L_RM of a stage's (M,) member scores, on the scale ``dtg.rm_scale`` says (:func:`inc_rank_matching_loss`)."""
+        d = self.d
+        return inc_rank_matching_loss(p_s, p_t, tgt.cluster[tgt.cluster >= 0], d.normalize, d.T, d.rm_scale,
+                                      denominator, labelled=int((tgt.classes >= 0).sum()))
 
     # ------------------------------------------------------------------ RPN
     def rpn_targets(self, teacher: Detector, tt: DTGTargets) -> RpnTargets:
@@ -244,7 +251,7 @@ class DTGMethod(TwoCallMethod):
                 p_s, p_t = obj[member].sigmoid(), tgt.teacher_scores[member]
             else:
                 p_s, p_t = obj[member], torch.logit(tgt.teacher_scores[member], eps=1e-6)
-            out["unsup_rpn_rm"] = d.rm_weight * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
+            out["unsup_rpn_rm"] = d.rm_weight * self._rank_matching(p_s, p_t, tgt, den)
         n = max(n_img, 1)
         stats["rpn_clusters_per_image"] = tgt.num_clusters / n
         stats["rpn_members_per_image"] = float((tgt.cluster >= 0).sum()) / n
