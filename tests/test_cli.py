@@ -128,9 +128,24 @@ def test_demo_trains_methods_side_by_side_and_refuses_a_stale_folder(tiny_datase
     assert header.endswith("| gain over supervised |") and sup_row.endswith("| - |")
     assert sparse_row.endswith(f"| {ap['sparse'] - ap['supervised']:+.1f} |")
     assert "one seed (0)" in out and "dtg bench reproduce" in out
+    assert "Time: data and weights" in err and "burn-in" in err and "methods" in err
+    png = tmp_path / "demo" / "demo.png"
+    assert f"written: {png}" in err and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(argv + ["--set", "solver.lr=0.001"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a run with another config" in err[0]
+
+
+def test_demo_preset_is_the_pretrained_regime_with_portable_kernels():
+    """``dtg demo`` without --config reads the packaged preset: ImageNet MobileNetV2 with frozen BN,
+    1 % labeled, a burn-in branched inside the schedule, the kernels that agree across x86 vendors."""
+    from dtg.cli import DEMO_PRESET
+
+    cfg = load_config(DEMO_PRESET)
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.norm) == ("mobilenet_v2", "imagenet", "frozen_bn")
+    assert cfg.cpu_kernels == "portable" and cfg.synth.labeled_percent == 1.0
+    assert 0 < cfg.semi.burn_in < cfg.solver.max_iter and all(s > cfg.semi.burn_in for s in cfg.solver.steps)
+    assert Path(cfg.data.train_json).parent.parent == Path(cfg.synth.out_dir)
 
 
 def test_synth_writes_no_redrawn_bar_into_a_log(tmp_path, capsys):

@@ -14,8 +14,9 @@ from dtg.config import Config, ConfigError, load_config
 if TYPE_CHECKING:
     from dtg.run_exec import Run
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file overriding the built-in defaults (which are configs/embedded.yaml)")
+def _add_config_args(p: argparse.ArgumentParser, default: str = "") -> None:
+    p.add_argument("--config", help="YAML file overriding the built-in defaults (which are configs/embedded.yaml)"
+                   + (f"; default: {default}" if default else ""))
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config key, e.g. --set solver.max_iter=200 --set solver.steps=[150,180] (repeatable)",
@@ -186,11 +187,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dtg.run_exec import Run, branch_from, execute
     from dtg.run_identity import git_state, iteration_checkpoint
 
+    if args.config is None:
+        args.config = str(DEMO_PRESET)
     cfg = _config(args)
     t_start = time.perf_counter()
+    phases: dict[str, float] = {}
     paths = generate(cfg.synth, progress=_bars(args))
     log = lambda m: print(f"[demo] {m}", file=sys.stderr, flush=True)  # noqa: E731
     resolve_pretrained(cfg.model.pretrained, cfg.model.backbone, log)  # fetched once, before the subprocesses
+    phases["data and weights"] = time.perf_counter() - t_start
     methods = list(dict.fromkeys(args.methods))
     runs: dict[str, Run] = {}
     for method in methods:
@@ -218,13 +223,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         log(f"phase 1: the supervised burn-in, {burn_in} iterations, {cfg.threads or cores} threads")
         first = Run(parent.key, parent.cfg, parent.out, parent.uses or [("supervised burn-in", cfg.seed)],
                     stop_at=burn_in)
+        t0 = time.perf_counter()
         status.update(execute({parent.key: first}, 1, cfg.threads or cores, log))
+        phases["burn-in"] = time.perf_counter() - t0
     jobs = max(1, min(args.jobs or len(runs), len(runs)))
     threads = cfg.threads or max(1, cores // jobs)
     if branching:
         log(f"phase 2: {', '.join(runs)} side by side, {threads} thread{'s' if threads > 1 else ''} each")
+    t0 = time.perf_counter()
     status.update(execute(runs, jobs, threads, log))
-    return _demo_report(runs, status, cfg, time.perf_counter() - t_start)
+    phases["methods"] = time.perf_counter() - t0
+    code = _demo_report(runs, status, cfg, time.perf_counter() - t_start)
+    print("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()), file=sys.stderr)
+    _demo_plot(runs, parent, cfg)
+    return code
+
+
+def _demo_plot(runs: dict, parent: "Run | None", cfg: Any) -> None:
+    """``OUTPUT_DIR/demo.png``: teacher AP against iteration for each method (a branched method's curve
+    starts with the supervised run's evaluations up to the burn-in it starts from)."""
+    from dtg.bench.report import plot_curves, read_curve
+
+    start = [p for p in read_curve(parent.out) if p[0] <= cfg.semi.burn_in] if parent is not None else []
+    curves = {}
+    for method, run in runs.items():
+        own = read_curve(run.out)
+        curves[method] = [(start if run.needs is not None else []) + own] if own else []
+    path = Path(cfg.output_dir) / "demo.png"
+    plot_curves(curves, path, f"dtg demo: teacher AP (%) on {cfg.data.val_json}, seed {cfg.seed}")
+    print(f"written: {path}", file=sys.stderr)
+
+
+DEMO_PRESET = Path(__file__).resolve().parent / "presets" / "demo.yaml"  # dtg demo's config (packaged)
 
 
 def _demo_report(runs: dict, status: dict[str, str], cfg: Any, seconds: float) -> int:
@@ -313,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("demo", help="the main job: synth + train + eval on the embedded default, print a table")
-    _add_config_args(p)
+    p = sub.add_parser("demo", help="the main job: synth + train + eval in the pretrained regime, print a table")
+    _add_config_args(p, default=f"the demo preset, {DEMO_PRESET.relative_to(Path(__file__).resolve().parent.parent)}")
     _add_skip_bad(p)
     p.add_argument(
         "--methods", nargs="+", default=list(MAIN_METHODS), choices=method_names(),

@@ -314,3 +314,15 @@ def plot(rows: Sequence[RowResult], curves: dict[str, list[Curve]], path: Path, 
     _curves(draw, (10, 40 + bar_h + 20, width - 10, img.height - 5), curves, font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
+
+
+def plot_curves(curves: dict[str, list[Curve]], path: Path, title: str) -> None:
+    """Write ``path`` (PNG): teacher AP against iteration, one colour per name (e.g. the demo's methods)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (900, 420), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 8), title, fill="black", font=_font(16))
+    _curves(draw, (10, 36, img.width - 10, img.height - 5), curves, _font(13))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
