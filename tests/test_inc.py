@@ -343,3 +343,53 @@ def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -
     # members alone above the budget: all of them, no background; budget above the samples: all usable ones
     assert keep_members_and_sample_background(t, 2, g).tolist() == [3, 4, 10]
     assert keep_members_and_sample_background(t, 100, g).numel() == n - 2
+
+
+# ----------------------------------------------------------------------------- which members stay positives
+
+from dtg.losses.inc import keep_members, rank_within  # noqa: E402
+
+
+def test_rank_within_segments() -> None:
+    assert rank_within(torch.tensor([0, 1, 0, 1, 0]), torch.tensor([0.1, 0.5, 0.9, 0.2, 0.5])).tolist() == [2, 0, 0, 1, 1]
+    assert rank_within(torch.tensor([2, 2]), torch.tensor([0.3, 0.3])).tolist() == [0, 1]  # ties: lower index first
+
+
+def test_keep_members_by_overlap_and_dynamic_topk() -> None:
+    cluster = torch.tensor([3, 3, 3, 3, 7, 7])
+    overlap = torch.tensor([0.9, 0.8, 0.3, 0.6, 0.4, 0.2])
+    score = torch.tensor([0.9, 0.5, 0.99, 0.6, 0.9, 0.9])
+    assert keep_members(cluster, overlap, score).tolist() == [True] * 6
+    assert keep_members(cluster, overlap, score, min_iou=0.5).tolist() == [True, True, False, True, False, False]
+    # cluster 3: k = int(0.9 + 0.8 + 0.3 + 0.6) = 2, quality sqrt(IoU x score) = .90, .63, .55, .60 -> rows 0, 1;
+    # cluster 7: k = max(1, int(0.6)) = 1 -> row 4 (quality .60 vs .42)
+    assert keep_members(cluster, overlap, score, topk=True).tolist() == [True, True, False, False, True, False]
+    # the IoU rule first: cluster 7 loses both; cluster 3's k from the IoUs left (0.9 + 0.8 + 0.6 -> 2)
+    assert keep_members(cluster, overlap, score, 0.5, True).tolist() == [True, True, False, False, False, False]
+    assert keep_members(cluster[:0], overlap[:0], score[:0], 0.5, True).numel() == 0
+
+
+def test_rcnn_member_iou_makes_a_partial_proposal_background_and_renumbers() -> None:
+    # Proposal 1 covers a quarter of the object; the teacher regressed it onto the object, so it
+    # joins cluster 0 (kept box 0). With member_iou 0.5 it becomes background; proposal 4's
+    # cluster stays, renumbered to 1 when needed.
+    boxes = torch.tensor([[10, 10, 50, 50], [11, 10, 51, 50], [100, 100, 140, 150]], dtype=torch.float64)
+    proposals = torch.tensor([[11, 11, 49, 51], [10, 10, 30, 30], [98, 102, 141, 149]], dtype=torch.float64)
+    probs = torch.tensor([[0.05, 0.05, 0.9], [0.1, 0.1, 0.8], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    deltas = torch.zeros(3, 3, 4, dtype=torch.float64)
+    cls = probs[:, 1:].argmax(1) + 1
+    deltas[torch.arange(3), cls] = RCNN_CODER.encode_single(boxes, proposals)
+    args = (probs.log(), deltas.reshape(3, 12), proposals, proposals, EYE, (200, 200), RCNN_CODER)
+    every = rcnn_inc_targets(*args)
+    assert every.labels.tolist() == [2, 2, 1] and every.cluster.tolist() == [0, 0, 1]
+    pruned = rcnn_inc_targets(*args, member_iou=0.5)
+    assert pruned.labels.tolist() == [2, 0, 1] and pruned.cluster.tolist() == [0, -1, 1]
+    assert pruned.num_clusters == 2 and pruned.reg_mask.tolist() == [True, False, True]
+    assert torch.equal(pruned.reg_targets[[0, 2]], every.reg_targets[[0, 2]])
+    # IoUs with the kept boxes: 0.95, 0.25 (cluster 0) and 0.88 (cluster 1, gone at 0.9)
+    gone = rcnn_inc_targets(*args, member_iou=0.9)
+    assert gone.cluster.tolist() == [0, -1, -1] and gone.labels.tolist() == [2, 0, 0] and gone.num_clusters == 1
+    banded = rcnn_inc_targets(*args, member_iou=0.5, uncertain=0.1, tau=0.45)  # a band ignores unsure non-candidates,
+    assert banded.labels.tolist() == [2, 0, 1]  # not a pruned member: the teacher was sure of it
+    topk = rcnn_inc_targets(*args, member_topk=True)  # cluster 0: k = int(IoUs 0.95 + 0.25) = 1
+    assert topk.labels.tolist() == [2, 0, 1]

@@ -66,6 +66,7 @@ ABLATIONS = {
     "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.rm_weight=1.0"],
     "uncertain_band": ["dtg.rpn.uncertain=0.1", "dtg.rcnn.uncertain=0.01"],
     "paper_scales": ["dtg.rm_scale=inc", "dtg.rpn.transfer=one_to_one", "dtg.normalize=cluster"],
+    "rcnn_members_pruned": ["dtg.rcnn.member_iou=0.3", "dtg.rcnn.member_topk=true"],
 }
 
 
@@ -416,6 +417,21 @@ def test_rpn_target_switches_change_the_rpn_targets_only(switches, default, over
     changed = [not same_targets(a, b) for a, b in zip(t.rpn.images, tg.rpn.images)]
     assert changed == ([True, True] if item is None else [i == item for i in range(2)])
     assert differ(losses, base, ["unsup_rpn_cls", "unsup_rpn_reg"]) or differ(losses, base, ["unsup_rpn_rm"])
+
+
+@pytest.mark.parametrize("override", ["dtg.rcnn.member_iou=0.9", "dtg.rcnn.member_topk=true"])
+def test_member_pruning_turns_rcnn_members_into_background_only(switches, default, override):
+    """``dtg.rcnn.member_iou`` / ``member_topk``: some R-CNN members become background, none is added,
+    the clusters left are renumbered; the RPN stage is bit-identical."""
+    tg, base, _ = default
+    t, losses, _ = switches.run(override)
+    assert same_targets(t.rpn.targets, tg.rpn.targets) and same(losses, base, RPN_KEYS)
+    got, want = t.rcnn.targets, tg.rcnn.targets
+    was, now = want.cluster >= 0, got.cluster >= 0
+    assert bool((now <= was).all()) and int(now.sum()) < int(was.sum())
+    assert bool((got.labels[was & ~now] == 0).all())
+    assert torch.equal(got.labels[now], want.labels[now]) and got.num_clusters == int(got.cluster[now].unique().numel())
+    assert differ(losses, base, ["unsup_rcnn_cls"])
 
 
 def test_one_to_one_transfer_labels_more_student_anchors_and_leaves_the_rcnn_alone(switches, default):

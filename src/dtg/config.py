@@ -214,6 +214,11 @@ class RcnnStageConfig(StageConfig):
     # cost switch: keep every member, sample the background down to model.roi_batch_size_per_image
     # RoIs per image, so that the student's box head sees what it sees in a sparse step
     subsample: bool = False
+    # members that stay positives (the rest background): those whose proposal overlaps the cluster's
+    # kept box by IoU >= member_iou (0: all), then with member_topk the k best by sqrt(IoU x score),
+    # k = max(1, int(sum of the 12 largest IoUs)) per cluster (the DTG authors' later PseCo)
+    member_iou: Prob = 0.0
+    member_topk: bool = False
 
 
 @dataclass

@@ -41,6 +41,8 @@ NEUTRAL_KEYS: dict[str, Any] = {
     "semi.strong_bn_stats": True,
     "dtg.rm_scale": "clusters",
     "dtg.rpn_transfer": "max",
+    "dtg.rcnn_member_iou": 0.0,
+    "dtg.rcnn_member_topk": False,
 }
 
 

@@ -111,6 +111,8 @@ def rcnn_inc_targets(
     reg_labels: bool = True,
     teacher_size: tuple[int, int] | None = None,
     uncertain: float | None = None,
+    member_iou: float = 0.0,
+    member_topk: bool = False,
 ) -> IncTargets:
     """INC targets of the R-CNN stage for the P student RoIs of one image (docs/method.md).
 
@@ -137,9 +139,12 @@ def rcnn_inc_targets(
         uncertain: when given (< ``tau``), non-candidates with ``uncertain <= p < tau`` are
             ignored (-1) instead of background: an unsure teacher does not teach "background"
             on what may be an object. ``None`` (the paper): every non-candidate is background.
+        member_iou / member_topk: which members stay positives (:func:`keep_members`); the others
+            become background. ``0.0`` / ``False``: every member (the paper).
 
     Returns:
-        :class:`IncTargets` over the P RoIs; cluster ids are NMS keep positions 0..num_clusters-1.
+        :class:`IncTargets` over the P RoIs; cluster ids are 0..num_clusters-1 in NMS keep order
+        (renumbered over the clusters that keep a member).
     """
     check_choice("reg_target", reg_target, REG_TARGETS)
     num = teacher_logits.shape[0]
@@ -155,15 +160,79 @@ def rcnn_inc_targets(
 
     cand = (p >= tau).nonzero().squeeze(1)
     keep, clus = nms_clusters(boxes[cand], p[cand], c[cand], iou_threshold)
+    kept_box = cand[keep[clus]]  # (C,) the proposal whose box is each candidate's cluster target
+    if member_iou > 0 or member_topk:
+        overlap = paired_box_iou(teacher_proposals[cand].to(dtype), boxes[kept_box])
+        stay = keep_members(clus, overlap, p[cand], member_iou, member_topk)
+        cand, kept_box = cand[stay], kept_box[stay]
+        clus = torch.unique(clus[stay], return_inverse=True)[1]  # clusters left, in keep order
     cluster = torch.full((num,), -1, dtype=torch.int64, device=c.device)
     cluster[cand] = clus
     background = p < uncertain if uncertain is not None and uncertain < tau else torch.ones_like(p, dtype=torch.bool)
+    background = background | (p >= tau)  # candidates that are no member any more (member_iou / member_topk)
     classes = torch.where(cluster >= 0, c, torch.where(background, 0, -1))
     target = boxes.clone()
     if reg_target == "kept":
-        target[cand] = boxes[cand[keep[clus]]]
+        target[cand] = boxes[kept_box]
     target = project_boxes(target, teacher_to_student, student_size)
     return _assemble(classes, cluster, p, target, student_rois, box_coder, cls_labels, reg_labels)
+
+
+def paired_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(N,) IoU of ``a[i]`` with ``b[i]``, both (N, 4) xyxy."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(dim=1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
+
+
+TOPK_IOUS = 12  # the IoUs summed for a cluster's dynamic k (keep_members)
+
+
+def keep_members(cluster: Tensor, overlap: Tensor, score: Tensor, min_iou: float = 0.0, topk: bool = False) -> Tensor:
+    """Which cluster members stay positives (``dtg.rcnn.member_iou``, ``dtg.rcnn.member_topk``).
+
+    ``min_iou > 0``: members whose *proposal* overlaps their cluster's kept box by at least
+    ``min_iou`` (a member joins its cluster through its regressed box, so its proposal can cover
+    a fraction of the object; torchvision's sampler calls such a proposal background below 0.5).
+    ``topk``: in each cluster the ``k`` members of largest ``sqrt(overlap * score)``, with
+    ``k = max(1, int(sum of the cluster's 12 largest overlaps)))``, the dynamic k of the
+    DTG authors' later label assignment (PseCo); applied after ``min_iou``.
+
+    Args:
+        cluster: (M,) int64 cluster id of each member (any non-negative ids).
+        overlap: (M,) IoU of each member's proposal with its cluster's kept box.
+        score: (M,) the teacher's score of each member.
+
+    Returns:
+        (M,) bool, True for members that stay.
+    """
+    stay = overlap >= min_iou if min_iou > 0 else torch.ones_like(cluster, dtype=torch.bool)
+    if not topk or cluster.numel() == 0:
+        return stay
+    _, seg = torch.unique(cluster, return_inverse=True)
+    ov = torch.where(stay, overlap, 0.0)
+    top_sum = torch.zeros(int(seg.max()) + 1, dtype=ov.dtype, device=ov.device).index_add(
+        0, seg, torch.where(rank_within(seg, ov) < TOPK_IOUS, ov, 0.0))
+    k = top_sum.floor().to(torch.int64).clamp(min=1)
+    quality = torch.where(stay, (overlap * score).clamp(min=0).sqrt(), -1.0)
+    return stay & (rank_within(seg, quality) < k[seg])
+
+
+def rank_within(segment: Tensor, value: Tensor) -> Tensor:
+    """(M,) int64 rank of each value within its segment, largest first (0 = largest; ties: lower index first).
+
+    Args:
+        segment: (M,) int64 ids in [0, S); value: (M,) float.
+    """
+    by_value = torch.argsort(value, descending=True, stable=True)
+    order = by_value[torch.argsort(segment[by_value], stable=True)]  # by segment, then by value
+    counts = torch.bincount(segment, minlength=int(segment.max()) + 1 if segment.numel() else 0)
+    start = counts.cumsum(0) - counts
+    rank = torch.empty_like(segment)
+    rank[order] = torch.arange(segment.numel(), device=segment.device) - start[segment[order]]
+    return rank
 
 
 def _top_n_per_level(scores: Tensor, levels: Tensor, n: int) -> Tensor:

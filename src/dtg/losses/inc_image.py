@@ -65,7 +65,7 @@ def rcnn_image_targets(
         teacher_logits, teacher_deltas, proposals, rois, teacher_to_student, student_size, box_coder,
         tau=stage.tau, iou_threshold=stage.nms, reg_target=stage.reg_target,
         cls_labels=stage.inc_cls, reg_labels=stage.inc_reg, teacher_size=teacher_size,
-        uncertain=stage.uncertain,
+        uncertain=stage.uncertain, member_iou=stage.member_iou, member_topk=stage.member_topk,
     )
     outside = ~valid_boxes(rois, MIN_BOX_SIZE)  # left the student view
     return RcnnImageTargets(rois, ignore_samples(tg, outside), tg, outside)
