@@ -18,6 +18,9 @@ Sections:
            thresholds; peak GPU memory with CUDA).
   gpu      with CUDA only: R50-FPN, 1 + 4 images of 1333 x 800, fp32 and AMP, step time and peak
            memory of the three methods and the lower bound.
+  cpu-kernels  the step section under cpu_kernels fast and portable, each in fresh processes,
+           interleaved over --rounds rounds: what portable kernels cost per step (not in the default
+           set of sections: name it).
 
 Weights are random (or --checkpoint's); the teacher's thresholds are then calibrated on the first
 batch (--rpn-frac, --rcnn-frac, --pseudo-per-image) so that clusters and pseudo boxes exist, and
@@ -28,6 +31,7 @@ printed before and after.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -37,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-SECTIONS = ("step", "kernels", "data", "eval", "memory", "gpu")
+SECTIONS = ("step", "kernels", "data", "eval", "memory", "gpu", "cpu-kernels")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -46,7 +50,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML over the built-in defaults (default: the embedded config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=[s for s in SECTIONS if s != "cpu-kernels"])
     p.add_argument("--repeat", type=int, default=5, help="measured steps / calls per case (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per method first (default 2)")
     p.add_argument("--out", default="runs/speed/speed.md", help="markdown file to write (default runs/speed/speed.md)")
@@ -65,6 +69,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mem-steps", type=int, default=20)
     p.add_argument("--mem-methods", nargs="+", default=["dtg"], choices=["supervised", "sparse", "dtg"])
     p.add_argument("--gpu-pretrained", help="local ResNet-50 weights for the gpu section (else random init, GroupNorm)")
+    p.add_argument("--rounds", type=int, default=3, help="cpu-kernels: interleaved rounds per mode (default 3)")
+    p.add_argument("--medians-json", help=argparse.SUPPRESS)  # cpu-kernels' subprocesses: the step medians as JSON
     p.set_defaults(func=cmd_speed)
     return p
 
@@ -143,6 +149,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
         if need_step:
             out.append("## (a) step cost\n")
             shared = step_section(trainer, args, out)
+            if args.medians_json:
+                Path(args.medians_json).write_text(json.dumps(shared["medians"]))
         if args.profile:
             out.append(f"## profile of {args.profile_steps} dtg steps\n")
             out.append(ss.profile_steps(trainer, shared["steps"], "dtg", shared["mixed"][: args.profile_steps]))
@@ -180,6 +188,13 @@ def cmd_speed(args: argparse.Namespace) -> int:
                        "pages it shares with the trainer since the fork.)\n")
             out.append(f"\nthis benchmark process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f}"
                        " MiB (all sections so far)\n")
+        if "cpu-kernels" in sections:
+            from dtg.bench.speed_kernels import kernels_section
+
+            passed = [*(["--config", args.config] if args.config else []), *[a for o in args.overrides for a in ("--set", o)],
+                      "--repeat", str(args.repeat), "--warmup", str(args.warmup)]
+            out.append("## (g) cpu_kernels: portable against fast, per step\n")
+            out.append(kernels_section(passed, args.rounds, lambda m: print(f"[speed] {m}", file=sys.stderr, flush=True)))
         if "gpu" in sections:
             out.append("## (f) GPU: R50-FPN, 1333 x 800, 1 + 4 images\n")
             gpu_section(args, out)

@@ -187,7 +187,8 @@ def _ratio(a: float, b: float, target: float) -> str:
 def measure(trainer: Trainer, args: Any, interleave: bool) -> tuple[list[str], dict[str, Any]]:
     """The step-cost table of ``trainer``'s config (``args``: repeat, warmup, profile_steps, thresholds).
 
-    Returns markdown lines and ``{"mixed": batches, "steps": ..., "dtg_median": s}`` for later sections.
+    Returns markdown lines and ``{"mixed": batches, "steps": ..., "dtg_median": s, "medians": {method: s}}``
+    for later sections.
     """
     cfg, dev, out = trainer.cfg, trainer.device, []
     n_l, n_u = cfg.data.batch_labeled, cfg.data.batch_unlabeled
@@ -222,7 +223,8 @@ def measure(trainer: Trainer, args: Any, interleave: bool) -> tuple[list[str], d
                f"dtg / sparse = {_ratio(res['dtg'].median, res['sparse'].median, 1.05)} by medians, "
                f"{_ratio(best['dtg'], best['sparse'], 1.05)} by minima (on a loaded machine the minima are "
                "closer to the uncontended cost).\n")
-    return out, {"mixed": mixed, "steps": steps, "dtg_median": res["dtg"].median}
+    return out, {"mixed": mixed, "steps": steps, "dtg_median": res["dtg"].median,
+                 "medians": {name: r.median for name, r in res.items()}}
 
 
 def profile_steps(trainer: Trainer, steps: dict[str, TrainStep], name: str, batches: list[Batch], top: int = 25
