@@ -118,6 +118,20 @@ class ProgressHook(HookBase):
         self.plain = False
         self.bar: tqdm | None = None
         self.clock = (0.0, 0, 0.0)  # start time, its iteration, time of the last plain line
+        self.notes: list[str] = []  # this process's lines for the user (progress.json keeps the last KEEP_NOTES)
+
+    KEEP_NOTES = 20
+
+    def note(self, line: str) -> None:
+        """A line the user must see beside the progress (:mod:`dtg.engine.target_watch`): logged (above
+        the bar on a terminal) and kept in ``progress.json``'s ``notes``, which the monitor of ``dtg demo``
+        / ``dtg bench reproduce`` prints once (:class:`dtg.run_exec.ProgressMonitor`)."""
+        self.notes = [*self.notes, line][-self.KEEP_NOTES:]
+        if self.bar is not None and not self.bar.disable:
+            with self.bar.external_write_mode(file=sys.stderr):
+                self.trainer.log(line)
+        else:
+            self.trainer.log(line)
 
     def before_train(self) -> None:
         from tqdm import tqdm
@@ -146,7 +160,7 @@ class ProgressHook(HookBase):
         start, start_it, last_line = self.clock
         cfg = self.trainer.cfg
         now, it, total = time.perf_counter(), self.trainer.iteration, cfg.solver.max_iter
-        state = progress_state(cfg.method, it, total, now - start, it - start_it, scalars)
+        state = progress_state(cfg.method, it, total, now - start, it - start_it, scalars, self.notes)
         tmp = self.out / "progress.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(self.out / "progress.json")
