@@ -8,7 +8,9 @@ into the checkpoint, :mod:`dtg.engine.checkpoint`) and reads it back in
 :meth:`HookBase.load_state_dict`. The default hooks, in the order they run:
 
 * :class:`TensorBoardHook`: the ``tb/`` event file and the logged ``train/*`` scalars;
-* :class:`ProgressHook`: the progress bar, ``progress.json`` and the plain progress lines;
+* :class:`dtg.engine.target_watch.TargetWatchHook`: the teacher's targets per image at the start of
+  the unlabeled phase, and a warning when they vanish, collapse or explode (through the progress hook);
+* :class:`ProgressHook`: the progress bar, ``progress.json`` (with those lines) and the plain progress lines;
 * :class:`EvalHook`: periodic and final evaluation, the AP history and ``best.pth``;
 * :class:`TargetQualityHook`: ``targets/*`` scalars after each evaluation;
 * :class:`CheckpointHook`: ``last.pth`` every ``checkpoint_period`` and at the end, kept ``iter_*.pth``.
