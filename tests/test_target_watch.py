@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dtg.config import load_config
+from dtg.engine.checkpoint import load_checkpoint
 from dtg.engine.target_watch import Event, FigureWatch, TargetWatchHook, WatchRule
 from dtg.methods import build_method
 from dtg.run_exec import Run, run_one
@@ -202,3 +203,5 @@ def test_a_short_real_run_writes_the_burn_in_line_into_train_log(tiny_dataset, t
     assert line.startswith(f"{START} (iterations 3-5): R-CNN clusters ")
     assert "RPN members" in line and "WARNING" not in log  # these thresholds leave targets on a random teacher
     assert json.loads((run.out / "progress.json").read_text())["notes"] == [line]
+    watch = load_checkpoint(run.out / "checkpoints" / "last.pth")["target_watch"]  # what a resume reads back
+    assert watch["first"] == 3 and watch["figures"]["rpn_clusters_per_image"]["reference"] > 0
