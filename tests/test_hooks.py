@@ -13,6 +13,7 @@ from dtg.engine.checkpoint import load_checkpoint
 from dtg.engine.hooks import (
     CheckpointHook, EvalHook, HookBase, ProgressHook, TargetQualityHook, TensorBoardHook,
 )
+from dtg.engine.target_watch import TargetWatchHook
 from dtg.engine.trainer import Trainer
 
 from conftest import tiny_config
@@ -101,7 +102,8 @@ class Recorder(HookBase):
 def test_hooks_run_in_order_around_the_loop(tiny_dataset, tmp_path):
     cfg = tiny_config(tiny_dataset, tmp_path / "r", "solver.max_iter=3", "log_period=2", "eval_period=2")
     t = Trainer(cfg, log=lambda m: None, progress=False)
-    assert [type(h) for h in t.hooks] == [TensorBoardHook, ProgressHook, EvalHook, TargetQualityHook, CheckpointHook]
+    assert [type(h) for h in t.hooks] == [TensorBoardHook, TargetWatchHook, ProgressHook, EvalHook, TargetQualityHook,
+                                         CheckpointHook]
     calls: list = []
     t.register_hooks([Recorder("a", calls), Recorder("b", calls)])
     t.train()

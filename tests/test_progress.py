@@ -49,3 +49,26 @@ def test_monitor_prints_one_line_per_running_run(tmp_path):
     assert "trained a" in lines and lines.count("sparse/seed 1: starting") == 1
     assert [ln for ln in lines if ln.startswith("dtg/seed 0")] == [
         "dtg/seed 0 5/10 (50 %), 2.50 it/s, ETA 0:02, loss 1.000", "dtg/seed 0 6/10 (60 %), 2.50 it/s, ETA 0:02, loss 0.900"]
+
+
+def test_monitor_prints_each_note_of_a_run_once(tmp_path):
+    """The teacher targets' lines (progress.json's notes) reach ``dtg demo`` / ``dtg bench reproduce``: once
+    each, before the progress lines, and those a run wrote after the last round when it ends."""
+    a = Run("a", Config(), tmp_path / "a", [("dtg", 0)])
+    a.out.mkdir()
+    write = lambda it, notes: (a.out / "progress.json").write_text(  # noqa: E731
+        json.dumps(progress_state("dtg", it, 10, 1.0, it, {"loss": 1.0}, notes)))
+    write(5, ["start line"])
+    lines: list[str] = []
+    monitor = ProgressMonitor({"a": a}, lines.append, every=0.05)
+    monitor.start()
+    time.sleep(0.3)
+    write(6, ["start line", "WARNING one"])
+    time.sleep(0.3)
+    write(7, ["start line", "WARNING one", "WARNING two"])  # written after the last round ...
+    monitor.stop()
+    monitor.flush_notes(a)  # ... shown when the run ends
+    monitor.flush_notes(a)
+    notes = [ln for ln in lines if not ln.startswith("dtg/seed 0 ")]
+    assert notes == ["dtg/seed 0: start line", "dtg/seed 0: WARNING one", "dtg/seed 0: WARNING two"]
+    assert lines.index("dtg/seed 0: start line") < lines.index("dtg/seed 0 5/10 (50 %), 5.00 it/s, ETA 0:01, loss 1.000")

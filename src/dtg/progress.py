@@ -6,19 +6,21 @@ monitor of :mod:`dtg.run_exec` reads it. Imports nothing of dtg.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 MAIN_LOSSES = ("loss", "sup_rcnn_cls", "unsup_rcnn_cls", "unsup_rpn_cls")
 
 
 def progress_state(method: str, iteration: int, total: int, seconds: float, steps: int,
-                   scalars: dict[str, float]) -> dict[str, Any]:
+                   scalars: dict[str, float], notes: Sequence[str] = ()) -> dict[str, Any]:
     """What ``progress.json`` holds: method, iteration / total, it/s and ETA over this process's
-    ``steps`` in ``seconds``, and the main losses of the last logged step."""
+    ``steps`` in ``seconds``, the main losses of the last logged step and the ``notes`` for the user
+    (the teacher targets' lines, :mod:`dtg.engine.target_watch`; a monitor prints each once)."""
     rate = steps / seconds if seconds > 0 and steps > 0 else 0.0
     return {"method": method, "iteration": iteration, "total": total, "it_per_s": rate,
             "eta_s": (total - iteration) / rate if rate > 0 else None,
-            "losses": {k: float(scalars[k]) for k in MAIN_LOSSES if k in scalars}}
+            "losses": {k: float(scalars[k]) for k in MAIN_LOSSES if k in scalars}, "notes": list(notes)}
 
 
 def _clock(seconds: float | None) -> str:

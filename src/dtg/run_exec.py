@@ -169,6 +169,7 @@ def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], 
             status[run.key], seconds = run_one(run, threads)
         finally:
             running.pop(run.key, None)
+            monitor.flush_notes(run)  # what it said since the monitor's last round
         monitor.say(f"{status[run.key]} {run.key} ({label}) in {seconds:.0f} s")
 
     monitor.start()
@@ -204,9 +205,15 @@ def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], 
     return status
 
 
+def _label(run: Run) -> str:
+    return ", ".join(f"{row}/seed {s}" for row, s in run.uses) or f"burn-in {run.key}"
+
+
 class ProgressMonitor:
     """A thread that shows one progress line per running run: redrawn in place on a terminal
-    (every 2 s), printed as plain lines through ``log`` otherwise (every ``every`` seconds)."""
+    (every 2 s), printed as plain lines through ``log`` otherwise (every ``every`` seconds); and,
+    once each, through ``log``, the notes a run writes into its ``progress.json`` (the teacher
+    targets' lines, :mod:`dtg.engine.target_watch`)."""
 
     def __init__(self, running: dict[str, Run], log: Callable[[str], None], every: float = 30.0) -> None:
         import threading
@@ -215,6 +222,7 @@ class ProgressMonitor:
         self.every = 2.0 if self.tty else every
         self.drawn = 0
         self.last: dict[str, str] = {}  # per run, the line last printed (a log gets a line only when it changed)
+        self.seen: dict[str, set[str]] = {}  # per run, the notes already printed
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -239,12 +247,33 @@ class ProgressMonitor:
         out = []
         for run in list(self.running.values()):
             state = read_progress(run)
-            label = ", ".join(f"{row}/seed {s}" for row, s in run.uses) or f"burn-in {run.key}"
+            label = _label(run)
             line = progress_line(state, label) if state else f"{label}: starting"
             if not changed_only or self.last.get(run.key) != line:
                 out.append(line)
             self.last[run.key] = line
         return out
+
+    def new_notes(self, runs: Iterable[Run] | None = None) -> list[str]:
+        """``label: note`` for each note of the runs' (default: the running ones') ``progress.json``
+        not returned before."""
+        out = []
+        for run in list(self.running.values()) if runs is None else runs:
+            seen = self.seen.setdefault(run.key, set())
+            for note in (read_progress(run) or {}).get("notes", []):
+                if note not in seen:
+                    seen.add(note)
+                    out.append(f"{_label(run)}: {note}")
+        return out
+
+    def flush_notes(self, run: Run) -> None:
+        """Log ``run``'s notes not shown yet (it ended between two rounds)."""
+        with self._lock:
+            notes = self.new_notes([run])
+            if notes:
+                self._erase()
+            for note in notes:
+                self.log(note)
 
     def _erase(self) -> None:
         if self.tty and self.drawn:
@@ -255,14 +284,17 @@ class ProgressMonitor:
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             with self._lock:
+                notes = self.new_notes()
                 if self.tty:
                     lines = self.lines()
                     self._erase()
+                    for note in notes:
+                        self.log(note)
                     sys.stderr.write("".join(f"  {ln}\n" for ln in lines))
                     sys.stderr.flush()
                     self.drawn = len(lines)
                 else:
-                    for ln in self.lines(changed_only=True):
+                    for ln in [*notes, *self.lines(changed_only=True)]:
                         self.log(ln)
 
 

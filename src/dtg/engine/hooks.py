@@ -8,7 +8,9 @@ into the checkpoint, :mod:`dtg.engine.checkpoint`) and reads it back in
 :meth:`HookBase.load_state_dict`. The default hooks, in the order they run:
 
 * :class:`TensorBoardHook`: the ``tb/`` event file and the logged ``train/*`` scalars;
-* :class:`ProgressHook`: the progress bar, ``progress.json`` and the plain progress lines;
+* :class:`dtg.engine.target_watch.TargetWatchHook`: the teacher's targets per image at the start of
+  the unlabeled phase, and a warning when they vanish, collapse or explode (through the progress hook);
+* :class:`ProgressHook`: the progress bar, ``progress.json`` (with those lines) and the plain progress lines;
 * :class:`EvalHook`: periodic and final evaluation, the AP history and ``best.pth``;
 * :class:`TargetQualityHook`: ``targets/*`` scalars after each evaluation;
 * :class:`CheckpointHook`: ``last.pth`` every ``checkpoint_period`` and at the end, kept ``iter_*.pth``.
@@ -118,6 +120,20 @@ class ProgressHook(HookBase):
         self.plain = False
         self.bar: tqdm | None = None
         self.clock = (0.0, 0, 0.0)  # start time, its iteration, time of the last plain line
+        self.notes: list[str] = []  # this process's lines for the user (progress.json keeps the last KEEP_NOTES)
+
+    KEEP_NOTES = 20
+
+    def note(self, line: str) -> None:
+        """A line the user must see beside the progress (:mod:`dtg.engine.target_watch`): logged (above
+        the bar on a terminal) and kept in ``progress.json``'s ``notes``, which the monitor of ``dtg demo``
+        / ``dtg bench reproduce`` prints once (:class:`dtg.run_exec.ProgressMonitor`)."""
+        self.notes = [*self.notes, line][-self.KEEP_NOTES:]
+        if self.bar is not None and not self.bar.disable:
+            with self.bar.external_write_mode(file=sys.stderr):
+                self.trainer.log(line)
+        else:
+            self.trainer.log(line)
 
     def before_train(self) -> None:
         from tqdm import tqdm
@@ -146,7 +162,7 @@ class ProgressHook(HookBase):
         start, start_it, last_line = self.clock
         cfg = self.trainer.cfg
         now, it, total = time.perf_counter(), self.trainer.iteration, cfg.solver.max_iter
-        state = progress_state(cfg.method, it, total, now - start, it - start_it, scalars)
+        state = progress_state(cfg.method, it, total, now - start, it - start_it, scalars, self.notes)
         tmp = self.out / "progress.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(self.out / "progress.json")

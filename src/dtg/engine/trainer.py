@@ -1,7 +1,8 @@
 """The training loop: draw a mixed batch, take one step, then the hooks (:mod:`dtg.engine.hooks`:
-TensorBoard, progress, evaluation and ``best.pth``, target quality, checkpoints), each keeping its
-own state. Every method runs this same loop; the step (:mod:`dtg.engine.step`) adds the method's
-unlabeled loss and the trainer never asks which method it runs.
+TensorBoard, the watch of the teacher's targets, progress, evaluation and ``best.pth``, target
+quality, checkpoints), each keeping its own state. Every method runs this same loop; the step
+(:mod:`dtg.engine.step`) adds the method's unlabeled loss, the method names the figures of its
+targets that are watched, and the trainer never asks which method it runs.
 
 The same loop runs in one process or in each of ``W`` torchrun processes (:mod:`dtg.dist`):
 each rank draws its own share of the global batch, the student is synchronised by DDP, the
@@ -32,6 +33,7 @@ from dtg.engine.runtime import (  # noqa: F401  (TrainingError, resolve_device: 
     TrainingError, prepare_output_dir, resolve_device, seed_everything, use_cpu_kernels,
 )
 from dtg.engine.step import TrainStep
+from dtg.engine.target_watch import TargetWatchHook
 from dtg.evaluation.coco_eval import write_results
 from dtg.evaluation.inference import evaluate_model
 from dtg.methods import build_method
@@ -110,13 +112,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ hooks
     def default_hooks(self) -> list[HookBase]:
-        """TensorBoard, progress, evaluation (+ ``best.pth``), target quality, checkpoints, in that order."""
+        """TensorBoard, the watch of the method's targets, progress, evaluation (+ ``best.pth``), target
+        quality, checkpoints, in that order."""
         cfg = self.cfg
         tb = TensorBoardHook(self.out / "tb", enabled=self.is_main)
+        progress = ProgressHook(self.out, show=self.progress, write=self.is_main)
         records = target_records(cfg, self.is_main and self.method.uses_unlabeled, self.log)
         return [
             tb,
-            ProgressHook(self.out, show=self.progress, write=self.is_main),
+            # before the progress hook, so that its lines are in this iteration's progress.json
+            TargetWatchHook(self.method.target_figures(), say=progress.note),
+            progress,
             EvalHook(cfg.eval_period, tb),
             TargetQualityHook(records, tb),
             CheckpointHook(cfg.checkpoint_period, list(cfg.checkpoint_at)),

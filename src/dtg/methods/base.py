@@ -49,6 +49,22 @@ class BoxTargets:
         return sum(len(t["boxes"]) for t in self.images) / max(len(self.images), 1)
 
 
+@dataclass(frozen=True)
+class TargetFigure:
+    """A per-image count of a method's teacher targets that training watches
+    (:mod:`dtg.engine.target_watch`; docs/method.md, "Watching the targets").
+
+    Attributes:
+        stat: its key among :meth:`Method.student_losses`' statistics, e.g. ``rpn_clusters_per_image``.
+        label: how a log line names it, e.g. ``RPN clusters``.
+        keys: the config keys that set it (dotted, e.g. ``dtg.rpn.tau``), named with their values in a warning.
+    """
+
+    stat: str
+    label: str
+    keys: tuple[str, ...]
+
+
 class Method(Protocol):
     """A semi-supervised method: a name, whether it reads unlabeled data, and its unlabeled loss
     as two calls, the teacher's targets and the student's losses against them.
@@ -80,9 +96,19 @@ class Method(Protocol):
         """``student_losses(student, items, teacher_targets(teacher, items))``."""
         ...
 
+    def target_figures(self) -> tuple[TargetFigure, ...]:
+        """The statistics of :meth:`student_losses` that count this run's teacher targets per image,
+        with the config keys that set them: what training watches for a collapse or an explosion."""
+        ...
+
 
 class TwoCallMethod:
-    """The composition every method shares: :meth:`unlabeled_losses` = targets, then losses."""
+    """The composition every method shares: :meth:`unlabeled_losses` = targets, then losses.
+    No watched figures unless the method names some (:meth:`target_figures`)."""
+
+    def target_figures(self) -> tuple[TargetFigure, ...]:
+        """None by default (supervised: no targets; oracle: the ground truth, which no key sets)."""
+        return ()
 
     def unlabeled_losses(
         self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int = 0

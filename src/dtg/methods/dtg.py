@@ -32,8 +32,8 @@ from dtg.losses.inc_image import (
     rpn_image_targets, take_samples,
 )
 from dtg.losses.pseudo_label import background_to_ignore
-from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, strong_sizes, weak_images
-from dtg.methods.sparse import pseudo_box_targets
+from dtg.methods.base import BoxTargets, TargetFigure, TwoCallMethod, strong_images, strong_sizes, weak_images
+from dtg.methods.sparse import pseudo_box_figure, pseudo_box_targets
 from dtg.models.detector import DenseLayout, DenseOutputs, Detector
 
 
@@ -133,6 +133,20 @@ class DTGMethod(TwoCallMethod):
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device, self.cfg, self.d = device, cfg, cfg.dtg
         self.canonical = float(cfg.model.anchor_sizes[0])  # the anchor size of FPN level 0 (RPN correspondence)
+
+    def target_figures(self) -> tuple[TargetFigure, ...]:
+        """Clusters and members per image of each enabled stage (keys ``dtg.<stage>.tau`` and the ignore
+        band's ``dtg.<stage>.uncertain``); the hybrid RPN's pseudo boxes (``sparse.*``)."""
+        out: list[TargetFigure] = []
+        for stage, label, cfg in (("rcnn", "R-CNN", self.d.rcnn), ("rpn", "RPN", self.d.rpn)):
+            if not cfg.enabled:
+                continue
+            if stage == "rpn" and self.d.rpn.targets == "sparse":
+                out.append(pseudo_box_figure(self.cfg.sparse, "RPN pseudo boxes"))
+                continue
+            keys = (f"dtg.{stage}.tau", f"dtg.{stage}.uncertain")
+            out += [TargetFigure(f"{stage}_{w}_per_image", f"{label} {w}", keys) for w in ("clusters", "members")]
+        return tuple(out)
 
     @torch.no_grad()
     def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> DTGTargets:

@@ -14,7 +14,7 @@ import torch
 from dtg.config import Config, SparseConfig
 from dtg.geometry import teacher_to_student
 from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
-from dtg.methods.base import BoxTargets, TwoCallMethod, strong_images, weak_images
+from dtg.methods.base import BoxTargets, TargetFigure, TwoCallMethod, strong_images, weak_images
 from dtg.models.detector import Detector
 
 
@@ -49,6 +49,13 @@ def pseudo_box_targets(teacher: Detector, items: list[dict[str, Any]], sparse: S
     return BoxTargets(pseudo_labels_from(dets, items, sparse, device), dets)
 
 
+def pseudo_box_figure(sparse: SparseConfig, label: str = "pseudo boxes") -> TargetFigure:
+    """``pseudo_boxes_per_image`` and the keys that set it: the threshold in use (``sparse.class_thresholds``
+    when given, else ``sparse.pseudo_score_thresh``) and the ignore band's ``sparse.uncertain_score_thresh``."""
+    thresh = "sparse.class_thresholds" if sparse.class_thresholds else "sparse.pseudo_score_thresh"
+    return TargetFigure("pseudo_boxes_per_image", label, (thresh, "sparse.uncertain_score_thresh"))
+
+
 def box_target_losses(student: Detector, items: list[dict[str, Any]], targets: BoxTargets, sparse: SparseConfig,
                       device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The student's ordinary Faster R-CNN losses on the strong views against box ``targets``
@@ -71,6 +78,10 @@ class SparseMethod(TwoCallMethod):
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.device, self.sparse = device, cfg.sparse
+
+    def target_figures(self) -> tuple[TargetFigure, ...]:
+        """The pseudo boxes per image (:func:`pseudo_box_figure`)."""
+        return (pseudo_box_figure(self.sparse),)
 
     def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> BoxTargets:
         """Per unlabeled item: pseudo ``boxes`` (m, 4) in its strong view and ``labels`` (m,)
