@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -224,6 +225,42 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_says_so_in_one
     ckpt = tmp_path / "r" / "checkpoints" / "last.pth"
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtg: error:")]
     assert errors == [f"dtg: error: {ckpt}: cannot write checkpoint (No space left on device); the previous checkpoint is intact"]
+    assert load_checkpoint(ckpt)["iteration"] == 1
+    assert [p.name for p in ckpt.parent.iterdir()] == ["last.pth"], "temp file removed"
+
+
+_FILE_LIMIT = """
+import hashlib, resource, sys
+import dtg.engine.trainer as trainer
+from dtg.cli import main
+
+real = trainer.atomic_save
+
+def save(obj, path):  # the first checkpoint is written; then no file may grow past half its size
+    real(obj, path)
+    data = open(path, "rb").read()
+    open(sys.argv[1], "w").write(hashlib.sha256(data).hexdigest())
+    # not on a buffer boundary: torch's writer then fails with "unexpected pos", not the OSError
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(data) // 2 + 1000, resource.RLIM_INFINITY))
+
+trainer.atomic_save = save
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_real_failed_write_keeps_the_previous_checkpoint_and_names_the_file_and_the_os_error(tiny_dataset, tmp_path):
+    """torch.save's own writer meets the OS limit (RLIMIT_FSIZE, as a full disk would): one line, no traceback."""
+    save_config(tiny_config(tiny_dataset, tmp_path / "r", "checkpoint_period=1"), tmp_path / "c.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _FILE_LIMIT, str(tmp_path / "sha"), "train", "--config",
+                        str(tmp_path / "c.yaml"), "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    ckpt = tmp_path / "r" / "checkpoints" / "last.pth"
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dtg: error:")]
+    assert errors == [f"dtg: error: {ckpt}: cannot write checkpoint (File too large); the previous checkpoint is intact"]
+    assert "Traceback" not in r.stderr
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == (tmp_path / "sha").read_text()
     assert load_checkpoint(ckpt)["iteration"] == 1
     assert [p.name for p in ckpt.parent.iterdir()] == ["last.pth"], "temp file removed"
 

@@ -60,7 +60,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _Writes(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch reports a failed write as "unexpected pos ..."
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -80,6 +86,25 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+class _Writes:
+    """A file for ``torch.save`` that keeps the first ``OSError`` of its writes: torch's zip writer turns
+    it into a ``RuntimeError`` without the OS's reason (disk full, file too large)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
