@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
-from dtg.config import Config, DataConfig, legacy_dict
+from dtg.config import Config, DataConfig, legacy_dict, to_dict
 from dtg.data.coco import IMAGE_EXTENSIONS
 from dtg.fingerprint import files_fingerprint
 
@@ -252,6 +252,37 @@ def training_key(cfg: Config) -> str | None:
     _without(data, EVALUATION_ONLY)
     labeled = _fingerprint([(cfg.data.train_json, cfg.data.train_images)])
     return hashlib.sha1(f"{json.dumps(data, sort_keys=True)}:{labeled}".encode()).hexdigest()[:12]
+
+
+def run_difference(held: Config, new: Config) -> str | None:
+    """Why ``new`` is another run than ``held`` (``"KEY: A there, B here"``, the first differing key in
+    config order), or None when it is the same run (the same :func:`run_key` on the same data).
+
+    Compared in the current layout without :data:`VOLATILE_KEYS`; two supervised configs without
+    the keys a supervised run does not read (:data:`SUPERVISED_IGNORES`), as :func:`run_key` does.
+    """
+    both_supervised = held.method == new.method == "supervised"
+
+    def view(cfg: Config) -> dict[str, Any]:
+        data = json.loads(json.dumps(to_dict(cfg)))
+        _without(data, VOLATILE_KEYS)
+        if both_supervised:
+            reads = {key.split(".")[1]: data[key.split(".")[0]][key.split(".")[1]] for key in SUPERVISED_READS}
+            _without(data, (*SUPERVISED_IGNORES, "sparse"))  # the sparse keys lie in semi in the hashed layout
+            data["semi"] = reads
+        return data
+
+    def first(a: Any, b: Any, key: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in [*a, *(k for k in b if k not in a)]:
+                found = first(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+                if found:
+                    return found
+            return None
+        show = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
+        return None if a == b else f"{key}: {show(a)} there, {show(b)} here"
+
+    return first(view(held), view(new), "")
 
 
 def branch_key(key: str, parent: str, iteration: int) -> str:

@@ -15,5 +15,5 @@ from dtg.run_exec import (  # noqa: F401
 from dtg.run_identity import (  # noqa: F401
     EVALUATION_ONLY, NEUTRAL_KEYS, SUPERVISED_IGNORES, SUPERVISED_READS, VOLATILE_KEYS, branch_key, config_hash,
     cpu_capability, cpu_name, dataset_fingerprint, git_state, hashed_dict, iteration_checkpoint, library_versions,
-    provenance, run_key, supervised_part, training_key, val_fingerprint,
+    provenance, run_difference, run_key, supervised_part, training_key, val_fingerprint,
 )
