@@ -70,8 +70,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dtg.engine.trainer import Trainer
-    from dtg.evaluation.coco_eval import format_table
+    """Claim the output folder (:mod:`dtg.engine.run_folder`: one process, one config), then train."""
+    from dtg.engine.run_folder import claim, exit_with_parent
 
     cfg = _config(args)
     if args.output_dir:
@@ -84,29 +84,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         from dtg.engine.checkpoint import CheckpointError
 
         raise CheckpointError(f"{args.init_from}: checkpoint not found (--init-from)")
-    trainer = Trainer(cfg, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
-    resumed = False
-    if args.resume:
-        path = Path(cfg.output_dir) / "checkpoints" / "last.pth" if args.resume == "auto" else Path(args.resume)
-        if args.resume == "auto" and not path.is_file():
-            trainer.log(f"no checkpoint at {path}; starting from {'--init-from' if args.init_from else 'scratch'}")
-        else:
-            trainer.resume(path)
-            resumed = True
-    if args.init_from and not resumed:  # a resumed run continues from its own checkpoint
-        trainer.init_from(args.init_from, args.init_iteration)
-    summary = trainer.train(stop_at=args.stop_at)
-    if not trainer.is_main:  # under torchrun, rank 0 reports
+    if args.resume and (args.overwrite or args.force):
+        raise ConfigError(f"--{'overwrite' if args.overwrite else 'force'} starts the run over and --resume "
+                          f"continues it: pass one of them")
+    exit_with_parent()  # started by a sweep: it does not outlive it
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    held = claim(cfg, args.resume, args.overwrite, args.force, log)  # one process, one config per folder
+    try:
+        summary = held.summary if held.finished else _train(args, cfg, log)  # finished: its metrics.json
+        if summary is not None:
+            from dtg.evaluation.coco_eval import format_table
+
+            rows = {f"{cfg.method} ({name})": summary[name] for name in ("teacher", "student") if name in summary}
+            if rows:
+                print(format_table(rows))
+            print(f"outputs in {cfg.output_dir} (metrics.json, checkpoints/, tb/)")
         return 0
-    if summary is None:
+    finally:
+        held.release()
+
+
+def _train(args: argparse.Namespace, cfg: Config, log: Any) -> dict | None:
+    """Train from where the arguments say; the summary (None: stopped early, or not rank 0)."""
+    from dtg.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, log=log, progress=not args.no_progress)
+    trainer.start(args.resume, args.init_from, args.init_iteration)
+    summary = trainer.train(stop_at=args.stop_at)
+    if trainer.is_main and summary is None:
         print(f"stopped at iteration {trainer.iteration} of {cfg.solver.max_iter}; continue with --resume "
               f"(checkpoint {Path(cfg.output_dir) / 'checkpoints' / 'last.pth'})")
-        return 0
-    rows = {f"{cfg.method} ({name})": summary[name] for name in ("teacher", "student") if name in summary}
-    if rows:
-        print(format_table(rows))
-    print(f"outputs in {cfg.output_dir} (metrics.json, checkpoints/, tb/)")
-    return 0
+    return summary if trainer.is_main else None  # under torchrun, rank 0 reports
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -159,15 +167,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_same_run(run: "Run") -> None:
-    """Refuse to reuse (skip or resume) an output folder that holds a run of another config."""
-    from dtg.run_identity import config_hash
-
-    saved = run.out / "config.yaml"
-    if saved.is_file() and config_hash(load_config(str(saved))) != config_hash(run.cfg):
-        raise ConfigError(f"{run.out}: holds a run with another config; pass --output-dir or remove it")
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: generate the dataset, train the methods from one shared burn-in, print the table.
 
@@ -182,6 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import os
 
     from dtg.data.synth import generate, read_marker
+    from dtg.engine.run_folder import check_same_run
     from dtg.methods import REGISTRY
     from dtg.models.weights import resolve_pretrained
     from dtg.run_exec import Run, branch_from, execute
@@ -212,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method in branching:
         branch_from(runs[method], parent, burn_in)
     for run in [*runs.values(), *([parent] if parent is not None and parent.key not in runs else [])]:
-        _check_same_run(run)
+        check_same_run(run.out, run.cfg, "use another output folder (--set output_dir=DIR) or remove it")
     commit, dirty = git_state(Path(__file__).resolve().parent)
     log(f"dataset {paths.root}, content fingerprint {(read_marker(paths.root) or {}).get('content', '?')}; "
         f"code {commit}{' (dirty)' if dirty else ''}")
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "finds a checkpoint")
     p.add_argument("--init-iteration", type=int, metavar="N",
                    help="with --init-from: iteration the schedule continues at (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run OUTPUT_DIR holds, of any config")
+    p.add_argument("--force", action="store_true", help="train this config's run in OUTPUT_DIR again (finished or not)")
     p.add_argument("--stop-at", type=int, metavar="N",
                    help="stop after iteration N with checkpoints/last.pth written (no evaluation); --resume "
                         "continues the run later")
@@ -376,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dtg.engine.runtime import TrainingError
     from dtg.models.backbones import ModelError
 
-    user_errors = (ConfigError, DatasetError, ModelError, CheckpointError, TrainingError, OSError)
+    from dtg.engine.run_folder import RunFolderError
+
+    user_errors = (ConfigError, DatasetError, ModelError, CheckpointError, TrainingError, RunFolderError, OSError)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -173,6 +173,17 @@ class Trainer:
         self.step.last_checkpoint = (Path(path), self.iteration)
         self.log(f"resumed from {path} at iteration {self.iteration}")
 
+    def start(self, resume: str | None, init_from: str | None = None, init_iteration: int | None = None) -> None:
+        """Where ``dtg train`` starts: ``resume`` (a checkpoint, or ``auto``: ``checkpoints/last.pth`` when it
+        exists), else the weights of ``init_from`` (:meth:`init_from`), else scratch."""
+        if resume:
+            path = self.out / "checkpoints" / "last.pth" if resume == "auto" else Path(resume)
+            if resume != "auto" or path.is_file():
+                return self.resume(path)
+            self.log(f"no checkpoint at {path}; starting from {'--init-from' if init_from else 'scratch'}")
+        if init_from:  # a resumed run continues from its own checkpoint
+            self.init_from(init_from, init_iteration)
+
     def init_from(self, path: str | Path, iteration: int | None = None) -> None:
         """Start from the weights of the checkpoint at ``path`` (:func:`~dtg.engine.checkpoint.init_weights`).
 
