@@ -220,3 +220,27 @@ def test_an_unfinished_run_is_continued_only_with_resume(tiny_dataset, tmp_path,
     assert "--force starts the run over and --resume continues it" in capsys.readouterr().err
     assert main(["train", "--config", str(config), "--no-progress", "--resume"]) == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["iterations"] == 3
+
+
+# ----------------------------------------------------------------------------- sweeps: a run another process trains
+
+
+def test_a_sweep_waits_for_a_run_another_process_holds_then_reads_it_as_cached(tmp_path, monkeypatch):
+    import threading
+
+    run = rn.Run("k", load_config(None, [f"output_dir={tmp_path / 'k'}"]), tmp_path / "k", [("supervised", 0)])
+    other = RunLock(run.out).acquire()  # another sweep's lock (a lock of this process is another holder too)
+    (run.out / "progress.json").write_text(json.dumps({"method": "supervised", "iteration": 3, "total": 10,
+                                                       "it_per_s": 2.0, "eta_s": 4, "losses": {}}))
+    lines = rn.ProgressMonitor({}, print, waiting={run.key: (run, "4242")}).lines()
+    assert lines == ["supervised/seed 0 (waiting: PID 4242 trains it) 3/10 (30 %), 2.00 it/s, ETA 0:04"]
+    monkeypatch.setattr(rn.subprocess, "run", lambda *a, **k: pytest.fail("trained a run another process holds"))
+    result: list = []
+    waiter = threading.Thread(target=lambda: result.append(rn.run_one(run, threads=1)))
+    waiter.start()
+    time.sleep(1.5)
+    assert waiter.is_alive() and not result
+    run.metrics_path.write_text("{}")  # the other process finished it
+    other.release()
+    waiter.join(timeout=10)
+    assert result == [("cached", 0.0)]

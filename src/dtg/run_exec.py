@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from dtg.config import Config, save_config, to_dict
+from dtg.engine.run_folder import LOCK_FD_ENV, PARENT_ENV, RunLock
 from dtg.progress import progress_line
 from dtg.run_identity import iteration_checkpoint, training_key
 
@@ -89,13 +90,28 @@ def read_progress(run: Run) -> dict[str, Any] | None:
         return None
 
 
-def run_one(run: Run, threads: int) -> tuple[str, float]:
+def run_one(run: Run, threads: int, lock: RunLock | None = None) -> tuple[str, float]:
     """Train (or resume) one run in a subprocess unless its metrics exist: ``(status, seconds)``.
 
-    With ``run.stop_at`` the subprocess stops there (status ``stopped``) and a later call resumes it.
+    The subprocess holds the run's ``lock`` (taken by :func:`execute`; without one, taken here,
+    waiting while another process holds it) and dies with this process. With ``run.stop_at`` it
+    stops there (status ``stopped``) and a later call resumes it.
     """
     if run.metrics_path.is_file():
         return "cached", 0.0
+    held = lock or RunLock(run.out)
+    while lock is None and not held.try_acquire():
+        time.sleep(1.0)
+    try:
+        if run.metrics_path.is_file():  # trained meanwhile by the process that held it
+            return "cached", 0.0
+        return _train(run, threads, held)
+    finally:
+        if lock is None:
+            held.release()
+
+
+def _train(run: Run, threads: int, lock: RunLock) -> tuple[str, float]:
     run.out.mkdir(parents=True, exist_ok=True)
     save_config(run.cfg, run.out / "run.yaml")
     if run.twin is not None and not (run.out / "checkpoints" / "last.pth").is_file():
@@ -104,11 +120,12 @@ def run_one(run: Run, threads: int) -> tuple[str, float]:
     stop = ["--stop-at", str(run.stop_at)] if run.stop_at is not None else []
     cmd = [sys.executable, "-m", "dtg", "train", "--config", str(run.out / "run.yaml"),
            "--set", f"threads={threads}", "--no-progress", *(["--resume", "auto"] if resume else run.extra_args), *stop]
+    env = {**os.environ, LOCK_FD_ENV: str(lock.fd), PARENT_ENV: str(os.getpid())}
     t0 = time.perf_counter()
     with open(run.out / "train.log", "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fd,)).returncode
     seconds = time.perf_counter() - t0
     if rc == 0 and run.stop_at is not None and not run.metrics_path.is_file():
         return "stopped", seconds
@@ -150,27 +167,50 @@ def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], 
     """Run everything, ``jobs`` at a time, with a progress line per running run; returns each run's status.
 
     A run with ``needs`` starts once that checkpoint exists (its parent is still training
-    meanwhile); it fails, without training, when its parent failed or ended without it.
+    meanwhile); it fails, without training, when its parent failed or ended without it. A run whose
+    lock another process holds is waited for (its progress line says so) and then read as cached,
+    or trained here when that process ended without finishing it.
     """
     from concurrent.futures import FIRST_COMPLETED, wait
 
     todo = [r for r in runs.values() if not r.metrics_path.is_file()]
     status = {k: ("cached" if r.metrics_path.is_file() else "pending") for k, r in runs.items()}
     running: dict[str, Run] = {}
-    monitor = ProgressMonitor(running, log)
+    waiting: dict[str, tuple[Run, str]] = {}  # runs another process holds, with its PID
+    monitor = ProgressMonitor(running, log, waiting=waiting)
     monitor.say(f"{len(runs)} runs: {len(runs) - len(todo)} cached, {len(todo)} to train ({jobs} at a time, "
                 f"{threads} threads each)")
 
-    def work(run: Run) -> None:
-        label = ", ".join(f"{row}/seed {s}" for row, s in run.uses) or "supervised burn-in"
-        monitor.say(f"start {run.key} ({label})" + (f" from {run.needs}" if run.needs else ""))
+    def label_of(run: Run) -> str:
+        return ", ".join(f"{row}/seed {s}" for row, s in run.uses) or "supervised burn-in"
+
+    def work(run: Run, lock: RunLock) -> None:
+        monitor.say(f"start {run.key} ({label_of(run)})" + (f" from {run.needs}" if run.needs else ""))
         running[run.key] = run
         try:
-            status[run.key], seconds = run_one(run, threads)
+            status[run.key], seconds = run_one(run, threads, lock)
         finally:
             running.pop(run.key, None)
+            lock.release()
             monitor.flush_notes(run)  # what it said since the monitor's last round
-        monitor.say(f"{status[run.key]} {run.key} ({label}) in {seconds:.0f} s")
+        monitor.say(f"{status[run.key]} {run.key} ({label_of(run)}) in {seconds:.0f} s")
+
+    def claim(run: Run) -> RunLock | None:
+        """The run's lock, or None while another process holds it (then it waits, its line says so)."""
+        lock = RunLock(run.out)
+        if not lock.try_acquire():
+            if run.key not in waiting:
+                waiting[run.key] = (run, lock.holder())
+                monitor.say(f"waiting for {run.key} ({label_of(run)}): another process (PID {lock.holder()}) "
+                            f"is training it")
+            return None
+        was = waiting.pop(run.key, None)
+        if run.metrics_path.is_file():
+            lock.release()
+            status[run.key] = "cached"
+            monitor.say(f"cached {run.key} ({label_of(run)})" + (f": trained by PID {was[1]}" if was else ""))
+            return None
+        return lock
 
     monitor.start()
     # Branches whose checkpoint exists first (they finish what is started), then seed by seed.
@@ -187,13 +227,18 @@ def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], 
                     state = _readiness(run, runs, status)
                     if state is None:
                         continue
-                    pending.remove(run)
-                    if state == "ready":
-                        status[run.key] = "running"
-                        futures.add(pool.submit(work, run))
-                    else:
+                    if state != "ready":
+                        pending.remove(run)
                         status[run.key] = state
                         monitor.say(f"{state}: {run.key}")
+                        continue
+                    lock = claim(run)
+                    if lock is not None:
+                        pending.remove(run)
+                        status[run.key] = "running"
+                        futures.add(pool.submit(work, run, lock))
+                    elif status[run.key] == "cached":
+                        pending.remove(run)
                 if futures:
                     done, futures = wait(futures, timeout=2.0, return_when=FIRST_COMPLETED)
                     for f in done:
@@ -215,10 +260,12 @@ class ProgressMonitor:
     once each, through ``log``, the notes a run writes into its ``progress.json`` (the teacher
     targets' lines, :mod:`dtg.engine.target_watch`)."""
 
-    def __init__(self, running: dict[str, Run], log: Callable[[str], None], every: float = 30.0) -> None:
+    def __init__(self, running: dict[str, Run], log: Callable[[str], None], every: float = 30.0,
+                 waiting: dict[str, tuple[Run, str]] | None = None) -> None:
         import threading
 
         self.running, self.log, self.tty = running, log, sys.stderr.isatty()
+        self.waiting = waiting if waiting is not None else {}  # runs trained by another process, with its PID
         self.every = 2.0 if self.tty else every
         self.drawn = 0
         self.last: dict[str, str] = {}  # per run, the line last printed (a log gets a line only when it changed)
@@ -245,9 +292,11 @@ class ProgressMonitor:
     def lines(self, changed_only: bool = False) -> list[str]:
         """One line per running run; with ``changed_only``, only those that differ from the last one shown."""
         out = []
-        for run in list(self.running.values()):
+        shown = [(run, "") for run in list(self.running.values())]
+        shown += [(run, f" (waiting: PID {pid} trains it)") for run, pid in list(self.waiting.values())]
+        for run, suffix in shown:
             state = read_progress(run)
-            label = _label(run)
+            label = _label(run) + suffix
             line = progress_line(state, label) if state else f"{label}: starting"
             if not changed_only or self.last.get(run.key) != line:
                 out.append(line)
