@@ -179,9 +179,10 @@ class Trainer:
         if resume:
             path = self.out / "checkpoints" / "last.pth" if resume == "auto" else Path(resume)
             if resume != "auto" or path.is_file():
-                return self.resume(path)
+                self.resume(path)
+                return  # a resumed run continues from its own checkpoint, not from init_from
             self.log(f"no checkpoint at {path}; starting from {'--init-from' if init_from else 'scratch'}")
-        if init_from:  # a resumed run continues from its own checkpoint
+        if init_from:
             self.init_from(init_from, init_iteration)
 
     def init_from(self, path: str | Path, iteration: int | None = None) -> None:
