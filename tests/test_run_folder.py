@@ -244,3 +244,43 @@ def test_a_sweep_waits_for_a_run_another_process_holds_then_reads_it_as_cached(t
     other.release()
     waiter.join(timeout=10)
     assert result == [("cached", 0.0)]
+
+
+# ----------------------------------------------------------------------------- under torchrun
+
+
+def _rank(rank: int, port: int, cfgs: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    seen = {}
+    for name, cfg in cfgs.items():
+        try:
+            held = claim(cfg, None, False, False, lambda m: None)
+            seen[name] = {"finished": held.finished, "locked": held.lock is not None, "summary": held.summary}
+            held.release()
+        except RunFolderError as e:
+            seen[name] = {"error": str(e)}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_claims_the_folder_and_every_rank_follows_its_decision(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = load_config(None, [f"output_dir={tmp_path / 'done'}", "device=cpu"])
+    _held(tmp_path, done, finished=True)
+    other = load_config(None, [f"output_dir={tmp_path / 'other'}", "device=cpu", "method=sparse"])
+    _held(tmp_path, load_config(None, [f"output_dir={tmp_path / 'other'}"]))
+    fresh = load_config(None, [f"output_dir={tmp_path / 'fresh'}", "device=cpu"])
+    mp.start_processes(_rank, args=(port, {"done": done, "other": other, "fresh": fresh}, str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    summary = {"method": "supervised", "teacher": {"AP": 0.5}}
+    assert r0["done"] == {"finished": True, "locked": True, "summary": summary}
+    assert r1["done"] == {"finished": True, "locked": False, "summary": None}  # rank 0 alone takes the lock
+    assert r0["other"] == r1["other"] and "holds a run with another config (method: supervised there" in r0["other"]["error"]
+    assert r0["fresh"] == {"finished": False, "locked": True, "summary": None} and r1["fresh"]["finished"] is False
