@@ -91,12 +91,9 @@ def read_progress(run: Run) -> dict[str, Any] | None:
 
 
 def run_one(run: Run, threads: int, lock: RunLock | None = None) -> tuple[str, float]:
-    """Train (or resume) one run in a subprocess unless its metrics exist: ``(status, seconds)``.
-
-    The subprocess holds the run's ``lock`` (taken by :func:`execute`; without one, taken here,
-    waiting while another process holds it) and dies with this process. With ``run.stop_at`` it
-    stops there (status ``stopped``) and a later call resumes it.
-    """
+    """Train (or resume) one run in a subprocess unless its metrics exist: ``(status, seconds)``. The
+    subprocess holds the run's ``lock`` (:func:`execute`'s, else taken here, waiting while another process
+    holds it) and dies with this one. With ``run.stop_at`` it stops there (``stopped``); a later call resumes it."""
     if run.metrics_path.is_file():
         return "cached", 0.0
     held = lock or RunLock(run.out)
@@ -181,8 +178,7 @@ def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], 
     monitor.say(f"{len(runs)} runs: {len(runs) - len(todo)} cached, {len(todo)} to train ({jobs} at a time, "
                 f"{threads} threads each)")
 
-    def label_of(run: Run) -> str:
-        return ", ".join(f"{row}/seed {s}" for row, s in run.uses) or "supervised burn-in"
+    label_of = lambda run: ", ".join(f"{r}/seed {s}" for r, s in run.uses) or "supervised burn-in"  # noqa: E731
 
     def work(run: Run, lock: RunLock) -> None:
         monitor.say(f"start {run.key} ({label_of(run)})" + (f" from {run.needs}" if run.needs else ""))
