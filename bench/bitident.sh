@@ -6,6 +6,7 @@
 # change: equal hashes = bit-identical training. Run by hand from the repository root; the CLI is
 # invoked as `python -m dtg`, so PYTHONPATH selects the code under test, e.g.
 #   PYTHONPATH=$PWD/src OUT=runs/bitident bash bench/bitident.sh
+# EXTRA="cpu_kernels=portable" adds settings to every row (portable kernels: the same hashes on Intel and AMD).
 # The thresholds are lowered (THRESH) so that a teacher this young (best foreground probability
 # about 0.09 at iteration 60) gives pseudo boxes and R-CNN clusters at all; the last column is the
 # mean of the per-image statistics the run logged to TensorBoard (the training steps' pseudo boxes /
@@ -18,6 +19,7 @@ OUT=${OUT:-runs/bitident}
 ITERS=${ITERS:-60}
 BURN_IN=${BURN_IN:-20}
 PY=${PYTHON:-python}
+read -r -a EXTRA <<<"${EXTRA:-}"  # more settings for every row, e.g. EXTRA="cpu_kernels=portable"
 THRESH=(sparse.pseudo_score_thresh=0.06 sparse.uncertain_score_thresh=0.05 dtg.rcnn.tau=0.06 dtg.rpn.tau=0.4
         dtg.rpn.uncertain=0.3 dtg.rcnn.uncertain=0.05)
 $PY -m dtg synth >/dev/null
@@ -25,7 +27,7 @@ $PY -m dtg synth >/dev/null
 run() {  # name, then --set pairs
   local name=$1; shift
   local sets=()
-  for a in "${THRESH[@]}" "$@"; do sets+=(--set "$a"); done
+  for a in "${THRESH[@]}" "${EXTRA[@]}" "$@"; do sets+=(--set "$a"); done
   rm -rf "${OUT:?}/$name"
   OMP_NUM_THREADS=1 $PY -m dtg train --no-progress --output-dir "$OUT/$name" --stop-at "$ITERS" --set seed=0 \
     --set threads=1 --set deterministic=true --set solver.max_iter="$ITERS" --set solver.steps="[$((ITERS - 1))]" \
