@@ -63,6 +63,7 @@ echo "|---|---|---|---|---|"
 run supervised method=supervised
 run sparse method=sparse
 run dtg method=dtg
+run dtg-dense method=dtg dtg.rpn.targets=dtg dtg.normalize=samples dtg.rm_weight=3.0
 run oracle method=oracle
 run dtg-rpn-sparse method=dtg dtg.rpn.targets=sparse
 run dtg-rcnn-subsample method=dtg dtg.rcnn.subsample=true

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -16,42 +17,45 @@ ROOT = Path(__file__).resolve().parents[1]
 # flat dtg.*, the sparse keys in semi.*) in a worktree of that commit with the script below; the
 # runs cached under these keys must keep them. Exceptions, marked on their line: the GPU configs'
 # sparse / dtg / oracle keys changed when issue 25 set the paper's dtg.rm_scale and dtg.rpn.transfer
-# in those files (no run of them was ever cached on the project's machines).
+# in those files (no run of them was ever cached on the project's machines), and their sparse / oracle
+# keys when the runs of methods that do not read dtg.* were hashed with a frozen dtg section
+# (run_identity.DTG_BLIND_METHODS); the testbed's and embedded default's dtg keys changed with dtg's
+# defaults (issue 25); the testbed's is now that of the runs of row dtg-lead.
 #   for each configs/*.yaml: cfg = load_config(path); cfg.method = m; run_key(cfg, "fp")
 #   for each row of dtg.bench.reproduce.ROWS: run_key(load_config("configs/testbed.yaml", row.set_args()), "fp")
 RUN_KEYS_7D0CE5E = {
     "coco_10pct.yaml:supervised": "2c275a989a5d",
-    "coco_10pct.yaml:sparse": "4e54c93cd712",  # rm_scale / rpn.transfer set (issue 25)
+    "coco_10pct.yaml:sparse": "056feb725125",  # hashed with the frozen dtg section (issue 25)
     "coco_10pct.yaml:dtg": "0d203ed9a547",  # rm_scale / rpn.transfer set (issue 25)
-    "coco_10pct.yaml:oracle": "d85410d7ae63",  # rm_scale / rpn.transfer set (issue 25)
+    "coco_10pct.yaml:oracle": "d02482ace471",  # hashed with the frozen dtg section (issue 25)
     "coco_10pct_1gpu.yaml:supervised": "b15fd1bb2a22",
-    "coco_10pct_1gpu.yaml:sparse": "24b4337a4787",  # rm_scale / rpn.transfer set (issue 25)
+    "coco_10pct_1gpu.yaml:sparse": "75b3485dc12c",  # hashed with the frozen dtg section (issue 25)
     "coco_10pct_1gpu.yaml:dtg": "da4c384cd2b7",  # rm_scale / rpn.transfer set (issue 25)
-    "coco_10pct_1gpu.yaml:oracle": "c253fa490148",  # rm_scale / rpn.transfer set (issue 25)
+    "coco_10pct_1gpu.yaml:oracle": "38e3b397f561",  # hashed with the frozen dtg section (issue 25)
     "coco_full.yaml:supervised": "eade5ede2bcf",
-    "coco_full.yaml:sparse": "0c7d1413e559",  # rm_scale / rpn.transfer set (issue 25)
+    "coco_full.yaml:sparse": "a9c8deeb0337",  # hashed with the frozen dtg section (issue 25)
     "coco_full.yaml:dtg": "f14456eb4e56",  # rm_scale / rpn.transfer set (issue 25)
-    "coco_full.yaml:oracle": "6381d708d749",  # rm_scale / rpn.transfer set (issue 25)
+    "coco_full.yaml:oracle": "146579898294",  # hashed with the frozen dtg section (issue 25)
     "coco_full_1gpu.yaml:supervised": "a0b089c90326",
-    "coco_full_1gpu.yaml:sparse": "8dc0bd4b443a",  # rm_scale / rpn.transfer set (issue 25)
+    "coco_full_1gpu.yaml:sparse": "386f930b28d2",  # hashed with the frozen dtg section (issue 25)
     "coco_full_1gpu.yaml:dtg": "93de60b348c1",  # rm_scale / rpn.transfer set (issue 25)
-    "coco_full_1gpu.yaml:oracle": "aa4f49e2956e",  # rm_scale / rpn.transfer set (issue 25)
+    "coco_full_1gpu.yaml:oracle": "b1cb6e37eb74",  # hashed with the frozen dtg section (issue 25)
     "embedded.yaml:supervised": "5258e38ed558",
     "embedded.yaml:sparse": "6f6be93f1efe",
-    "embedded.yaml:dtg": "30093bc5367f",
+    "embedded.yaml:dtg": "9210927f0ab6",  # issue 25 changed dtg's defaults
     "embedded.yaml:oracle": "a3df0839e336",
     "testbed.yaml:supervised": "cc261e382703",
     "testbed.yaml:sparse": "6fbb403f9074",
-    "testbed.yaml:dtg": "8bb5b0f54c8c",
+    "testbed.yaml:dtg": "9b997d60c274",  # issue 25: dtg's new defaults, = row dtg-lead
     "testbed.yaml:oracle": "12a92db7826d",
     "voc07_12.yaml:supervised": "cace5051a181",
-    "voc07_12.yaml:sparse": "e14d4e3a541c",  # rm_scale / rpn.transfer set (issue 25)
+    "voc07_12.yaml:sparse": "fe1bf33b32a4",  # hashed with the frozen dtg section (issue 25)
     "voc07_12.yaml:dtg": "bc389be88e0a",  # rm_scale / rpn.transfer set (issue 25)
-    "voc07_12.yaml:oracle": "9f15fbd0efe9",  # rm_scale / rpn.transfer set (issue 25)
+    "voc07_12.yaml:oracle": "77eb465de7d6",  # hashed with the frozen dtg section (issue 25)
     "voc07_12_1gpu.yaml:supervised": "f0f067c32510",
-    "voc07_12_1gpu.yaml:sparse": "ba82f9a2b9da",  # rm_scale / rpn.transfer set (issue 25)
+    "voc07_12_1gpu.yaml:sparse": "7b5fbaaf8a75",  # hashed with the frozen dtg section (issue 25)
     "voc07_12_1gpu.yaml:dtg": "2b5b434699b4",  # rm_scale / rpn.transfer set (issue 25)
-    "voc07_12_1gpu.yaml:oracle": "98cfe1b44d1f",  # rm_scale / rpn.transfer set (issue 25)
+    "voc07_12_1gpu.yaml:oracle": "832bf87a5e50",  # hashed with the frozen dtg section (issue 25)
     "testbed.yaml:full-labels": "cc261e382703",
     "testbed.yaml:sparse-t0.9": "463d1d9f9507",
     "testbed.yaml:sparse-noreg": "fb62b1a2c5c6",
@@ -62,6 +66,7 @@ RUN_KEYS_7D0CE5E = {
     "testbed.yaml:dtg-paper": "0473a2ef4176",
     "testbed.yaml:hybrid-supnorm": "f9c7a6003a0d",
     "testbed.yaml:dtg-lead": "9b997d60c274",  # pinned at e81b651, where the row was added
+    "testbed.yaml:dtg-dense": "8bb5b0f54c8c",  # the dtg defaults before issue 25, spelled out: their runs
     "testbed.yaml:dtg-rpn-only": "079b7b601da5",
     "testbed.yaml:dtg-rcnn-only": "75f1eb8a8008",
     "testbed.yaml:hybrid": "9350db672924",
@@ -133,5 +138,16 @@ def test_a_config_stored_in_the_flat_layout_reads_back():
 
 def test_defaults_are_the_effective_values_of_the_flat_config():
     d = Config().dtg
-    assert (d.rpn.tau, d.rpn.nms, d.rpn.uncertain, d.rcnn.tau, d.rcnn.nms, d.rcnn.uncertain) == (0.7, 0.7, 0.3, 0.45, 0.5, 0.1)
-    assert (d.normalize, d.rm_input, d.T, d.rm_weight) == ("samples", "prob", 1.0, 3.0)
+    assert (d.rpn.tau, d.rpn.nms, d.rpn.uncertain, d.rcnn.tau, d.rcnn.nms, d.rcnn.uncertain) == (0.7, 0.7, 0.3, 0.45, 0.5, 1.0)
+    assert (d.normalize, d.rm_input, d.T, d.rm_weight, d.rpn.targets) == ("supervised", "prob", 1.0, 0.6, "sparse")
+
+
+def test_runs_of_methods_that_do_not_read_dtg_keep_their_key_whatever_dtg_says():
+    base = load_config(ROOT / "configs" / "testbed.yaml")
+    for method in ("sparse", "oracle", "supervised"):
+        a, b = copy.deepcopy(base), load_config(ROOT / "configs" / "testbed.yaml", ["dtg.rm_weight=5", "dtg.rpn.targets=dtg"])
+        a.method = b.method = method
+        assert run_key(a, "fp") == run_key(b, "fp")
+    a, b = copy.deepcopy(base), load_config(ROOT / "configs" / "testbed.yaml", ["dtg.rm_weight=5"])
+    a.method = b.method = "dtg"
+    assert run_key(a, "fp") != run_key(b, "fp")

@@ -134,7 +134,7 @@ DTG_CASES = {
 
 @pytest.mark.parametrize("name", list(DTG_CASES))
 def test_dtg_two_calls_equal_the_one_call_they_replace(tiny_dataset, tmp_path, name):
-    t, items = _trainer(tiny_dataset, tmp_path / name, "method=dtg", *DTG_CASES[name])
+    t, items = _trainer(tiny_dataset, tmp_path / name, "method=dtg", "dtg.rpn.targets=dtg", *DTG_CASES[name])
     torch.manual_seed(0)  # rcnn_subsample and the hybrid's RPN sampler draw from the global generator
     want, want_stats = _old_dtg_losses(t.method, t.model, t.teacher, items)
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def test_dtg_two_calls_equal_the_one_call_they_replace(tiny_dataset, tmp_path, n
 
 
 def test_teacher_targets_read_no_student_and_leave_no_gradient(tiny_dataset, tmp_path):
-    t, items = _trainer(tiny_dataset, tmp_path, "method=dtg")
+    t, items = _trainer(tiny_dataset, tmp_path, "method=dtg", "dtg.rpn.targets=dtg")
     targets = t.method.teacher_targets(t.teacher, items)
     for tensor in (targets.teacher.logits, targets.rcnn.targets.teacher_scores, targets.rpn.targets.reg_targets,
                    *targets.rcnn.rois):

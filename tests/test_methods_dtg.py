@@ -49,6 +49,9 @@ def test_map_anchors_is_unclipped_projection():
     assert torch.allclose(map_anchors(boxes, flip), torch.tensor([[80.0, 5.0, 110.0, 25.0]]))
 
 
+# DTG dense in both stages, as the paper has it (the default's RPN stage is the sparse hybrid): the base
+# every switch below is varied on
+DENSE = ["dtg.rpn.targets=dtg"]
 ABLATIONS = {
     "default": [],
     "rpn_only": ["dtg.rcnn.enabled=false"],
@@ -62,6 +65,8 @@ ABLATIONS = {
     "rcnn_only_components": ["dtg.rcnn.inc_reg=false", "dtg.rcnn.rank_matching=false"],
     "rcnn_subsample_logit_rm": ["dtg.rcnn.subsample=true", "dtg.rm_input=logit"],
     "sparse_rpn_hybrid": ["dtg.rpn.targets=sparse", "sparse.pseudo_score_thresh=0.05", "sparse.uncertain_score_thresh=0.01"],
+    "defaults": ["dtg.rpn.targets=sparse", "dtg.normalize=supervised", "dtg.rcnn.uncertain=1.0", "dtg.rm_weight=0.6",
+                 "sparse.pseudo_score_thresh=0.05", "sparse.uncertain_score_thresh=0.01"],
     "nms_then_threshold": ["dtg.rpn.candidates=nms_then_threshold"],
     "rm_logit_T5_beta1": ["dtg.rm_input=logit", "dtg.T=5.0", "dtg.rm_weight=1.0"],
     "uncertain_band": ["dtg.rpn.uncertain=0.1", "dtg.rcnn.uncertain=0.01"],
@@ -76,7 +81,7 @@ def test_three_iteration_dtg_run_for_each_ablation(tiny_dataset, tmp_path, name)
     cfg = tiny_config(
         tiny_dataset, tmp_path / name, "method=dtg", "solver.max_iter=3", "data.batch_labeled=1",
         "data.batch_unlabeled=2", "data.strong_view={short_edge: [96, 112], max_size: 128, strong: true}",
-        "semi.alpha_warmup=1", "dtg.rpn.tau=0.3", "dtg.rcnn.tau=0.05", "data.val_json=", *ABLATIONS[name],
+        "semi.alpha_warmup=1", "dtg.rpn.tau=0.3", "dtg.rcnn.tau=0.05", "data.val_json=", *DENSE, *ABLATIONS[name],
     )
     t = Trainer(cfg, log=lambda m: None, progress=False)
     before = {k: v.clone() for k, v in t.model.net.state_dict().items()}
@@ -187,7 +192,7 @@ class Switches:
 @pytest.fixture(scope="module")
 def switches(tiny_dataset, tmp_path_factory):
     cfg = tiny_config(tiny_dataset, tmp_path_factory.mktemp("switches"), "method=dtg", "data.batch_unlabeled=2",
-                      "data.val_json=", "dtg.rm_weight=3.0", "dtg.normalize=samples")
+                      "data.val_json=", "dtg.rm_weight=3.0", "dtg.normalize=samples", *DENSE)
     t = Trainer(cfg, log=lambda m: None, progress=False)
     items = _geometry_items(next(iter(t._loader(0)))["unsup"])
     teacher, tp = _spread_teacher(t.teacher, items, t.device)

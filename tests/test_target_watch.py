@@ -100,7 +100,7 @@ def drive(hook: TargetWatchHook, trainer: FakeTrainer, stream: list[dict[str, fl
 
 
 def dtg_hook(*overrides: str) -> tuple[TargetWatchHook, FakeTrainer]:
-    trainer = FakeTrainer("method=dtg", *overrides)
+    trainer = FakeTrainer("method=dtg", "dtg.rpn.targets=dtg", *overrides)  # dense in both stages
     return TargetWatchHook(build_method(trainer.cfg, torch.device("cpu")).target_figures()), trainer
 
 
@@ -186,7 +186,7 @@ def test_each_method_names_its_figures_and_keys():
     assert figures("method=sparse") == [
         ("pseudo_boxes_per_image", "pseudo boxes", ("sparse.pseudo_score_thresh", "sparse.uncertain_score_thresh"))]
     rpn = ("dtg.rpn.tau", "dtg.rpn.uncertain")
-    assert figures("method=dtg", "dtg.rcnn.enabled=false") == [
+    assert figures("method=dtg", "dtg.rpn.targets=dtg", "dtg.rcnn.enabled=false") == [
         ("rpn_clusters_per_image", "RPN clusters", rpn), ("rpn_members_per_image", "RPN members", rpn)]
     hybrid = figures("method=dtg", "dtg.rpn.targets=sparse", "sparse.class_thresholds=[0.5]")
     assert [s for s, _, _ in hybrid] == ["rcnn_clusters_per_image", "rcnn_members_per_image", "pseudo_boxes_per_image"]
@@ -197,7 +197,7 @@ def test_each_method_names_its_figures_and_keys():
 @pytest.mark.slow
 def test_a_short_real_run_writes_the_burn_in_line_into_train_log(tiny_dataset, tmp_path):
     """``dtg train`` as ``dtg bench reproduce`` runs it: the line in train.log and in progress.json's notes."""
-    cfg = tiny_config(tiny_dataset, tmp_path / "r", "method=dtg", "semi.burn_in=2", "solver.max_iter=7",
+    cfg = tiny_config(tiny_dataset, tmp_path / "r", "method=dtg", "dtg.rpn.targets=dtg", "semi.burn_in=2", "solver.max_iter=7",
                       "solver.steps=[]", "data.batch_unlabeled=1", "checkpoint_period=100", "target_images=0",
                       "dtg.rcnn.tau=0.1", "dtg.rcnn.uncertain=0.05", "dtg.rpn.tau=0.3", "dtg.rpn.uncertain=0.2")
     run = Run("r", cfg, tmp_path / "r")

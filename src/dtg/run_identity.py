@@ -14,6 +14,7 @@ training engine imports this module only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
-from dtg.config import Config, DataConfig, legacy_dict, to_dict
+from dtg.config import Config, DataConfig, DTGConfig, RcnnStageConfig, RpnStageConfig, legacy_dict, to_dict
 from dtg.data.coco import IMAGE_EXTENSIONS
 from dtg.fingerprint import files_fingerprint
 
@@ -53,10 +54,22 @@ def _without(data: dict[str, Any], keys: Iterable[str]) -> None:
         (data.get(head, {}).pop(tail, None) if tail else data.pop(head, None))
 
 
+# Methods whose training never reads dtg.*: their dtg section is hashed as DTG's defaults before
+# issue 25 (what every such run cached so far had), so that a change of DTG's defaults, or a dtg.*
+# override, leaves their runs' identity alone. (Their logged target-quality figures, targets/*dtg*,
+# do read dtg.*: evaluation only, like eval_period.)
+DTG_BLIND_METHODS = ("supervised", "sparse", "oracle")
+DTG_DEFAULTS_BEFORE_ISSUE_25 = DTGConfig(
+    rcnn=RcnnStageConfig(uncertain=0.1), rpn=RpnStageConfig(targets="dtg"), normalize="samples", rm_weight=3.0)
+
+
 def hashed_dict(cfg: Config) -> dict[str, Any]:
     """The resolved config as hashed: in the layout before issue 21 (:func:`dtg.config.legacy_dict`, so
     that runs cached before it keep their keys; the keys below are of that layout), without
-    :data:`VOLATILE_KEYS` and neutral :data:`NEUTRAL_KEYS`."""
+    :data:`VOLATILE_KEYS` and neutral :data:`NEUTRAL_KEYS`; for :data:`DTG_BLIND_METHODS` with the
+    dtg section of :data:`DTG_DEFAULTS_BEFORE_ISSUE_25`."""
+    if cfg.method in DTG_BLIND_METHODS:
+        cfg = dataclasses.replace(cfg, dtg=DTG_DEFAULTS_BEFORE_ISSUE_25)
     data = json.loads(json.dumps(legacy_dict(cfg)))
     _without(data, VOLATILE_KEYS)
     flat = {k: data[k.split(".")[0]].get(k.split(".")[1]) if "." in k else data.get(k) for k in NEUTRAL_KEYS}
