@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Does a refactor change what training computes? Trains the embedded tiny model for 60 deterministic
-# iterations (1 thread, seed 0, unlabeled branch from iteration 20 on) for every method, plus dtg's
-# table 2(c) hybrid (dtg.rpn.targets=sparse) and its cost switch (dtg.rcnn.subsample=true), and prints
+# iterations (1 thread, seed 0, unlabeled branch from iteration 20 on) for every method, dtg dense in
+# both stages with the defaults it had before issue 25 (rows dtg-dense, dtg-rpn-sparse: table 2(c)'s hybrid,
+# dtg-rcnn-subsample: the cost switch; the rows dtg, dtg-rpn-sparse and dtg-rcnn-subsample of earlier
+# tables), and prints
 # the sha256 of the final student and teacher weights per row. Run it on the code before and after a
 # change: equal hashes = bit-identical training. Run by hand from the repository root; the CLI is
 # invoked as `python -m dtg`, so PYTHONPATH selects the code under test, e.g.
@@ -62,8 +64,9 @@ echo "| run | config | student sha256 | teacher sha256 | logged per image (mean)
 echo "|---|---|---|---|---|"
 run supervised method=supervised
 run sparse method=sparse
+DENSE=(method=dtg dtg.rpn.targets=dtg dtg.normalize=samples dtg.rm_weight=3.0)  # dtg's defaults before issue 25
 run dtg method=dtg
-run dtg-dense method=dtg dtg.rpn.targets=dtg dtg.normalize=samples dtg.rm_weight=3.0
+run dtg-dense "${DENSE[@]}"
 run oracle method=oracle
-run dtg-rpn-sparse method=dtg dtg.rpn.targets=sparse
-run dtg-rcnn-subsample method=dtg dtg.rcnn.subsample=true
+run dtg-rpn-sparse "${DENSE[@]}" dtg.rpn.targets=sparse
+run dtg-rcnn-subsample "${DENSE[@]}" dtg.rcnn.subsample=true
