@@ -52,7 +52,7 @@ def test_gaps_are_paired_by_seed_and_table_has_paper_columns():
     table = markdown_table([dtg, none]).splitlines()
     assert table[0].startswith("| row | overrides | seeds | AP | AP50 | AP75 | paper AP |")
     assert table[2] == "| dtg | method=dtg | 3 | 7.00 ± 2.00 | 14.00 ± 4.00 | 3.50 ± 1.00 | 36.3 | 56.4 | 38.8 | T |"
-    assert table[3].startswith("| dtg-rcnn-only | method=dtg-rcnn-only | 1 (1 failed) | 1.00 | 2.00 | 0.50 | - | - | - |")
+    assert table[3].startswith("| dtg-rcnn-only | method=dtg-rcnn-only | 1 (1 without a result) | 1.00 | 2.00 | 0.50 | - | - | - |")
     assert mean_curve([[(1, 1.0), (2, 3.0)], [(1, 3.0), (2, 5.0), (3, 9.0)]]) == [(1, 2.0), (2, 4.0)]
 
 
@@ -252,6 +252,14 @@ def test_two_rows_one_seed_train_once_then_come_from_the_cache(tiny_dataset, tmp
     assert "2 runs: 2 cached, 0 to train" in second.err and "start" not in second.err
     assert [m.stat().st_mtime_ns for m in metrics] == stamps
     assert second.out == first.out
+
+    # --report-only trains nothing: a row whose run is missing is reported without a result
+    (metrics[0].parent / "metrics.json").rename(metrics[0].parent / "metrics.moved")
+    assert main([*argv, "--rows", "supervised,dtg", "--report-only"]) == 0
+    third = capsys.readouterr()
+    assert "report only: 1 of 2 runs finished" in third.err and "start" not in third.err
+    assert "(1 without a result)" in third.out
+    assert not (metrics[0].parent / "metrics.json").exists()
 
 
 SHORT = ["solver.max_iter=10", "solver.steps=[7]", "semi.burn_in=4"]

@@ -107,7 +107,7 @@ def markdown_table(rows: Sequence[RowResult]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        seeds = f"{len(r.per_seed)}" + (f" ({len(r.failed)} failed)" if r.failed else "")
+        seeds = f"{len(r.per_seed)}" + (f" ({len(r.failed)} without a result)" if r.failed else "")
         ours = [fmt_mean_std(r.values(s)) for s in STATS]
         paper = [_paper_cell(r, i) for i in range(3)]
         lines.append(f"| {r.name} | {r.overrides or '-'} | {seeds} | " + " | ".join(ours + paper) + f" | {r.source} |")

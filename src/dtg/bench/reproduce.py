@@ -335,6 +335,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="semi-supervised runs train their own burn-in instead of starting from the supervised "
                         "run's checkpoint at semi.burn_in (the default shares it)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, hashes, cache state) and stop")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the table of the finished runs (a sweep still running, or stopped)")
     p.set_defaults(func=cmd_reproduce)
     return p
 
@@ -366,7 +368,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             src += f" (evaluates the weights of {run.twin.name})" if run.twin else ""
             print(f"{run.key}  {state:8s}  {', '.join(f'{r}/seed {s}' for r, s in run.uses) or 'burn-in'}{src}")
         return 0
-    status = execute(runs, jobs, threads, log)
+    if args.report_only:
+        status = {k: ("cached" if r.metrics_path.is_file() else "not trained") for k, r in runs.items()}
+        log(f"report only: {sum(v == 'cached' for v in status.values())} of {len(runs)} runs finished")
+    else:
+        status = execute(runs, jobs, threads, log)
     fingerprint = check_provenance(runs)
     any_cfg = next(iter(runs.values())).cfg
     header = (f"Config: {args.config or 'built-in embedded default (configs/embedded.yaml)'}"
