@@ -22,6 +22,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from dtg.geometry import project_boxes, valid_boxes
 from dtg.losses.clustering import nms_clusters
+from dtg.losses.correspondence import paired_iou
 
 MIN_BOX_SIZE = 1.0  # px; smaller mapped targets / reference boxes get no regression target
 RPN_CANDIDATE_MODES = ("threshold_then_nms", "nms_then_threshold")
@@ -162,7 +163,7 @@ def rcnn_inc_targets(
     keep, clus = nms_clusters(boxes[cand], p[cand], c[cand], iou_threshold)
     kept_box = cand[keep[clus]]  # (C,) the proposal whose box is each candidate's cluster target
     if member_iou > 0 or member_topk:
-        overlap = paired_box_iou(teacher_proposals[cand].to(dtype), boxes[kept_box])
+        overlap = paired_iou(teacher_proposals[cand].to(dtype), boxes[kept_box][:, None])[:, 0]
         stay = keep_members(clus, overlap, p[cand], member_iou, member_topk)
         cand, kept_box = cand[stay], kept_box[stay]
         clus = torch.unique(clus[stay], return_inverse=True)[1]  # clusters left, in keep order
@@ -176,15 +177,6 @@ def rcnn_inc_targets(
         target[cand] = boxes[kept_box]
     target = project_boxes(target, teacher_to_student, student_size)
     return _assemble(classes, cluster, p, target, student_rois, box_coder, cls_labels, reg_labels)
-
-
-def paired_box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """(N,) IoU of ``a[i]`` with ``b[i]``, both (N, 4) xyxy."""
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(dim=1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
 
 
 TOPK_IOUS = 12  # the IoUs summed for a cluster's dynamic k (keep_members)
