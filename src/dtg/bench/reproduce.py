@@ -90,6 +90,13 @@ ROWS: tuple[Row, ...] = (
     Row("dtg-lead", {**DENSE, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised", "dtg.rcnn.uncertain": 1.0,
                      "dtg.rm_weight": 0.6}, None,
         "issue 25's lead: sparse RPN targets, supervised denominators, no R-CNN band, RM weight 0.6"),
+    # Issue 25, steps 5 and 7: the defaults (the lead) with one R-CNN switch each.
+    Row("dtg-sub", {**DTG, "dtg.rcnn.subsample": True}, None,
+        "the defaults + the cost switch: every member, background sampled to model.roi_batch_size_per_image"),
+    Row("dtg-miou", {**DTG, "dtg.rcnn.member_iou": 0.5}, None,
+        "the defaults + positives only for members whose proposal overlaps the kept box by IoU >= 0.5"),
+    Row("dtg-topk", {**DTG, "dtg.rcnn.member_topk": True}, None,
+        "the defaults + the DTG authors' (PseCo) top-k members by sqrt(IoU x score)"),
     Row("hybrid-supnorm", {**DENSE, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised"}, None,
         "T2(c) hybrid, INC losses on the supervised denominators"),
     Row("dtg-rpn-only", {**DENSE, "dtg.rcnn.enabled": False}, (28.5, 47.7, 29.5), "T2(a) RPN only"),
