@@ -509,6 +509,11 @@ def test_rpn_targets_sparse_is_sparse_pseudo_boxes_in_the_rpn_stage(switches, de
     want = pseudo_box_targets(switches.teacher, switches.items, switches.config(*over).sparse, switches.device)
     for got, w in zip(t.rpn_boxes.images, want.images):
         assert set(got) == set(w) and all(torch.equal(got[k], w[k]) for k in w)
+    # the hybrid reuses the teacher's DTG pass (training top-N proposals) and still gets predict's detections
+    test_props, _ = switches.teacher.propose(t.teacher.dense.rpn, t.teacher.dense.images.image_sizes)
+    assert [len(p) for p in test_props] != [len(p) for p in t.teacher.dense.proposals]  # made again, not reused
+    for got, w in zip(t.rpn_boxes.detections, want.detections):
+        assert all(torch.equal(got[k], w[k]) for k in ("boxes", "scores", "labels"))
     assert stats["pseudo_boxes_per_image"] == want.boxes_per_image() > 0
     s = switches.student.forward_dense([it["strong"] for it in switches.items])
     torch.manual_seed(1)

@@ -158,7 +158,7 @@ class DTGMethod(TwoCallMethod):
         if self.d.rcnn.enabled:
             out.rcnn = self.rcnn_targets(teacher, out)
         if self.d.rpn.enabled and self.d.rpn.targets == "sparse":  # the table 2(c) hybrid
-            out.rpn_boxes = pseudo_box_targets(teacher, items, self.cfg.sparse, self.device)
+            out.rpn_boxes = pseudo_box_targets(teacher, items, self.cfg.sparse, self.device, weak_pass=t.dense)
         elif self.d.rpn.enabled:
             out.rpn = self.rpn_targets(teacher, out)
         return out

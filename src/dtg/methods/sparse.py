@@ -15,7 +15,7 @@ from dtg.config import Config, SparseConfig
 from dtg.geometry import teacher_to_student
 from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
 from dtg.methods.base import BoxTargets, TargetFigure, TwoCallMethod, strong_images, weak_images
-from dtg.models.detector import Detector
+from dtg.models.detector import DenseOutputs, Detector
 
 
 def pseudo_threshold(sparse: SparseConfig) -> float | torch.Tensor:
@@ -42,10 +42,19 @@ def pseudo_labels_from(detections: list[dict[str, torch.Tensor]], items: list[di
 
 @torch.no_grad()
 def pseudo_box_targets(teacher: Detector, items: list[dict[str, Any]], sparse: SparseConfig,
-                       device: torch.device) -> BoxTargets:
+                       device: torch.device, weak_pass: DenseOutputs | None = None) -> BoxTargets:
     """The teacher's detections on the weak views (:meth:`Detector.predict`) and the pseudo boxes
-    :func:`pseudo_labels_from` takes from them."""
-    dets = teacher.predict(weak_images(items, device))
+    :func:`pseudo_labels_from` takes from them.
+
+    ``weak_pass``: the teacher's :meth:`Detector.forward_dense` on these weak views, made already
+    (DTG's hybrid); its features and RPN outputs are reused, the proposals made again with the
+    teacher's own top-N, so the detections equal :meth:`Detector.predict`'s."""
+    if weak_pass is None:
+        dets = teacher.predict(weak_images(items, device))
+    else:
+        with torch.no_grad():
+            props, _ = teacher.propose(weak_pass.rpn, weak_pass.images.image_sizes)
+        dets = teacher.detections(weak_pass, props)
     return BoxTargets(pseudo_labels_from(dets, items, sparse, device), dets)
 
 

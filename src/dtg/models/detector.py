@@ -337,9 +337,17 @@ class Detector(nn.Module):
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Final detections per image: ``boxes`` (n, 4) xyxy in the input image's pixels, ``scores``, ``labels`` (1..K)."""
-        out = self.forward_dense(images)
-        logits, deltas = self.roi_forward(out.features, out.proposals, out.images.image_sizes)
-        boxes, scores, labels = self.net.roi_heads.postprocess_detections(
-            logits, deltas, out.proposals, out.images.image_sizes
-        )
+        return self.detections(self.forward_dense(images))
+
+    @torch.no_grad()
+    def detections(self, out: DenseOutputs, proposals: list[Tensor] | None = None) -> list[dict[str, Tensor]]:
+        """:meth:`predict`'s detections from an existing pass ``out``: the R-CNN on ``proposals``
+        (per image (P_i, 4) xyxy; default ``out.proposals``) and torchvision's postprocessing.
+
+        A pass made for other purposes (DTG's teacher pass proposes with the training top-N) gives
+        :meth:`predict`'s exact result with ``proposals = self.propose(out.rpn, out.images.image_sizes)``:
+        the backbone and the RPN are not run twice."""
+        props = out.proposals if proposals is None else proposals
+        logits, deltas = self.roi_forward(out.features, props, out.images.image_sizes)
+        boxes, scores, labels = self.net.roi_heads.postprocess_detections(logits, deltas, props, out.images.image_sizes)
         return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
