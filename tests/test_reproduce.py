@@ -6,7 +6,6 @@ import subprocess
 
 import pytest
 
-from dtg import runs as rn
 from dtg.bench import reproduce as rp
 from dtg.bench.report import (
     RowResult, convergence_table, fmt_interval, fmt_mean_std, gap_share, last_quarter_moves, gap_table, markdown_table, mean_curve, mean_std, paired_gap,
@@ -14,6 +13,8 @@ from dtg.bench.report import (
 )
 from dtg.cli import main
 from dtg.config import save_config
+from dtg.run_exec import Run, _readiness, run_one, trained_twin
+from dtg.run_identity import NEUTRAL_KEYS, config_hash, hashed_dict, supervised_part, training_key
 
 from conftest import tiny_config
 
@@ -208,13 +209,13 @@ def test_run_one_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monk
         run.metrics_path.write_text("{}")
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(rn.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     (run.out / "checkpoints").mkdir(parents=True)
     (run.out / "checkpoints" / "last.pth").write_bytes(b"x")
-    assert rn.run_one(run, threads=3)[0] == "resumed"
+    assert run_one(run, threads=3)[0] == "resumed"
     assert calls[0][-2:] == ["--resume", "auto"] and "threads=3" in calls[0]
     assert (run.out / "run.yaml").is_file()
-    assert rn.run_one(run, threads=3) == ("cached", 0.0) and len(calls) == 1
+    assert run_one(run, threads=3) == ("cached", 0.0) and len(calls) == 1
 
 
 @pytest.mark.slow
@@ -291,43 +292,43 @@ def test_a_branch_needs_the_same_first_iterations():
     sup = load_config(None, ["solver.max_iter=100", "solver.steps=[70, 90]", "semi.burn_in=50"])
     semi = load_config(None, ["method=sparse", "solver.max_iter=200", "solver.steps=[150]", "semi.burn_in=50",
                               "semi.alpha=3", "data.strong_view.rotate=0", "eval_period=10"])
-    assert rn.supervised_part(semi, 50) == rn.supervised_part(sup, 50)  # later steps and max_iter do not count
-    assert rn.supervised_part(semi) != rn.supervised_part(sup)
+    assert supervised_part(semi, 50) == supervised_part(sup, 50)  # later steps and max_iter do not count
+    assert supervised_part(semi) != supervised_part(sup)
     for key in ("solver.lr=0.02", "semi.ema_momentum=0.9", "model.fpn_channels=32", "solver.steps=[40, 150]"):
         changed = load_config(None, ["method=sparse", "solver.max_iter=200", "solver.steps=[150]", "semi.burn_in=50",
                                      key])
-        assert rn.supervised_part(changed, 50) != rn.supervised_part(sup, 50), key
+        assert supervised_part(changed, 50) != supervised_part(sup, 50), key
 
 
 def test_a_branch_waits_for_its_parents_checkpoint_and_fails_without_it(tmp_path):
-    parent = rn.Run("p", None, tmp_path / "p")
-    child = rn.Run("c", None, tmp_path / "c", parent="p", needs=tmp_path / "p" / "checkpoints" / "iter_0000004.pth")
+    parent = Run("p", None, tmp_path / "p")
+    child = Run("c", None, tmp_path / "c", parent="p", needs=tmp_path / "p" / "checkpoints" / "iter_0000004.pth")
     runs = {"p": parent, "c": child}
-    assert rn._readiness(parent, runs, {}) == "ready"
+    assert _readiness(parent, runs, {}) == "ready"
     for state in ("pending", "running"):
-        assert rn._readiness(child, runs, {"p": state}) is None
-    assert "the run it starts from, p, failed" in rn._readiness(child, runs, {"p": "failed (exit 1)"})
-    assert "iter_0000004.pth does not exist: remove" in rn._readiness(child, runs, {"p": "cached"})
+        assert _readiness(child, runs, {"p": state}) is None
+    assert "the run it starts from, p, failed" in _readiness(child, runs, {"p": "failed (exit 1)"})
+    assert "iter_0000004.pth does not exist: remove" in _readiness(child, runs, {"p": "cached"})
     child.needs.parent.mkdir(parents=True)
     child.needs.write_bytes(b"x")
-    assert rn._readiness(child, runs, {"p": "running"}) == "ready"
+    assert _readiness(child, runs, {"p": "running"}) == "ready"
 
 
 def test_keys_added_later_leave_the_hash_alone_at_their_neutral_value():
     from dtg.config import legacy_dict, load_config
 
     base = load_config(None, ["method=sparse"])
-    data = rn.hashed_dict(base)
+    data = hashed_dict(base)
     assert "cpu_kernels" not in data and "class_thresholds" not in data["semi"]
-    for key, value in rn.NEUTRAL_KEYS.items():  # every neutral value is the shipped default
+    for key, value in NEUTRAL_KEYS.items():  # every neutral value is the shipped default
         node = legacy_dict(base)  # NEUTRAL_KEYS name keys of the hashed layout
         for part in key.split("."):
             node = node[part]
         assert node == value, key
     for change in ("cpu_kernels=portable", "sparse.class_thresholds=[0.5, 0.5, 0.5, 0.5, 0.5]",
                    "semi.strong_bn_stats=false"):
-        assert rn.config_hash(load_config(None, ["method=sparse", change])) != rn.config_hash(base), change
-    assert rn.config_hash(load_config(None, ["method=sparse", "threads=3"])) == rn.config_hash(base)
+        assert config_hash(load_config(None, ["method=sparse", change])) != config_hash(base), change
+    assert config_hash(load_config(None, ["method=sparse", "threads=3"])) == config_hash(base)
 
 
 @pytest.mark.slow
@@ -338,17 +339,17 @@ def test_a_supervised_run_trained_for_another_split_is_only_evaluated(tiny_datas
 
     base = tiny_config(tiny_dataset, tmp_path / "runs" / "a", "solver.max_iter=2", "solver.steps=[1]",
                        "checkpoint_at=[1]", "eval_period=1")
-    first = rn.Run("a", base, tmp_path / "runs" / "a")
-    assert rn.run_one(first, threads=1)[0] == "trained"
+    first = Run("a", base, tmp_path / "runs" / "a")
+    assert run_one(first, threads=1)[0] == "trained"
     other = tiny_config(tiny_dataset, tmp_path / "runs" / "b", "solver.max_iter=2", "solver.steps=[1]", "checkpoint_at=[1]",
                         f"data.val_json={tiny_dataset.train_labeled}", f"data.val_images={tiny_dataset.train_images}",
                         "data.unlabeled=")
-    second = rn.Run("b", other, tmp_path / "runs" / "b")
-    assert rn.training_key(other) == rn.training_key(base)  # only the evaluation differs (val set, curve points)
-    assert rn.training_key(tiny_config(tiny_dataset, tmp_path, "solver.lr=0.02")) != rn.training_key(base)
-    second.twin = rn.trained_twin(second, tmp_path / "runs")
+    second = Run("b", other, tmp_path / "runs" / "b")
+    assert training_key(other) == training_key(base)  # only the evaluation differs (val set, curve points)
+    assert training_key(tiny_config(tiny_dataset, tmp_path, "solver.lr=0.02")) != training_key(base)
+    second.twin = trained_twin(second, tmp_path / "runs")
     assert second.twin == first.out
-    assert rn.run_one(second, threads=1)[0] == "resumed"
+    assert run_one(second, threads=1)[0] == "resumed"
     assert "evaluation only" in (second.out / "train.log").read_text()
     a, b = (load_checkpoint(r.out / "checkpoints" / "last.pth") for r in (first, second))
     assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a["teacher"])  # no step was taken
@@ -356,8 +357,8 @@ def test_a_supervised_run_trained_for_another_split_is_only_evaluated(tiny_datas
     metrics = json.loads(second.metrics_path.read_text())
     assert metrics["provenance"]["val_fingerprint"] != json.loads(first.metrics_path.read_text())["provenance"]["val_fingerprint"]
     # curve points during training do not change the weights a run ends with
-    plain = rn.Run("c", tiny_config(tiny_dataset, tmp_path / "runs" / "c", "solver.max_iter=2", "solver.steps=[1]"),
+    plain = Run("c", tiny_config(tiny_dataset, tmp_path / "runs" / "c", "solver.max_iter=2", "solver.steps=[1]"),
                    tmp_path / "runs" / "c")
-    rn.run_one(plain, threads=1)
+    run_one(plain, threads=1)
     c = load_checkpoint(plain.out / "checkpoints" / "last.pth")
     assert all(torch.equal(a["student"][k], c["student"][k]) for k in a["student"])

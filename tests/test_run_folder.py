@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from dtg import runs as rn
 from dtg.cli import main
 from dtg.config import load_config, save_config
 from dtg.engine.run_folder import LOCK_NAME, RunFolderError, RunLock, claim, held_run
+from dtg.run_exec import ProgressMonitor, Run, run_one
+from dtg.run_identity import run_difference, run_key
 
 from conftest import tiny_config
 
@@ -43,8 +44,8 @@ def test_same_run_exactly_when_the_run_key_is_the_same():
     ]
     for first, second, expected in pairs:
         a, b = load_config(None, first), load_config(None, second)
-        assert rn.run_difference(a, b) == expected, (first, second)
-        assert (rn.run_key(a, "fp") == rn.run_key(b, "fp")) == (expected is None), (first, second)
+        assert run_difference(a, b) == expected, (first, second)
+        assert (run_key(a, "fp") == run_key(b, "fp")) == (expected is None), (first, second)
 
 
 # ----------------------------------------------------------------------------- one process
@@ -228,15 +229,15 @@ def test_an_unfinished_run_is_continued_only_with_resume(tiny_dataset, tmp_path,
 def test_a_sweep_waits_for_a_run_another_process_holds_then_reads_it_as_cached(tmp_path, monkeypatch):
     import threading
 
-    run = rn.Run("k", load_config(None, [f"output_dir={tmp_path / 'k'}"]), tmp_path / "k", [("supervised", 0)])
+    run = Run("k", load_config(None, [f"output_dir={tmp_path / 'k'}"]), tmp_path / "k", [("supervised", 0)])
     other = RunLock(run.out).acquire()  # another sweep's lock (a lock of this process is another holder too)
     (run.out / "progress.json").write_text(json.dumps({"method": "supervised", "iteration": 3, "total": 10,
                                                        "it_per_s": 2.0, "eta_s": 4, "losses": {}}))
-    lines = rn.ProgressMonitor({}, print, waiting={run.key: (run, "4242")}).lines()
+    lines = ProgressMonitor({}, print, waiting={run.key: (run, "4242")}).lines()
     assert lines == ["supervised/seed 0 (waiting: PID 4242 trains it) 3/10 (30 %), 2.00 it/s, ETA 0:04"]
-    monkeypatch.setattr(rn.subprocess, "run", lambda *a, **k: pytest.fail("trained a run another process holds"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("trained a run another process holds"))
     result: list = []
-    waiter = threading.Thread(target=lambda: result.append(rn.run_one(run, threads=1)))
+    waiter = threading.Thread(target=lambda: result.append(run_one(run, threads=1)))
     waiter.start()
     time.sleep(1.5)
     assert waiter.is_alive() and not result
