@@ -77,10 +77,11 @@ def test_unsup_reg_off_leaves_only_classification_losses(tiny_dataset, tmp_path)
     t = Trainer(cfg, log=lambda m: None, progress=False)
     items = next(iter(t._loader(0)))["unsup"]
     torch.manual_seed(0)  # the samplers draw from the global generator
-    on, _ = t.method.unlabeled_losses(t.model, t.teacher, items, 10)
+    on, _ = t.method.student_losses(t.model, items, t.method.teacher_targets(t.teacher, items))
     cfg.sparse.unsup_reg = False
     torch.manual_seed(0)
-    off, _ = SparseMethod(cfg, t.device).unlabeled_losses(t.model, t.teacher, items, 10)
+    off_method = SparseMethod(cfg, t.device)
+    off, _ = off_method.student_losses(t.model, items, off_method.teacher_targets(t.teacher, items))
     assert set(on) == {"unsup_rpn_cls", "unsup_rpn_reg", "unsup_rcnn_cls", "unsup_rcnn_reg"}
     assert set(off) == {"unsup_rpn_cls", "unsup_rcnn_cls"}
     assert torch.equal(off["unsup_rpn_cls"], on["unsup_rpn_cls"])

@@ -85,8 +85,8 @@ def test_three_iteration_dtg_run_for_each_ablation(tiny_dataset, tmp_path, name)
     )
     t = Trainer(cfg, log=lambda m: None, progress=False)
     before = {k: v.clone() for k, v in t.model.net.state_dict().items()}
-    batch = next(iter(t._loader(0)))
-    losses, stats = t.method.unlabeled_losses(t.model, t.teacher, batch["unsup"], 0)
+    items = next(iter(t._loader(0)))["unsup"]
+    losses, stats = t.method.student_losses(t.model, items, t.method.teacher_targets(t.teacher, items))
     stages = [s for s, on in (("rpn", cfg.dtg.rpn.enabled), ("rcnn", cfg.dtg.rcnn.enabled)) if on]
     for s in stages:
         assert {f"unsup_{s}_cls", f"unsup_{s}_reg"} <= set(losses)

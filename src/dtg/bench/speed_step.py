@@ -29,13 +29,13 @@ from dtg.geometry import teacher_to_student
 from dtg.engine.step import TrainStep
 from dtg.engine.trainer import Trainer
 from dtg.methods import REGISTRY, build_method
-from dtg.methods.base import Batch, TwoCallMethod, strong_images, weak_images
+from dtg.methods.base import Batch, Method, strong_images, weak_images
 from dtg.methods.dtg import TeacherPass, teacher_pass
 from dtg.losses.correspondence import map_proposals
 from dtg.models.detector import Detector
 
 
-class LowerBoundMethod(TwoCallMethod):
+class LowerBoundMethod(Method):
     """What any Mean Teacher step must do, and nothing of DTG's or sparse's own work.
 
     Labeled: the ordinary supervised losses (the step's own). Unlabeled: the teacher's forward on the weak views

@@ -69,7 +69,8 @@ class Method(Protocol):
     """A semi-supervised method: a name, whether it reads unlabeled data, and its unlabeled loss
     as two calls, the teacher's targets and the student's losses against them.
 
-    Built by the registry (:func:`dtg.methods.build_method`) as ``cls(cfg, device)``.
+    Built by the registry (:func:`dtg.methods.build_method`) as ``cls(cfg, device)``. The methods
+    derive from it explicitly and so inherit :meth:`target_figures`' default.
     """
 
     name: str
@@ -90,32 +91,11 @@ class Method(Protocol):
         strong views of ``items`` against ``targets`` (what :meth:`teacher_targets` returned for them)."""
         ...
 
-    def unlabeled_losses(
-        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int = 0
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """``student_losses(student, items, teacher_targets(teacher, items))``."""
-        ...
-
     def target_figures(self) -> tuple[TargetFigure, ...]:
         """The statistics of :meth:`student_losses` that count this run's teacher targets per image,
-        with the config keys that set them: what training watches for a collapse or an explosion."""
-        ...
-
-
-class TwoCallMethod:
-    """The composition every method shares: :meth:`unlabeled_losses` = targets, then losses.
-    No watched figures unless the method names some (:meth:`target_figures`)."""
-
-    def target_figures(self) -> tuple[TargetFigure, ...]:
-        """None by default (supervised: no targets; oracle: the ground truth, which no key sets)."""
+        with the config keys that set them: what training watches for a collapse or an explosion.
+        None unless the method names some (supervised: no targets; oracle: the ground truth, which no key sets)."""
         return ()
-
-    def unlabeled_losses(
-        self, student: Detector, teacher: Detector, items: list[dict[str, Any]], iteration: int = 0
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """``student_losses(student, items, teacher_targets(teacher, items))``; ``iteration`` is
-        not read (no method's loss depends on it: the step applies alpha(t))."""
-        return self.student_losses(student, items, self.teacher_targets(teacher, items))  # type: ignore[attr-defined]
 
 
 def labeled_losses(student: Detector, items: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:

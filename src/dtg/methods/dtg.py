@@ -32,7 +32,7 @@ from dtg.losses.inc_image import (
     rpn_image_targets, take_samples,
 )
 from dtg.losses.pseudo_label import background_to_ignore
-from dtg.methods.base import BoxTargets, TargetFigure, TwoCallMethod, strong_images, strong_sizes, weak_images
+from dtg.methods.base import BoxTargets, Method, TargetFigure, strong_images, strong_sizes, weak_images
 from dtg.methods.sparse import pseudo_box_figure, pseudo_box_targets
 from dtg.models.detector import DenseLayout, DenseOutputs, Detector
 
@@ -123,7 +123,7 @@ class DTGTargets:
     rpn_boxes: BoxTargets | None = None
 
 
-class DTGMethod(TwoCallMethod):
+class DTGMethod(Method):
     """Dense-to-dense guidance; every switch is a ``dtg.*`` config key."""
 
     name = "dtg"

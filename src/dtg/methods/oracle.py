@@ -16,7 +16,7 @@ import torch
 
 from dtg.config import Config
 from dtg.geometry import project_targets
-from dtg.methods.base import BoxTargets, TwoCallMethod
+from dtg.methods.base import BoxTargets, Method
 from dtg.methods.sparse import box_target_losses
 from dtg.models.detector import Detector
 
@@ -32,7 +32,7 @@ def ground_truth_targets(items: list[dict[str, Any]], device: torch.device) -> l
     return out
 
 
-class OracleMethod(TwoCallMethod):
+class OracleMethod(Method):
     """The ground truth as box targets, sparse's student losses (the teacher is kept and EMA'd, never asked)."""
 
     name = "oracle"

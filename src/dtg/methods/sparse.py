@@ -14,7 +14,7 @@ import torch
 from dtg.config import Config, SparseConfig
 from dtg.geometry import teacher_to_student
 from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
-from dtg.methods.base import BoxTargets, TargetFigure, TwoCallMethod, strong_images, weak_images
+from dtg.methods.base import BoxTargets, Method, TargetFigure, strong_images, weak_images
 from dtg.models.detector import DenseOutputs, Detector
 
 
@@ -77,7 +77,7 @@ def box_target_losses(student: Detector, items: list[dict[str, Any]], targets: B
     return {f"unsup_{k}": v for k, v in unsup.items()}, {"pseudo_boxes_per_image": targets.boxes_per_image()}
 
 
-class SparseMethod(TwoCallMethod):
+class SparseMethod(Method):
     """Teacher detections >= ``sparse.pseudo_score_thresh`` as pseudo boxes; optional ignore band;
     ``sparse.unsup_reg=false`` keeps the classification losses only."""
 

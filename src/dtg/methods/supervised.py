@@ -7,11 +7,11 @@ from typing import Any
 import torch
 
 from dtg.config import Config
-from dtg.methods.base import TwoCallMethod
+from dtg.methods.base import Method
 from dtg.models.detector import Detector
 
 
-class SupervisedMethod(TwoCallMethod):
+class SupervisedMethod(Method):
     """No unlabeled loss. The step still keeps the EMA teacher, so that every method is
     compared teacher to teacher, as the paper reports."""
 
