@@ -1,7 +1,7 @@
 """The methods' two calls: ``teacher_targets`` (the teacher's typed targets) and ``student_losses``.
 
-The reference below is the pre-split ``DTGMethod.unlabeled_losses`` (one call, the student's pass
-first, its anchors read from that pass): the split must give the same losses, bit for bit.
+DTG's ``student_losses`` is checked bit for bit against the loss functions of :mod:`dtg.losses` on the
+targets ``teacher_targets`` built (the targets themselves: tests/test_inc.py, tests/test_methods_dtg.py).
 """
 
 from __future__ import annotations
@@ -12,17 +12,13 @@ import torch
 from dtg.config import ModelConfig, load_config
 from dtg.engine.trainer import Trainer
 from dtg.geometry import teacher_to_student
-from dtg.losses.correspondence import anchor_grid
-from dtg.losses.dtg_loss import inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas
-from dtg.losses.inc_image import (
-    concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets, take_samples,
+from dtg.losses.dtg_loss import (
+    inc_classification_loss, inc_objectness_loss, inc_rank_matching_loss, inc_regression_loss, select_class_deltas,
 )
 from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
-from dtg.losses.rank_matching import rank_matching_loss
 from dtg.methods.base import BoxTargets
 from dtg.methods.dtg import DTGTargets
 from dtg.methods.oracle import ground_truth_targets
-from dtg.methods.sparse import pseudo_threshold
 from dtg.models.detector import Detector
 
 from conftest import tiny_config
@@ -42,76 +38,49 @@ def test_dense_layout_is_the_forward_pass_shapes(backbone):
         assert torch.equal(lay.anchors, out.rpn.anchors) and lay.anchors.dtype == out.rpn.anchors.dtype
 
 
-def _old_dtg_losses(method, student, teacher, items):
-    """b1458c3's DTGMethod.unlabeled_losses, verbatim but for names (the reference of the split)."""
-    d, cfg, dev = method.d, method.cfg, method.device
-    with torch.no_grad():
-        t = teacher.forward_dense([it["weak"].to(dev) for it in items], train_top_n=True)
-        t_logits, t_deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
-    s = student.forward_dense([it["strong"].to(dev) for it in items])
-    mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(dev) for it in items]
+def _losses_of(method, student, items, targets):
+    """What ``DTGMethod.student_losses`` must give on ``targets``: the loss functions of :mod:`dtg.losses`
+    on the student's pass (and the hybrid's sparse RPN loss, :meth:`Detector.rpn_losses`), per stage
+    ``L_cls + L_reg + rm_weight * L_RM`` (docs/method.md) with the supervised denominators."""
+    d, m, n = method.d, method.cfg.model, len(items)
+    s = student.forward_dense([it["strong"] for it in items])
     losses, stats = {}, {}
-    if d.rcnn.enabled:
-        counts = [len(p) for p in t.proposals]
-        rois, parts, t_used = [], [], []
-        for i, (logits, deltas) in enumerate(zip(t_logits.split(counts), t_deltas.split(counts))):
-            built = rcnn_image_targets(logits, deltas, t.proposals[i], mats[i], s.images.image_sizes[i],
-                                       t.images.image_sizes[i], teacher.rcnn_box_coder, d.rcnn)
-            rois_i, tg_i = built.rois, built.targets
-            if d.rcnn.subsample:
-                keep = keep_members_and_sample_background(tg_i, cfg.model.roi_batch_size_per_image)
-                rois_i, tg_i, logits = rois_i[keep], take_samples(tg_i, keep), logits[keep]
-            rois.append(rois_i)
-            parts.append(tg_i)
-            t_used.append(logits)
-        tgt = concat_targets(parts)
-        s_logits, s_deltas = student.roi_forward(s.features, rois, s.images.image_sizes)
-        den = len(rois) * cfg.model.roi_batch_size_per_image
-        losses["unsup_rcnn_cls"] = inc_classification_loss(s_logits, tgt, d.normalize, cfg.model.focal_gamma,
-                                                           denominator=den)
-        losses["unsup_rcnn_reg"] = inc_regression_loss(select_class_deltas(s_deltas, tgt.classes), tgt, d.normalize,
+
+    def rm(p_s, p_t, tgt, den):
+        member = tgt.cluster >= 0
+        return d.rm_weight * inc_rank_matching_loss(p_s, p_t, tgt.cluster[member], d.normalize, d.T, d.rm_scale, den,
+                                                    labelled=int((tgt.classes >= 0).sum()))
+
+    if targets.rcnn is not None:
+        tgt, den = targets.rcnn.targets, n * m.roi_batch_size_per_image
+        logits, deltas = student.roi_forward(s.features, targets.rcnn.rois, s.images.image_sizes)
+        losses["unsup_rcnn_cls"] = inc_classification_loss(logits, tgt, d.normalize, m.focal_gamma, denominator=den)
+        losses["unsup_rcnn_reg"] = inc_regression_loss(select_class_deltas(deltas, tgt.classes), tgt, d.normalize,
                                                        denominator=den)
         if d.rcnn.rank_matching:
             member = tgt.cluster >= 0
-            cls = tgt.classes[member].clamp(min=0)
-            if d.rm_input == "prob":
-                p_s = torch.softmax(s_logits[member], -1).gather(1, cls[:, None]).squeeze(1)
-                p_t = tgt.teacher_scores[member]
-            else:
-                p_s = s_logits[member].gather(1, cls[:, None]).squeeze(1)
-                p_t = torch.cat(t_used)[member].gather(1, cls[:, None]).squeeze(1)
-            losses["unsup_rcnn_rm"] = d.rm_weight * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
-        stats["rcnn_clusters_per_image"] = tgt.num_clusters / len(rois)
-    if d.rpn.enabled and d.rpn.targets == "sparse":
-        dets = teacher.predict([it["weak"].to(dev) for it in items])
-        semi = cfg.sparse
-        unsure = semi.uncertain_score_thresh if semi.uncertain_score_thresh < semi.pseudo_score_thresh else None
-        targets = [pseudo_targets({k: v.cpu() for k, v in det.items()},
-                                  teacher_to_student(it["weak_matrix"], it["strong_matrix"]),
-                                  tuple(it["strong"].shape[-2:]), pseudo_threshold(semi), unsure)
-                   for it, det in zip(items, dets)]
-        cls, reg = student.rpn_losses(s, targets, ignore_rule=background_to_ignore)
-        losses.update({"unsup_rpn_cls": cls, "unsup_rpn_reg": reg})
-    elif d.rpn.enabled:
-        grid = anchor_grid(s.rpn.anchors, s.rpn.num_anchors_per_level,
-                           [tuple(f.shape[-2:]) for f in s.features.values()], tuple(s.images.tensors.shape[-2:]))
-        parts = [rpn_image_targets(t.rpn.objectness[i], t.rpn.deltas[i], t.rpn.anchors, t.rpn.levels, grid, m,
-                                   s.images.image_sizes[i], t.images.image_sizes[i], student.rpn_box_coder,
-                                   method.canonical, d.rpn) for i, m in enumerate(mats)]
-        tgt = concat_targets(parts)
-        obj = s.rpn.objectness.reshape(-1)
-        den = len(mats) * cfg.model.rpn_batch_size_per_image
+            cls = tgt.classes[member].clamp(min=0)[:, None]
+            if d.rm_input == "prob":  # the student's softmax probability of the cluster's class, the teacher's p
+                p_s, p_t = torch.softmax(logits[member], -1).gather(1, cls).squeeze(1), tgt.teacher_scores[member]
+            else:  # both logits of that class
+                p_s = logits[member].gather(1, cls).squeeze(1)
+                p_t = targets.rcnn.teacher_logits[member].gather(1, cls).squeeze(1)
+            losses["unsup_rcnn_rm"] = rm(p_s, p_t, tgt, den)
+        stats["rcnn_clusters_per_image"] = tgt.num_clusters / n
+    if targets.rpn_boxes is not None:
+        cls_loss, reg_loss = student.rpn_losses(s, targets.rpn_boxes.images, ignore_rule=background_to_ignore)
+        losses.update({"unsup_rpn_cls": cls_loss, "unsup_rpn_reg": reg_loss})
+    elif targets.rpn is not None:
+        tgt, den, obj = targets.rpn.targets, n * m.rpn_batch_size_per_image, s.rpn.objectness.reshape(-1)
         losses["unsup_rpn_cls"] = inc_objectness_loss(obj, tgt, d.normalize, denominator=den,
                                                       gamma=0.0 if d.rpn.cls_loss == "bce" else 2.0)
         losses["unsup_rpn_reg"] = inc_regression_loss(s.rpn.deltas.reshape(-1, 4), tgt, d.normalize, denominator=den)
         if d.rpn.rank_matching:
             member = tgt.cluster >= 0
-            if d.rm_input == "prob":
-                p_s, p_t = obj[member].sigmoid(), tgt.teacher_scores[member]
-            else:
-                p_s, p_t = obj[member], torch.logit(tgt.teacher_scores[member], eps=1e-6)
-            losses["unsup_rpn_rm"] = d.rm_weight * rank_matching_loss(p_s, p_t, tgt.cluster[member], d.T)
-        stats["rpn_clusters_per_image"] = tgt.num_clusters / len(mats)
+            p_t = tgt.teacher_scores[member]
+            p_s, p_t = (obj[member].sigmoid(), p_t) if d.rm_input == "prob" else (obj[member], torch.logit(p_t, eps=1e-6))
+            losses["unsup_rpn_rm"] = rm(p_s, p_t, tgt, den)
+        stats["rpn_clusters_per_image"] = tgt.num_clusters / n
     return losses, stats
 
 
@@ -133,14 +102,15 @@ DTG_CASES = {
 
 
 @pytest.mark.parametrize("name", list(DTG_CASES))
-def test_dtg_two_calls_equal_the_one_call_they_replace(tiny_dataset, tmp_path, name):
+def test_dtg_student_losses_are_the_loss_functions_on_its_targets(tiny_dataset, tmp_path, name):
     t, items = _trainer(tiny_dataset, tmp_path / name, "method=dtg", "dtg.rpn.targets=dtg", *DTG_CASES[name])
-    torch.manual_seed(0)  # rcnn_subsample and the hybrid's RPN sampler draw from the global generator
-    want, want_stats = _old_dtg_losses(t.method, t.model, t.teacher, items)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # rcnn_subsample draws from the global generator
     targets = t.method.teacher_targets(t.teacher, items)
     assert isinstance(targets, DTGTargets)
+    rng = torch.get_rng_state()  # the hybrid's RPN sampler draws from it too
     got, stats = t.method.student_losses(t.model, items, targets)
+    torch.set_rng_state(rng)
+    want, want_stats = _losses_of(t.method, t.model, items, targets)
     assert list(got) == list(want)  # the same losses in the same order (the step sums them in order)
     for k in want:
         assert torch.equal(got[k], want[k]), k
