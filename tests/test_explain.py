@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torchvision.models.detection._utils import BoxCoder
 
+from dtg.bench.explain import explain_checkpoint, explain_rcnn, render
 from dtg.cli import main
 from dtg.engine.trainer import Trainer
-from dtg.explain import explain_checkpoint, explain_rcnn, render
 from dtg.config import RcnnStageConfig
 
 from conftest import tiny_config

@@ -172,7 +172,7 @@ def test_supervised_has_no_targets_and_no_losses(tiny_dataset, tmp_path):
 
 def test_per_stage_overrides_reach_bench_targets_and_explain():
     from dtg.evaluation.target_quality import scoring_methods
-    from dtg.explain import rcnn_method
+    from dtg.bench.explain import rcnn_method
 
     cfg = load_config(None, ["method=sparse", "dtg.rcnn.reg_target=own", "dtg.rpn.inc_cls=false",
                              "dtg.rcnn.subsample=true", "dtg.rpn.targets=sparse", "dtg.rpn.enabled=false"])

@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     """A look inside: the teacher's R-CNN clusters and the student's INC labels and ranks on one image."""
     from dtg.engine.runtime import resolve_device
-    from dtg.explain import explain_checkpoint, render
+    from dtg.bench.explain import explain_checkpoint, render
 
     if args.max_clusters < 0:
         raise ConfigError(f"--max-clusters must be >= 0, got {args.max_clusters}")

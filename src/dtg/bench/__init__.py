@@ -1,4 +1,5 @@
-"""Benchmarks on the command line: ``dtg bench reproduce`` (paper tables over seeds), ``dtg bench speed`` and ``dtg bench targets``.
+"""Benchmarks on the command line: ``dtg bench reproduce`` (paper tables over seeds), ``dtg bench speed`` and ``dtg bench targets``;
+beside them :mod:`dtg.bench.explain`, the diagnostic figure of ``dtg explain``.
 
 Only argparse is imported here; each command imports torch and friends when it runs.
 """

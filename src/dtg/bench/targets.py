@@ -48,7 +48,7 @@ def score_checkpoint(checkpoint: str | Path, on: str = "unlabeled", max_images: 
     from dtg.data.dataset import LabelMap
     from dtg.engine.checkpoint import load_checkpoint
     from dtg.evaluation.target_quality import TargetReport, score_models, unlabeled_with_boxes
-    from dtg.explain import load_models
+    from dtg.bench.explain import load_models
 
     ckpt = load_checkpoint(checkpoint)
     _, teacher, student, _ = load_models(ckpt, checkpoint)

@@ -58,7 +58,7 @@ def render_detections(img: Image.Image, dets: list[dict], names: dict[int, str])
     """``img`` with each COCO result drawn: a box in its class colour and a ``name score`` tag."""
     from PIL import ImageDraw, ImageFont
 
-    from dtg.explain import PALETTE, draw_box, draw_tag
+    from dtg.bench.explain import PALETTE, draw_box, draw_tag
 
     canvas = img.convert("RGB")
     draw = ImageDraw.Draw(canvas)
