@@ -280,7 +280,7 @@ def _demo_report(runs: dict, status: dict[str, str], cfg: Any, seconds: float) -
         print("\n".join(table))
         print(f"Teacher AP (%) on {cfg.data.val_json}, one seed ({cfg.seed}), {seconds / 60:.1f} min. A single seed "
               f"moves by a few AP: the README's numbers are means over 5 seeds with paired 95 % intervals, from "
-              f"`dtg bench reproduce` (README, Results).")
+              f"`dtg bench reproduce` (docs/results.md).")
     for method in failed:
         _err(f"{method}: {status[method]}")
     return 1 if failed else 0

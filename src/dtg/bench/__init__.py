@@ -7,8 +7,7 @@ Only argparse is imported here; each command imports torch and friends when it r
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -23,16 +22,3 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     targets.add_parser(sub)
     return p
 
-
-def script_main(add: Callable[[Any], argparse.ArgumentParser], name: str, argv: Sequence[str] | None) -> int:
-    """Run one bench command as the script ``python bench/NAME.py`` (config errors: one line, exit 2)."""
-    from dtg.config import ConfigError
-
-    parser = add(argparse.ArgumentParser().add_subparsers())
-    parser.prog = f"python bench/{name}.py"
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2

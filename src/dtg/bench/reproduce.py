@@ -331,8 +331,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="embedded", choices=list(DATASETS),
                    help="generated dataset the rows run on (default: embedded); its overrides come first")
     p.add_argument("--split", default="val", choices=["val", "tune"],
-                   help="evaluate on val (what the README reports) or on the tuning split carved from the train "
-                        "images, where defaults are chosen (default: val)")
+                   help="evaluate on val (the held-out check) or on the tuning split carved from the train images, "
+                        "where defaults are chosen (default: val)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores // jobs)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
@@ -391,9 +391,3 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     failed = [k for k, s in status.items() if s.startswith("failed")]
     return 1 if failed else 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python bench/reproduce.py``: the same as ``dtg bench reproduce``."""
-    from dtg.bench import script_main
-
-    return script_main(add_parser, "reproduce", argv)

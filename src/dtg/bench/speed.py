@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 SECTIONS = ("step", "kernels", "data", "eval", "memory", "gpu", "cpu-kernels")
 
@@ -207,9 +207,3 @@ def cmd_speed(args: argparse.Namespace) -> int:
     print(f"written: {path}", file=sys.stderr)
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python bench/speed.py``: the same as ``dtg bench speed``."""
-    from dtg.bench import script_main
-
-    return script_main(add_parser, "speed", argv)

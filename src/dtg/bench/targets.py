@@ -158,9 +158,3 @@ def cmd_targets(args: argparse.Namespace) -> int:
     print(f"written: {out / 'targets.md'}, {out / 'targets.json'}", file=sys.stderr)
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python bench/targets.py``: the same as ``dtg bench targets``."""
-    from dtg.bench import script_main
-
-    return script_main(add_parser, "targets", argv)
