@@ -24,9 +24,9 @@ import statistics
 import torch
 from torchvision.ops import batched_nms
 
-from dtg.losses import clustering
+from dtg.methods.dtg import clusters
 from dtg.bench.cases import dense_boxes, interleaved_times, uniform_boxes
-from dtg.losses.clustering import nms_clusters
+from dtg.methods.dtg.clusters import nms_clusters
 
 # Live at the peak of one chunk, per candidate x kept pair: int64 gather index, 4 gathered
 # coordinates + area (float32), ~3 float32 temporaries of the IoU, a bool mask (estimate).
@@ -41,9 +41,9 @@ def padded_pairs(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor
     sup_idx = sup.nonzero().squeeze(1)
     if sup_idx.numel() == 0:
         return 0, 0
-    _, lo, hi = clustering._windows(boxes, labels, keep, sup_idx, thr)
+    _, lo, hi = clusters._windows(boxes, labels, keep, sup_idx, thr)
     lengths = sorted((hi - lo).tolist())
-    chunks = [(sl.stop - sl.start) * w for sl, w in clustering._chunks(lengths, None)]
+    chunks = [(sl.stop - sl.start) * w for sl, w in clusters._chunks(lengths, None)]
     return sum(chunks), max(chunks)
 
 

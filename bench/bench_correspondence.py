@@ -20,7 +20,7 @@ import torch
 from torchvision.ops import box_iou
 
 from dtg.bench.cases import CANON, build_grid, map_unclipped, random_similarity
-from dtg.losses.correspondence import AnchorGrid, fpn_level, match_anchors_with_iou
+from dtg.methods.dtg.correspondence import AnchorGrid, fpn_level, match_anchors_with_iou
 
 
 

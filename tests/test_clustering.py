@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import batched_nms, box_iou
 
-from dtg.losses.clustering import cluster_sizes, nms_clusters
+from dtg.methods.dtg.clusters import cluster_sizes, nms_clusters
 
 
 def reference_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,

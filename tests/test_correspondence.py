@@ -12,8 +12,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from dtg.geometry import hflip_matrix, map_points, project_boxes, rotate_matrix, scale_matrix, translate_matrix
-from dtg.losses import correspondence as corr
-from dtg.losses.correspondence import (
+from dtg.methods.dtg import correspondence as corr
+from dtg.methods.dtg.correspondence import (
     AnchorGrid, anchor_grid, area_levels, fpn_level, map_proposals, match_anchors, match_anchors_with_iou,
     window_candidates,
 )
@@ -324,7 +324,7 @@ def test_map_proposals_is_one_to_one_projection():
 
 # ----------------------------------------------------------------------------- one-to-one transfer
 
-from dtg.losses.correspondence import assign_one_to_one, match_anchors_one_to_one  # noqa: E402
+from dtg.methods.dtg.correspondence import assign_one_to_one, match_anchors_one_to_one  # noqa: E402
 
 
 def serial_reference(index, iou, priority):

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 
 from dtg.geometry import project_boxes
-from dtg.losses.dtg_loss import (
+from dtg.methods.dtg.losses import (
     inc_classification_loss, inc_objectness_loss, inc_regression_loss, select_class_deltas,
 )
-from dtg.losses.inc import IncTargets, rcnn_inc_targets, rpn_inc_targets
+from dtg.methods.dtg.targets import IncTargets, rcnn_inc_targets, rpn_inc_targets
 
 torch.set_num_threads(1)
 
@@ -325,7 +325,7 @@ def test_uncertain_band_is_ignored_not_background() -> None:
 
 
 def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -> None:
-    from dtg.losses.inc_image import keep_members_and_sample_background, take_samples
+    from dtg.methods.dtg.image_targets import keep_members_and_sample_background, take_samples
 
     n = 40
     cluster = torch.full((n,), -1)
@@ -347,7 +347,7 @@ def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -
 
 # ----------------------------------------------------------------------------- which members stay positives
 
-from dtg.losses.inc import keep_members, rank_within  # noqa: E402
+from dtg.methods.dtg.targets import keep_members, rank_within  # noqa: E402
 
 
 def test_rank_within_segments() -> None:

@@ -1,6 +1,6 @@
 """The methods' two calls: ``teacher_targets`` (the teacher's typed targets) and ``student_losses``.
 
-DTG's ``student_losses`` is checked bit for bit against the loss functions of :mod:`dtg.losses` on the
+DTG's ``student_losses`` is checked bit for bit against the loss functions of :mod:`dtg.methods.dtg.losses` on the
 targets ``teacher_targets`` built (the targets themselves: tests/test_inc.py, tests/test_methods_dtg.py).
 """
 
@@ -12,12 +12,12 @@ import torch
 from dtg.config import ModelConfig, load_config
 from dtg.engine.trainer import Trainer
 from dtg.geometry import teacher_to_student
-from dtg.losses.dtg_loss import (
+from dtg.methods.dtg.losses import (
     inc_classification_loss, inc_objectness_loss, inc_rank_matching_loss, inc_regression_loss, select_class_deltas,
 )
 from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
 from dtg.methods.base import BoxTargets
-from dtg.methods.dtg import DTGTargets
+from dtg.methods.dtg.method import DTGTargets
 from dtg.methods.oracle import ground_truth_targets
 from dtg.models.detector import Detector
 
@@ -39,7 +39,7 @@ def test_dense_layout_is_the_forward_pass_shapes(backbone):
 
 
 def _losses_of(method, student, items, targets):
-    """What ``DTGMethod.student_losses`` must give on ``targets``: the loss functions of :mod:`dtg.losses`
+    """What ``DTGMethod.student_losses`` must give on ``targets``: the loss functions of :mod:`dtg.methods.dtg.losses`
     on the student's pass (and the hybrid's sparse RPN loss, :meth:`Detector.rpn_losses`), per stage
     ``L_cls + L_reg + rm_weight * L_RM`` (docs/method.md) with the supervised denominators."""
     d, m, n = method.d, method.cfg.model, len(items)
@@ -189,7 +189,7 @@ def test_per_stage_overrides_reach_bench_targets_and_explain():
 
 def test_bench_targets_scores_with_the_per_stage_options(tiny_dataset, tmp_path, monkeypatch):
     """``score_models`` builds its R-CNN targets with the R-CNN stage's options (a spy on the INC call)."""
-    import dtg.methods.dtg as dtg_mod
+    import dtg.methods.dtg.method as dtg_mod
     from dtg.data.dataset import LabelMap
     from dtg.evaluation.target_quality import score_models, unlabeled_with_boxes
 

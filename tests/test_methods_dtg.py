@@ -7,11 +7,11 @@ import torch
 from dtg.config import apply_override
 from dtg.engine.checkpoint import load_checkpoint
 from dtg.engine.trainer import Trainer
-from dtg.losses.inc import IncTargets
-from dtg.losses.inc_image import concat_targets, ignore_samples
+from dtg.methods.dtg.targets import IncTargets
+from dtg.methods.dtg.image_targets import concat_targets, ignore_samples
 from dtg.methods.base import weak_images
-from dtg.methods.dtg import DTGMethod, teacher_pass
-from dtg.losses.correspondence import map_anchors
+from dtg.methods.dtg.method import DTGMethod, teacher_pass
+from dtg.methods.dtg.correspondence import map_anchors
 
 from conftest import tiny_config
 
@@ -322,8 +322,8 @@ def test_rank_matching_inputs_change_rank_matching_only(switches, default, overr
 def test_rm_scale_inc_gets_each_stage_s_members_and_inc_denominators(switches, default, monkeypatch, normalize):
     """The method hands :func:`inc_rank_matching_loss` each stage's member clusters, its labelled-sample
     count and the supervised denominator; its RM is what that function gives on those inputs."""
-    import dtg.methods.dtg as method_module
-    from dtg.losses.dtg_loss import inc_rank_matching_loss
+    import dtg.methods.dtg.method as method_module
+    from dtg.methods.dtg.losses import inc_rank_matching_loss
 
     tg, _, _ = default
     calls = []
@@ -368,7 +368,7 @@ def test_normalize_cluster_averages_within_clusters(switches, default):
     background mean (docs/method.md, "Normalisation")."""
     from torchvision.ops import sigmoid_focal_loss
 
-    from dtg.losses.dtg_loss import cluster_mean
+    from dtg.methods.dtg.losses import cluster_mean
 
     tg, base, _ = default
     _, losses, _ = switches.run("dtg.normalize=cluster")

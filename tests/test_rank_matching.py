@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtg.losses.rank_matching import rank_matching_loss, segment_log_softmax
+from dtg.methods.dtg.losses import rank_matching_loss, segment_log_softmax
 
 
 def loop_reference(student: torch.Tensor, teacher: torch.Tensor, cluster: torch.Tensor,
@@ -158,9 +158,9 @@ def test_shape_mismatch_raises() -> None:
 
 # ----------------------------------------------------------------------------- on the INC losses' scale
 
-from dtg.losses.dtg_loss import inc_classification_loss, inc_rank_matching_loss  # noqa: E402
-from dtg.losses.inc import IncTargets  # noqa: E402
-from dtg.losses.rank_matching import cluster_kl  # noqa: E402
+from dtg.methods.dtg.losses import inc_classification_loss, inc_rank_matching_loss  # noqa: E402
+from dtg.methods.dtg.targets import IncTargets  # noqa: E402
+from dtg.methods.dtg.losses import cluster_kl  # noqa: E402
 
 
 def test_cluster_kl_per_cluster_and_zero_for_a_singleton() -> None:

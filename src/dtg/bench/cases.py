@@ -17,7 +17,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
 from dtg.geometry import map_points, rotate_matrix, scale_matrix, translate_matrix
-from dtg.losses.correspondence import AnchorGrid, anchor_grid
+from dtg.methods.dtg.correspondence import AnchorGrid, anchor_grid
 
 WIDTH, HEIGHT = 1333.0, 800.0  # the NMS cases' image
 SIZES = ((16,), (32,), (64,), (128,), (256,))  # anchor sizes / ratios of the matching cases (the embedded model's)

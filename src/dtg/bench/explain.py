@@ -2,7 +2,7 @@
 
 In the spirit of the DTG-SSOD paper's figures 2(b) and 3, for one image and one checkpoint:
 the teacher's R-CNN clusters on its weak view (candidates ``p >= dtg.rcnn.tau`` grouped by greedy
-NMS, exactly as training builds them with :func:`dtg.losses.inc_image.rcnn_image_targets`), and the student RoIs
+NMS, exactly as training builds them with :func:`dtg.methods.dtg.image_targets.rcnn_image_targets`), and the student RoIs
 on the strong view (the same proposals mapped by ``M``) coloured by the INC label they
 induce, with each cluster's teacher rank vs student rank (what Rank Matching compares).
 
@@ -30,11 +30,11 @@ from dtg.data.coco import load_image
 from dtg.geometry import teacher_to_student
 from dtg.data.augment import View, make_view
 from dtg.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from dtg.losses.inc import IncTargets
+from dtg.methods.dtg.targets import IncTargets
 from dtg.config import RcnnStageConfig
-from dtg.losses.inc_image import rcnn_image_targets
+from dtg.methods.dtg.image_targets import rcnn_image_targets
 from dtg.methods import build_method
-from dtg.methods.dtg import DTGMethod
+from dtg.methods.dtg.method import DTGMethod
 from dtg.models.detector import Detector
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),

@@ -26,11 +26,11 @@ from dtg.data.augment import make_view
 from dtg.bench import cases
 from dtg.methods import Batch
 from dtg.engine.trainer import Trainer
-from dtg.losses.clustering import nms_clusters
-from dtg.losses.correspondence import anchor_grid, map_anchors, match_anchors, match_anchors_with_iou
-from dtg.losses.inc_image import rcnn_image_targets, rpn_image_targets
+from dtg.methods.dtg.clusters import nms_clusters
+from dtg.methods.dtg.correspondence import anchor_grid, map_anchors, match_anchors, match_anchors_with_iou
+from dtg.methods.dtg.image_targets import rcnn_image_targets, rpn_image_targets
 from dtg.methods import build_method
-from dtg.methods.dtg import DTGMethod
+from dtg.methods.dtg.method import DTGMethod
 
 def median_ms(fn: Callable[[], object], repeat: int) -> float:
     """Median wall time in ms of ``repeat`` calls after one warm-up call."""

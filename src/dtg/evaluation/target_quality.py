@@ -136,7 +136,7 @@ def _score_batch(records: list[ImageRecord], labels: LabelMap, cfg: Config, teac
                  seed: int, report: TargetReport, device: torch.device) -> None:
     """Add one batch's counts, pairing and positive weights to ``report``."""
     from dtg.evaluation.targets import add_counts, paired_share, pseudo_assignment, stage_counts
-    from dtg.losses.inc_image import anchor_partners, concat_targets
+    from dtg.methods.dtg.image_targets import anchor_partners, concat_targets
 
     views = [_views(r, labels, cfg, seed, device) for r in records]
     dtg, sparse = scoring_methods(cfg, device)

@@ -137,7 +137,7 @@ def pseudo_assignment(samples: Tensor, boxes: Tensor, labels: Tensor, matcher: M
 def positive_weights(labels: Tensor, cluster: Tensor, normalize: str, denominator: int | None = None) -> Tensor:
     """The weight each positive's classification term gets in one batch's DTG loss (before alpha).
 
-    Mirrors :func:`dtg.losses.dtg_loss.inc_classification_loss`: ``"samples"`` divides every
+    Mirrors :func:`dtg.methods.dtg.losses.inc_classification_loss`: ``"samples"`` divides every
     labelled sample by their number; ``"cluster"`` gives a member ``1 / (C N_j)`` (C clusters
     in the batch, N_j members in its cluster); ``"supervised"`` ``1 / denominator``.
 

@@ -11,7 +11,7 @@ import torch
 
 from dtg.config import Config, ConfigError
 from dtg.methods.base import Batch, Method, labeled_losses
-from dtg.methods.dtg import DTGMethod
+from dtg.methods.dtg.method import DTGMethod
 from dtg.methods.oracle import OracleMethod
 from dtg.methods.sparse import SparseMethod
 from dtg.methods.supervised import SupervisedMethod

@@ -1,4 +1,9 @@
-"""Greedy-NMS clustering: which kept box suppressed each candidate (docs/method.md, "INC in the R-CNN stage").
+"""NMS clusters, the "inverse NMS clustering" of INC: which kept box suppressed each candidate
+(docs/method.md, "INC in the R-CNN stage" and "INC in the RPN stage").
+
+:func:`nms_clusters` is greedy NMS that also returns each candidate's suppressor (the R-CNN stage
+clusters its candidates with it, class-aware); :func:`rpn_clusters` is the RPN stage's clustering
+(candidates above ``tau``, NMS per FPN level, or NMS first with ``nms_then_threshold``).
 
 ``nms_clusters`` runs ``torchvision.ops.batched_nms`` for the kept boxes and then, vectorised
 and chunked, finds for every suppressed candidate its suppressor: the first kept box in
@@ -223,3 +228,41 @@ def nms_clusters(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: f
 def cluster_sizes(cluster: Tensor, num_clusters: int) -> Tensor:
     """Members per cluster: (K,) int64 counts of ``cluster`` (N,) values in [0, num_clusters)."""
     return torch.bincount(cluster, minlength=num_clusters)
+
+
+def rpn_clusters(score: Tensor, boxes: Tensor, levels: Tensor, tau: float, iou_threshold: float,
+                 candidates: str, pre_nms_top_n: int) -> Tensor:
+    """The kept teacher anchor of each member of an RPN cluster, -1 for non-members.
+
+    Args:
+        score: (A_t,) objectness probabilities; boxes: (A_t, 4) decoded, clipped proposals;
+        levels: (A_t,) int64 FPN level (NMS runs per level).
+        candidates: ``"threshold_then_nms"`` | ``"nms_then_threshold"``
+            (:func:`~dtg.methods.dtg.targets.rpn_inc_targets`); pre_nms_top_n: the latter's per-level pool.
+
+    Returns:
+        (A_t,) int64 teacher anchor index of the member's kept box (members of clusters whose
+        kept box scores ``>= tau``), -1 elsewhere.
+    """
+    above = score >= tau
+    pool_mask = above if candidates == "threshold_then_nms" else above | top_n_per_level(score, levels, pre_nms_top_n)
+    pool = pool_mask.nonzero().squeeze(1)
+    keep, clus = nms_clusters(boxes[pool], score[pool], levels[pool], iou_threshold)
+    kept_of = torch.full_like(levels, -1)
+    kept_of[pool] = pool[keep[clus]]
+    if candidates == "nms_then_threshold":
+        kept_of = torch.where((kept_of >= 0) & above[kept_of.clamp(min=0)], kept_of, -1)
+    return kept_of
+
+
+def top_n_per_level(scores: Tensor, levels: Tensor, n: int) -> Tensor:
+    """(A,) bool mask of the ``n`` highest scores of each level (ties: lower index first)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(levels[order], stable=True)]
+    lv = levels[order]
+    counts = torch.bincount(lv)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(lv.numel(), device=lv.device) - starts[lv]
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[order] = rank < n
+    return mask

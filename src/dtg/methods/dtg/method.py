@@ -1,7 +1,7 @@
 """``method=dtg``: Dense Teacher Guidance in the R-CNN and RPN stages (docs/method.md).
 
-Orchestration only: the math lives in :mod:`dtg.losses` (clustering, correspondence,
-INC targets, Rank Matching). Per unlabeled batch: :meth:`DTGMethod.teacher_targets` makes one
+Orchestration only: the math lives beside it in :mod:`dtg.methods.dtg` (clusters, correspondence,
+INC targets, losses and Rank Matching). Per unlabeled batch: :meth:`DTGMethod.teacher_targets` makes one
 teacher pass on the weak views (dense RPN outputs, proposals, R-CNN outputs on its own
 proposals) and builds each enabled stage's INC targets (:class:`DTGTargets`); the student's
 side of the batch (its image sizes, its anchors) is known from the strong views' shapes
@@ -9,7 +9,7 @@ side of the batch (its image sizes, its anchors) is known from the strong views'
 :meth:`DTGMethod.student_losses` makes one student pass on the strong views and, per enabled
 stage, ``L_u = L_cls + L_reg + rm_weight * L_RM``. Every key of a stage is read from its section
 of the config (``dtg.rcnn``, ``dtg.rpn``: :class:`dtg.config.RcnnStageConfig`,
-:class:`dtg.config.RpnStageConfig`), which the target builders of :mod:`dtg.losses.inc_image` take.
+:class:`dtg.config.RpnStageConfig`), which the target builders of :mod:`dtg.methods.dtg.image_targets` take.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ from torch import Tensor
 
 from dtg.config import Config
 from dtg.geometry import teacher_to_student
-from dtg.losses.correspondence import AnchorGrid, anchor_grid
-from dtg.losses.dtg_loss import (
-    inc_classification_loss, inc_objectness_loss, inc_rank_matching_loss, inc_regression_loss, select_class_deltas,
-)
-from dtg.losses.inc import IncTargets
-from dtg.losses.inc_image import (
+from dtg.losses.pseudo_label import background_to_ignore
+from dtg.methods.base import BoxTargets, Method, TargetFigure, strong_images, strong_sizes, weak_images
+from dtg.methods.dtg.correspondence import AnchorGrid, anchor_grid
+from dtg.methods.dtg.image_targets import (
     RcnnImageTargets, concat_targets, keep_members_and_sample_background, rcnn_image_targets,
     rpn_image_targets, take_samples,
 )
-from dtg.losses.pseudo_label import background_to_ignore
-from dtg.methods.base import BoxTargets, Method, TargetFigure, strong_images, strong_sizes, weak_images
+from dtg.methods.dtg.losses import (
+    inc_classification_loss, inc_objectness_loss, inc_rank_matching_loss, inc_regression_loss, select_class_deltas,
+)
+from dtg.methods.dtg.targets import IncTargets
 from dtg.methods.sparse import pseudo_box_figure, pseudo_box_targets
 from dtg.models.detector import DenseLayout, DenseOutputs, Detector
 

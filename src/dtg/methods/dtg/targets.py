@@ -1,9 +1,10 @@
 """Inverse NMS Clustering (INC) targets for the R-CNN and RPN stages (docs/method.md, "INC in the R-CNN stage" and "INC in the RPN stage").
 
 The teacher's dense predictions are clustered by its own greedy NMS
-(:func:`dtg.losses.clustering.nms_clusters`); every cluster member's student sample gets the
+(:mod:`dtg.methods.dtg.clusters`); every cluster member's student sample gets the
 cluster's class and regresses toward the cluster's kept box mapped into the student view.
-Target building is pure and gradient-free; the losses live in :mod:`dtg.losses.dtg_loss`.
+Target building is pure and gradient-free and reads no config (the stage's config is applied
+in :mod:`dtg.methods.dtg.image_targets`); the losses live in :mod:`dtg.methods.dtg.losses`.
 
 All boxes are ``xyxy`` in continuous pixel coordinates. A regression target is dropped
 (``reg_mask`` False, the class label stays) when the mapped target box or the student's
@@ -21,8 +22,8 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import clip_boxes_to_image
 
 from dtg.geometry import project_boxes, valid_boxes
-from dtg.losses.clustering import nms_clusters
-from dtg.losses.correspondence import paired_iou
+from dtg.methods.dtg.clusters import nms_clusters, rpn_clusters
+from dtg.methods.dtg.correspondence import paired_iou
 
 MIN_BOX_SIZE = 1.0  # px; smaller mapped targets / reference boxes get no regression target
 RPN_CANDIDATE_MODES = ("threshold_then_nms", "nms_then_threshold")
@@ -227,19 +228,6 @@ def rank_within(segment: Tensor, value: Tensor) -> Tensor:
     return rank
 
 
-def _top_n_per_level(scores: Tensor, levels: Tensor, n: int) -> Tensor:
-    """(A,) bool mask of the ``n`` highest scores of each level (ties: lower index first)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(levels[order], stable=True)]
-    lv = levels[order]
-    counts = torch.bincount(lv)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(lv.numel(), device=lv.device) - starts[lv]
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask[order] = rank < n
-    return mask
-
-
 @torch.no_grad()
 def rpn_inc_targets(
     teacher_objectness: Tensor,
@@ -288,7 +276,7 @@ def rpn_inc_targets(
         teacher_deltas: (A_t, 4) RPN deltas. teacher_anchors: (A_t, 4) xyxy, teacher view.
         teacher_levels: (A_t,) int64 FPN level (>= 0) of each teacher anchor.
         partner: (A_t,) int64 student anchor index of each teacher anchor, -1 for none
-            (:func:`dtg.losses.correspondence.match_anchors`).
+            (:func:`dtg.methods.dtg.correspondence.match_anchors`).
         student_anchors: (A_s, 4) xyxy student anchors (student view).
         teacher_to_student: (3, 3); student_size / teacher_size: ``(H, W)`` of the views.
         box_coder: the RPN ``BoxCoder`` (weights 1, 1, 1, 1).
@@ -330,30 +318,6 @@ def rpn_inc_targets(
     rows = positive.nonzero().squeeze(1)
     target[rows] = project_boxes(boxes[source[rows]], teacher_to_student, student_size)
     return _assemble(classes, cluster, score[d], target, student_anchors, box_coder, cls_labels, reg_labels)
-
-
-def rpn_clusters(score: Tensor, boxes: Tensor, levels: Tensor, tau: float, iou_threshold: float,
-                 candidates: str, pre_nms_top_n: int) -> Tensor:
-    """The kept teacher anchor of each member of an RPN cluster, -1 for non-members.
-
-    Args:
-        score: (A_t,) objectness probabilities; boxes: (A_t, 4) decoded, clipped proposals;
-        levels: (A_t,) int64 FPN level (NMS runs per level).
-        candidates: see :func:`rpn_inc_targets`.
-
-    Returns:
-        (A_t,) int64 teacher anchor index of the member's kept box (members of clusters whose
-        kept box scores ``>= tau``), -1 elsewhere.
-    """
-    above = score >= tau
-    pool_mask = above if candidates == "threshold_then_nms" else above | _top_n_per_level(score, levels, pre_nms_top_n)
-    pool = pool_mask.nonzero().squeeze(1)
-    keep, clus = nms_clusters(boxes[pool], score[pool], levels[pool], iou_threshold)
-    kept_of = torch.full_like(levels, -1)
-    kept_of[pool] = pool[keep[clus]]
-    if candidates == "nms_then_threshold":
-        kept_of = torch.where((kept_of >= 0) & above[kept_of.clamp(min=0)], kept_of, -1)
-    return kept_of
 
 
 def deciding_teacher_anchor(score: Tensor, partner: Tensor, num_student: int) -> Tensor:

@@ -1,12 +1,12 @@
 """INC targets of one image as training builds them, and operations on a batch's targets (docs/method.md, "INC in the R-CNN stage" and "INC in the RPN stage").
 
 :func:`rcnn_image_targets` and :func:`rpn_image_targets` wrap the pure target builders of
-:mod:`dtg.losses.inc` with the view correspondence (proposals mapped into the student view,
+:mod:`dtg.methods.dtg.targets` with the view correspondence (proposals mapped into the student view,
 teacher anchors paired with student anchors) and the stage's config of a run
 (:class:`dtg.config.RcnnStageConfig` ``dtg.rcnn``, :class:`dtg.config.RpnStageConfig` ``dtg.rpn``);
 :func:`concat_targets`, :func:`ignore_samples`, :func:`keep_members_and_sample_background` and
 :func:`take_samples` combine and select targets. Called alike by
-:class:`dtg.methods.dtg.DTGMethod`, ``dtg explain``, ``dtg bench targets`` and the benchmarks.
+the stages of :class:`dtg.methods.dtg.DTGMethod`, ``dtg explain``, ``dtg bench targets`` and the benchmarks.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from torchvision.models.detection._utils import BoxCoder
 
 from dtg.config import RcnnStageConfig, RpnStageConfig
 from dtg.geometry import valid_boxes
-from dtg.losses.correspondence import (
+from dtg.methods.dtg.correspondence import (
     AnchorGrid, area_levels, map_anchors, map_proposals, match_anchors, match_anchors_one_to_one,
 )
-from dtg.losses.inc import MIN_BOX_SIZE, IncTargets, check_choice, rcnn_inc_targets, rpn_inc_targets
+from dtg.methods.dtg.targets import MIN_BOX_SIZE, IncTargets, check_choice, rcnn_inc_targets, rpn_inc_targets
 
 ANCHOR_LEVELS = ("box", "area")
 ANCHOR_TIES = ("even", "up")
@@ -46,7 +46,7 @@ def rcnn_image_targets(
     """The student RoIs of one image and their R-CNN INC targets, exactly as training builds them.
 
     The teacher's P proposals are mapped one to one into the student view
-    (:func:`~dtg.losses.correspondence.map_proposals`); RoIs that left the view (narrower or
+    (:func:`~dtg.methods.dtg.correspondence.map_proposals`); RoIs that left the view (narrower or
     shorter than 1 px) are ignored.
 
     Args:
@@ -76,7 +76,7 @@ def anchor_partners(teacher_anchors: Tensor, teacher_to_student: Tensor, grid: A
     """(A_t,) int64 student anchor paired with each (A_t, 4) teacher anchor, -1 for none (``stage.anchor_level``,
     ``stage.anchor_ties``, ``stage.anchor_radius``, ``stage.transfer``); ``canonical`` is the anchor size of
     FPN level 0 (``model.anchor_sizes[0]``); ``objectness`` (A_t,) orders the teacher anchors for
-    ``transfer=one_to_one`` (:func:`~dtg.losses.correspondence.match_anchors_one_to_one`)."""
+    ``transfer=one_to_one`` (:func:`~dtg.methods.dtg.correspondence.match_anchors_one_to_one`)."""
     check_choice("anchor_level", stage.anchor_level, ANCHOR_LEVELS)
     levels = (area_levels(teacher_anchors, teacher_to_student, grid.num_levels, canonical)
               if stage.anchor_level == "area" else None)
@@ -99,12 +99,12 @@ def rpn_image_targets(
     """RPN INC targets over the student anchors of one image, with the anchor correspondence.
 
     Each teacher anchor is mapped into the student view and paired with a student anchor
-    (:func:`~dtg.losses.correspondence.match_anchors`), then :func:`rpn_inc_targets`.
+    (:func:`~dtg.methods.dtg.correspondence.match_anchors`), then :func:`rpn_inc_targets`.
 
     Args:
         teacher_objectness: (A_t,) logits; teacher_deltas: (A_t, 4); teacher_anchors: (A_t, 4)
             xyxy; teacher_levels: (A_t,) int64 FPN level.
-        grid: the student anchor layout (:func:`~dtg.losses.correspondence.anchor_grid`).
+        grid: the student anchor layout (:func:`~dtg.methods.dtg.correspondence.anchor_grid`).
         box_coder: the RPN box coder (:attr:`dtg.models.detector.Detector.rpn_box_coder`).
         canonical: the anchor size of FPN level 0 (``model.anchor_sizes[0]``).
         stage: the RPN stage's config (``dtg.rpn``: ``tau``, ``nms``, ``uncertain``, ``candidates``,
