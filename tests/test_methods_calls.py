@@ -17,7 +17,7 @@ from dtg.methods.dtg.losses import (
 )
 from dtg.losses.pseudo_label import background_to_ignore, pseudo_targets
 from dtg.methods.base import BoxTargets
-from dtg.methods.dtg.method import DTGTargets
+from dtg.methods.dtg.teacher import DTGTargets
 from dtg.methods.oracle import ground_truth_targets
 from dtg.models.detector import Detector
 
@@ -189,7 +189,7 @@ def test_per_stage_overrides_reach_bench_targets_and_explain():
 
 def test_bench_targets_scores_with_the_per_stage_options(tiny_dataset, tmp_path, monkeypatch):
     """``score_models`` builds its R-CNN targets with the R-CNN stage's options (a spy on the INC call)."""
-    import dtg.methods.dtg.method as dtg_mod
+    import dtg.methods.dtg.stages as dtg_mod
     from dtg.data.dataset import LabelMap
     from dtg.evaluation.target_quality import score_models, unlabeled_with_boxes
 

@@ -10,7 +10,8 @@ from dtg.engine.trainer import Trainer
 from dtg.methods.dtg.targets import IncTargets
 from dtg.methods.dtg.image_targets import concat_targets, ignore_samples
 from dtg.methods.base import weak_images
-from dtg.methods.dtg.method import DTGMethod, teacher_pass
+from dtg.methods.dtg.method import DTGMethod
+from dtg.methods.dtg.teacher import teacher_pass
 from dtg.methods.dtg.correspondence import map_anchors
 
 from conftest import tiny_config
@@ -298,6 +299,49 @@ def test_rank_matching_off_removes_its_loss_only(switches, default, stages):
     assert same_targets(t.rcnn.targets, tg.rcnn.targets) and same_targets(t.rpn.targets, tg.rpn.targets)
 
 
+@pytest.mark.parametrize("overrides, stages", [
+    ((), ["RcnnStage", "RpnStage"]),
+    (("dtg.rpn.targets=sparse",), ["RcnnStage", "SparseRpnStage"]),
+    (("dtg.rcnn.enabled=false", "dtg.rpn.rank_matching=false"), ["RpnStage"]),
+    (("dtg.rpn.enabled=false", "dtg.rcnn.rank_matching=false"), ["RcnnStage"]),
+])
+def test_the_weight_dict_names_every_logged_term_with_its_weight(switches, overrides, stages):
+    """One stage object per enabled stage; the weight dict's keys are the logged loss names, in order,
+    and each logged term is its weight times the stage's raw term (Rank Matching: ``dtg.rm_weight``)."""
+    from dtg.methods.dtg.method import weight_dict
+
+    cfg = switches.config(*overrides)
+    method = DTGMethod(cfg, switches.device)
+    assert [type(s).__name__ for s in method.stages] == stages
+    _, losses, _ = switches.run(*overrides)
+    assert list(method.weight_dict) == list(losses) == list(method.loss_weights())
+    assert method.weight_dict == {k: 3.0 if k.endswith("_rm") else 1.0 for k in losses}  # the fixture's rm_weight
+    assert weight_dict(method.stages, cfg.dtg) == method.weight_dict
+    torch.manual_seed(0)
+    targets = method.teacher_targets(switches.teacher, switches.items)
+    torch.manual_seed(1)
+    s = switches.student.forward_dense([it["strong"] for it in switches.items])
+    for stage in method.stages:
+        raw, _ = stage.losses(switches.student, s, getattr(targets, stage.slot))
+        assert tuple(raw) == stage.terms
+        for term, value in raw.items():
+            key = f"unsup_{stage.name}_{term}"
+            assert torch.equal(losses[key], method.weight_dict[key] * value.detach())
+
+
+def test_training_logs_the_weight_dict_once(tiny_dataset, tmp_path):
+    lines: list[str] = []
+    Trainer(tiny_config(tiny_dataset, tmp_path / "dtg", "method=dtg", "dtg.rm_weight=0.6", "data.val_json="),
+            log=lines.append, progress=False)
+    said = [ln for ln in lines if ln.startswith("unlabeled loss terms and their weights")]
+    assert len(said) == 1 and said[0].endswith(
+        "unsup_rcnn_cls 1, unsup_rcnn_reg 1, unsup_rcnn_rm 0.6, unsup_rpn_cls 1, unsup_rpn_reg 1")
+    lines.clear()
+    Trainer(tiny_config(tiny_dataset, tmp_path / "sparse", "method=sparse", "data.val_json="),
+            log=lines.append, progress=False)
+    assert not any(ln.startswith("unlabeled loss terms") for ln in lines)  # sparse weighs no term
+
+
 def test_rm_weight_scales_rank_matching_only(switches, default):
     _, base, _ = default
     one, two, zero = (switches.run(f"dtg.rm_weight={b}")[1] for b in (1.0, 2.0, 0.0))
@@ -322,7 +366,7 @@ def test_rank_matching_inputs_change_rank_matching_only(switches, default, overr
 def test_rm_scale_inc_gets_each_stage_s_members_and_inc_denominators(switches, default, monkeypatch, normalize):
     """The method hands :func:`inc_rank_matching_loss` each stage's member clusters, its labelled-sample
     count and the supervised denominator; its RM is what that function gives on those inputs."""
-    import dtg.methods.dtg.method as method_module
+    import dtg.methods.dtg.stages as method_module
     from dtg.methods.dtg.losses import inc_rank_matching_loss
 
     tg, _, _ = default

@@ -30,7 +30,7 @@ from dtg.engine.step import TrainStep
 from dtg.engine.trainer import Trainer
 from dtg.methods import REGISTRY, build_method
 from dtg.methods.base import Batch, Method, strong_images, weak_images
-from dtg.methods.dtg.method import TeacherPass, teacher_pass
+from dtg.methods.dtg.teacher import TeacherPass, teacher_pass
 from dtg.methods.dtg.correspondence import map_proposals
 from dtg.models.detector import Detector
 
@@ -40,7 +40,7 @@ class LowerBoundMethod(Method):
 
     Labeled: the ordinary supervised losses (the step's own). Unlabeled: the teacher's forward on the weak views
     (backbone, dense RPN, proposals, R-CNN on its proposals; no gradient): DTG's own teacher pass
-    (:func:`dtg.methods.dtg.method.teacher_pass`), as its targets; and the student's
+    (:func:`dtg.methods.dtg.teacher.teacher_pass`), as its targets; and the student's
     forward on the strong views (backbone, dense RPN, R-CNN on the teacher's proposals mapped
     into the student view, as DTG's RoIs are), with a zero-weight dummy loss over all student
     outputs so that the backward pass runs through them. No targets, clustering or matching.

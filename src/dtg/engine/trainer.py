@@ -75,6 +75,10 @@ class Trainer:
                                           self.method.needs_unlabeled_boxes)
         self._check_classes()
         self.log(self.data.summary())
+        weights = self.method.loss_weights()
+        if weights:
+            self.log("unlabeled loss terms and their weights (alpha(t) multiplies the weighted sum): "
+                     + ", ".join(f"{k} {w:g}" for k, w in weights.items()))
         # What this run ran on (commit, data, versions, threads, CPU), for metrics.json.
         self.provenance = provenance(cfg, torch.get_num_threads(), dataset_fingerprint(cfg.data))
         self.model = Detector.from_config(cfg.model, self.labels.num_classes, cfg.data.test_size, cfg.data.test_max_size)

@@ -97,6 +97,13 @@ class Method(Protocol):
         None unless the method names some (supervised: no targets; oracle: the ground truth, which no key sets)."""
         return ()
 
+    def loss_weights(self) -> dict[str, float]:
+        """The weight :meth:`student_losses` gives each ``unsup_*`` term it returns, keyed by the term's logged
+        name (DTG's weight dict): the logged values are the weighted terms, whose sum alpha(t) multiplies.
+        Empty unless the method weighs its terms (sparse and the oracle return torchvision's losses as they
+        are); training logs it once."""
+        return {}
+
 
 def labeled_losses(student: Detector, items: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
     """Ordinary Faster R-CNN losses on the labeled views, named ``sup_*``."""
