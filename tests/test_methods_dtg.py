@@ -530,6 +530,25 @@ def test_rcnn_subsample_scores_every_member_and_a_background_sample(switches, de
     assert differ(losses, base, ["unsup_rcnn_cls"]) and same(losses, base, RPN_KEYS)
 
 
+def test_rcnn_proposals_keeps_the_teacher_s_highest_objectness_proposals_only(switches, default):
+    tg, base, _ = default
+    counts = [len(p) for p in tg.teacher.dense.proposals]
+    keep = min(counts) // 2
+    t, losses, _ = switches.run(f"dtg.rcnn.proposals={keep}")
+    for i, (full, cut) in enumerate(zip(tg.rcnn.images, t.rcnn.images)):
+        assert len(cut.rois) == keep < counts[i]
+        assert torch.equal(cut.rois, full.rois[:keep])  # the same proposals, mapped the same way
+        scores = t.teacher.dense.proposal_scores[i]
+        assert torch.equal(scores, tg.teacher.dense.proposal_scores[i][:keep])
+        assert float(scores.min()) >= float(tg.teacher.dense.proposal_scores[i][keep:].max())  # the best ones
+    # the teacher's R-CNN ran on the kept proposals only: its outputs are the full pass's first rows
+    first = torch.cat([lg[:keep] for lg in tg.teacher.logits.split(counts)])
+    assert t.teacher.logits.shape == first.shape and torch.allclose(t.teacher.logits, first, atol=1e-5)
+    assert differ(losses, base, ["unsup_rcnn_cls"])
+    assert same_targets(t.rpn.targets, tg.rpn.targets) and same(losses, base, RPN_KEYS)  # the RPN stage untouched
+    assert same_targets(switches.run(f"dtg.rcnn.proposals={max(counts)}")[0].rcnn.targets, tg.rcnn.targets)
+
+
 def test_rcnn_subsample_that_keeps_no_roi_gives_zero_rcnn_losses(switches, default):
     """No RoI above ``dtg.rcnn.tau`` and every RoI in the ignore band: nothing is scored, and the
     R-CNN losses are 0 (with a graph), not an error; the RPN is untouched."""

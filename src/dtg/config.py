@@ -219,6 +219,9 @@ class RcnnStageConfig(StageConfig):
     # k = max(1, int(sum of the 12 largest IoUs)) per cluster (the DTG authors' later PseCo)
     member_iou: Prob = 0.0
     member_topk: bool = False
+    # cost switch: the teacher's proposals per image that become RoIs, the highest-objectness ones
+    # (0: all of the training top-N, model.rpn_post_nms_top_n_train); the rest are not scored at all
+    proposals: Count = 0
 
 
 @dataclass

@@ -44,6 +44,7 @@ NEUTRAL_KEYS: dict[str, Any] = {
     "dtg.rpn_transfer": "max",
     "dtg.rcnn_member_iou": 0.0,
     "dtg.rcnn_member_topk": False,
+    "dtg.rcnn_proposals": 0,
 }
 
 

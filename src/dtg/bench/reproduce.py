@@ -93,6 +93,8 @@ ROWS: tuple[Row, ...] = (
     # Issue 25, steps 5 and 7: the defaults (the lead) with one R-CNN switch each.
     Row("dtg-sub", {**DTG, "dtg.rcnn.subsample": True}, None,
         "the defaults + the cost switch: every member, background sampled to model.roi_batch_size_per_image"),
+    Row("dtg-p128", {**DTG, "dtg.rcnn.proposals": 128}, None,
+        "the defaults + the cost switch: the teacher's 128 highest-objectness proposals per image as RoIs"),
     Row("dtg-miou", {**DTG, "dtg.rcnn.member_iou": 0.5}, None,
         "the defaults + positives only for members whose proposal overlaps the kept box by IoU >= 0.5"),
     Row("dtg-topk", {**DTG, "dtg.rcnn.member_topk": True}, None,

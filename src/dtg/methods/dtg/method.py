@@ -69,7 +69,7 @@ class DTGMethod(Method):
     def teacher_targets(self, teacher: Detector, items: list[dict[str, Any]]) -> DTGTargets:
         """One teacher pass on the weak views and the targets of each enabled stage (with
         ``dtg.rcnn.subsample`` the background draw uses torch's global generator, as training does)."""
-        t = teacher_pass(teacher, weak_images(items, self.device))
+        t = teacher_pass(teacher, weak_images(items, self.device), max_proposals=self.cfg.dtg.rcnn.proposals)
         mats = [teacher_to_student(it["weak_matrix"], it["strong_matrix"]).to(self.device) for it in items]
         out = DTGTargets(t, mats, strong_sizes(items))
         for stage in self.stages:

@@ -9,7 +9,7 @@ or the hybrid's sparse pseudo boxes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -37,11 +37,19 @@ class TeacherPass:
 
 
 @torch.no_grad()
-def teacher_pass(teacher: Detector, weak: list[Tensor], train_top_n: bool | None = True) -> TeacherPass:
+def teacher_pass(teacher: Detector, weak: list[Tensor], train_top_n: bool | None = True,
+                 max_proposals: int = 0) -> TeacherPass:
     """The teacher on the (3, H, W) ``weak`` views: :meth:`Detector.forward_dense` (proposals with the
     training top-N by default, as DTG builds its targets; ``None``: the module's mode) and the
-    R-CNN on its own proposals."""
+    R-CNN on its own proposals.
+
+    ``max_proposals`` (``dtg.rcnn.proposals``; 0: all): keep only each image's first that many
+    proposals, the highest-objectness ones (torchvision's proposal filter returns them by
+    decreasing objectness), before the R-CNN runs; the RPN outputs stay whole."""
     t = teacher.forward_dense(weak, train_top_n=train_top_n)
+    if max_proposals > 0:
+        t = replace(t, proposals=[p[:max_proposals] for p in t.proposals],
+                    proposal_scores=[p[:max_proposals] for p in t.proposal_scores])
     logits, deltas = teacher.roi_forward(t.features, t.proposals, t.images.image_sizes)
     return TeacherPass(t, logits, deltas)
 
