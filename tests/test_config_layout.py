@@ -65,6 +65,10 @@ RUN_KEYS_7D0CE5E = {
     "testbed.yaml:sparse-constlr": "7c1b1ae41b9a",
     "testbed.yaml:dtg-paper": "0473a2ef4176",
     "testbed.yaml:hybrid-supnorm": "f9c7a6003a0d",
+    "testbed.yaml:dtg-sub": "e347932dda41",  # pinned at 36ba32d, where the row was added
+    "testbed.yaml:dtg-p128": "4f46c93b1a85",  # pinned at a66c46a, where the row was added
+    "testbed.yaml:dtg-miou": "c5708474a7ee",  # pinned at 36ba32d
+    "testbed.yaml:dtg-topk": "52d3df06c03d",  # pinned at 36ba32d
     "testbed.yaml:dtg-lead": "9b997d60c274",  # pinned at e81b651, where the row was added
     "testbed.yaml:dtg-dense": "8bb5b0f54c8c",  # the dtg defaults before issue 25, spelled out: their runs
     "testbed.yaml:dtg-rpn-only": "079b7b601da5",

@@ -191,7 +191,7 @@ class SparseConfig:
 class StageConfig:
     """What both DTG stages have (docs/method.md, "INC in the R-CNN stage" / "INC in the RPN stage").
 
-    The stage's INC targets and losses read these keys only: :mod:`dtg.losses.inc_image` takes the
+    The stage's INC targets and losses read these keys only: :mod:`dtg.methods.dtg.image_targets` takes the
     stage's config. The paper's tables 2(b) and 3(c) change the R-CNN stage's switches only.
     """
 
