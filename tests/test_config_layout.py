@@ -1,18 +1,96 @@
-"""The structured DTG / sparse config (issue 21): old keys, stored configs and run identities."""
+"""The structured DTG / sparse config (issue 21): old keys, stored configs; run keys over today's layout and
+the migration of the folders cached under the keys before it (issue 27)."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from dtg.config import RENAMED, Config, ConfigError, from_dict, legacy_dict, load_config, to_dict
-from dtg.run_identity import run_key
+from dtg.config import RENAMED, Config, ConfigError, from_dict, load_config, save_config, to_dict
+from dtg.run_identity import branch_key, config_hash, run_key
+from dtg.run_migration import MARKER, flat_dict, flat_run_key, migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# run_key(cfg, "fp") of every shipped config (under each method) and of every `dtg bench reproduce`
+# run_key(cfg, "fp") of every shipped config (under each method) and of every `dtg bench reproduce` row on
+# configs/testbed.yaml, hashed over today's layout (issue 27); the runs cached under these keys must keep them.
+#   for each configs/*.yaml: cfg = load_config(path); cfg.method = m; run_key(cfg, "fp")
+#   for each row of dtg.bench.reproduce.ROWS: run_key(load_config("configs/testbed.yaml", row.set_args()), "fp")
+RUN_KEYS = {
+    "coco_10pct.yaml:supervised": "2c275a989a5d",
+    "coco_10pct.yaml:sparse": "8ff4c8c20684",
+    "coco_10pct.yaml:dtg": "c57f9699b663",
+    "coco_10pct.yaml:oracle": "82c560871362",
+    "coco_10pct_1gpu.yaml:supervised": "b15fd1bb2a22",
+    "coco_10pct_1gpu.yaml:sparse": "c1392e25de25",
+    "coco_10pct_1gpu.yaml:dtg": "24a06710049a",
+    "coco_10pct_1gpu.yaml:oracle": "f6372df9533e",
+    "coco_full.yaml:supervised": "eade5ede2bcf",
+    "coco_full.yaml:sparse": "7bfe034ac7c1",
+    "coco_full.yaml:dtg": "3e2f3845807f",
+    "coco_full.yaml:oracle": "40cf937017ca",
+    "coco_full_1gpu.yaml:supervised": "a0b089c90326",
+    "coco_full_1gpu.yaml:sparse": "4420a79206d3",
+    "coco_full_1gpu.yaml:dtg": "ebd64a04bf72",
+    "coco_full_1gpu.yaml:oracle": "32e4ca2bda6e",
+    "embedded.yaml:supervised": "5258e38ed558",
+    "embedded.yaml:sparse": "f92b38d2139a",
+    "embedded.yaml:dtg": "7acdfdd4a7d0",
+    "embedded.yaml:oracle": "021f68a2bedf",
+    "testbed.yaml:supervised": "cc261e382703",
+    "testbed.yaml:sparse": "a903076bd8fd",
+    "testbed.yaml:dtg": "d9ce01dc5dfa",
+    "testbed.yaml:oracle": "67db0394d1f9",
+    "voc07_12.yaml:supervised": "cace5051a181",
+    "voc07_12.yaml:sparse": "e7079144a3dc",
+    "voc07_12.yaml:dtg": "b59445101300",
+    "voc07_12.yaml:oracle": "e791fb33a15b",
+    "voc07_12_1gpu.yaml:supervised": "f0f067c32510",
+    "voc07_12_1gpu.yaml:sparse": "fb47264e3372",
+    "voc07_12_1gpu.yaml:dtg": "9a25980c1722",
+    "voc07_12_1gpu.yaml:oracle": "4a5ee6eeb351",
+    "testbed.yaml:full-labels": "cc261e382703",
+    "testbed.yaml:dtg-dense": "17757904151a",
+    "testbed.yaml:sparse-t0.9": "3efcf4771f24",
+    "testbed.yaml:sparse-noreg": "6560d355e27c",
+    "testbed.yaml:sparse-nogeo": "a903076bd8fd",
+    "testbed.yaml:sparse-geo": "76b3830f7d5e",
+    "testbed.yaml:sparse-ema0.998": "c8f93eec14e3",
+    "testbed.yaml:sparse-constlr": "e3dc9290a2ae",
+    "testbed.yaml:dtg-paper": "c320e77276f5",
+    "testbed.yaml:dtg-lead": "d9ce01dc5dfa",
+    "testbed.yaml:dtg-sub": "8a36ffa64c44",
+    "testbed.yaml:dtg-p128": "fc642e090a4d",
+    "testbed.yaml:dtg-miou": "68d81b3a8379",
+    "testbed.yaml:dtg-topk": "3e97c7ea5752",
+    "testbed.yaml:hybrid-supnorm": "9849020601cc",
+    "testbed.yaml:dtg-rpn-only": "86df00257dce",
+    "testbed.yaml:dtg-rcnn-only": "bf0c55b86bdf",
+    "testbed.yaml:hybrid": "5a80fc2a8649",
+    "testbed.yaml:norm-supervised": "f70065c0ced6",
+    "testbed.yaml:anchor-area": "2cd175255b02",
+    "testbed.yaml:rpn-bce": "eb2ba0578b0c",
+    "testbed.yaml:dtg-subsample": "d3d2d6c666af",
+    "testbed.yaml:inc-cls": "662530893ae9",
+    "testbed.yaml:inc-cls-reg": "731c4ff5e4ac",
+    "testbed.yaml:reg-own": "9241c7987ddd",
+    "testbed.yaml:T0.5": "a5aa08fb3592",
+    "testbed.yaml:T1": "b1a71830113f",
+    "testbed.yaml:T5": "f46349c5bd97",
+    "testbed.yaml:beta1": "b1a71830113f",
+    "testbed.yaml:beta5": "734da1792546",
+    "testbed.yaml:tau0.40": "8fb227b2bff0",
+    "testbed.yaml:tau0.50": "157efb340c65",
+}
+
+# The same keys before issue 27 (hashed over the flat layout), computed by the code of commit 7d0ce5e
+# (before the per-stage config: flat dtg.*, the sparse keys in semi.*) in a worktree of that commit;
+# the migration's test data (dtg.run_migration): it must map each to the key above.
+# Before issue 27: run_key(cfg, "fp") of every shipped config (under each method) and of every `dtg bench reproduce`
 # row on configs/testbed.yaml, computed by the code of commit 7d0ce5e (before the per-stage config:
 # flat dtg.*, the sparse keys in semi.*) in a worktree of that commit with the script below; the
 # runs cached under these keys must keep them. Exceptions, marked on their line: the GPU configs'
@@ -102,17 +180,24 @@ def _cases():
 
 
 @pytest.mark.parametrize("name, path, overrides, method", list(_cases()), ids=lambda x: x if isinstance(x, str) else "")
-def test_run_keys_equal_those_of_the_flat_config(name, path, overrides, method):
+def test_run_keys_are_pinned_and_the_old_ones_recognised(name, path, overrides, method):
+    cfg = _config(path, overrides, method)
+    assert run_key(cfg, "fp") == RUN_KEYS[name]
+    assert flat_run_key(cfg, "fp") == RUN_KEYS_7D0CE5E[name]
+
+
+def _config(path, overrides, method):
     if method is None:
-        cfg = load_config(path, overrides)
-    else:
-        cfg = load_config(path)
-        cfg.method = method
-    assert run_key(cfg, "fp") == RUN_KEYS_7D0CE5E[name]
+        return load_config(path, overrides)
+    cfg = load_config(path)
+    cfg.method = method
+    return cfg
 
 
 def test_every_pinned_key_is_checked():
-    assert {name for name, *_ in _cases()} == set(RUN_KEYS_7D0CE5E)
+    assert {name for name, *_ in _cases()} == set(RUN_KEYS_7D0CE5E) == set(RUN_KEYS)
+    pairs = {(RUN_KEYS_7D0CE5E[n], RUN_KEYS[n]) for n in RUN_KEYS}  # one new key per old key, and back
+    assert len(pairs) == len({o for o, _ in pairs}) == len({n for _, n in pairs})
 
 
 @pytest.mark.parametrize("old", sorted(RENAMED))
@@ -132,12 +217,12 @@ def test_a_config_stored_in_the_flat_layout_reads_back():
     cfg = load_config(None, ["method=dtg", "dtg.rcnn.inc_reg=false", "dtg.rpn.tau=0.9", "dtg.rm_weight=1.0",
                              "sparse.pseudo_score_thresh=0.8", "dtg.rpn.anchor_level=area", "dtg.rcnn.subsample=true",
                              "dtg.rm_scale=inc", "dtg.rpn.transfer=one_to_one"])
-    old = legacy_dict(cfg)
+    old = flat_dict(cfg)
     assert old["dtg"]["rm_scale"] == "inc" and old["dtg"]["rpn_transfer"] == "one_to_one"  # keys added after issue 21
     assert old["dtg"]["rcnn_inc_reg"] is False and old["dtg"]["inc_reg"] is True and old["dtg"]["beta"] == 1.0
     assert old["semi"]["pseudo_score_thresh"] == 0.8 and "sparse" not in old
     assert from_dict(old) == cfg and from_dict(to_dict(cfg)) == cfg
-    assert from_dict(legacy_dict(Config())) == Config()
+    assert from_dict(flat_dict(Config())) == Config()
 
 
 def test_defaults_are_the_effective_values_of_the_flat_config():
@@ -155,3 +240,115 @@ def test_runs_of_methods_that_do_not_read_dtg_keep_their_key_whatever_dtg_says()
     a, b = copy.deepcopy(base), load_config(ROOT / "configs" / "testbed.yaml", ["dtg.rm_weight=5"])
     a.method = b.method = "dtg"
     assert run_key(a, "fp") != run_key(b, "fp")
+
+
+def test_a_default_change_of_dtg_changes_the_dtg_key_only():
+    for method in ("dtg", "sparse", "supervised", "oracle"):
+        a = load_config(ROOT / "configs" / "testbed.yaml", [f"method={method}"])
+        b = load_config(ROOT / "configs" / "testbed.yaml", [f"method={method}", "dtg.rcnn.proposals=128"])
+        assert (run_key(a, "fp") != run_key(b, "fp")) == (method == "dtg"), method
+
+
+# ----------------------------------------------------------------------------- the migration of cached runs
+
+
+def _cache(tmp_path, names=None):
+    """A hand-made cache: one folder per pinned old key (run.yaml, config.yaml, metrics.json, progress.json)."""
+    runs = tmp_path / "out" / "runs"
+    expected = {}
+    for name, path, overrides, method in _cases():
+        if names is not None and name not in names:
+            continue
+        cfg = _config(path, overrides, method)
+        old, new = RUN_KEYS_7D0CE5E[name], RUN_KEYS[name]
+        if old in expected:
+            continue
+        folder = runs / old
+        folder.mkdir(parents=True)
+        cfg.output_dir = str(Path("out/runs") / old)
+        save_config(cfg, folder / "run.yaml")
+        save_config(cfg, folder / "config.yaml")
+        (folder / "metrics.json").write_text(json.dumps({"method": cfg.method, "teacher": {"AP": 0.1}, "provenance": {
+            "dataset_fingerprint": "fp", "config_hash": "old"}}))
+        (folder / "progress.json").write_text(json.dumps({"iteration": 1}))
+        expected[old] = new
+    return runs, expected
+
+
+def _assert_migrated(runs, expected):
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == sorted(expected.values())
+    for new in expected.values():
+        for name in ("run.yaml", "config.yaml"):
+            assert yaml.safe_load((runs / new / name).read_text())["output_dir"] == str(Path("out/runs") / new)
+        cfg = from_dict(yaml.safe_load((runs / new / "run.yaml").read_text()))
+        assert json.loads((runs / new / "metrics.json").read_text())["provenance"]["config_hash"] == config_hash(cfg)
+    assert (runs / MARKER).is_file()
+
+
+def _snapshot(runs):
+    return {str(p.relative_to(runs)): p.read_bytes() for p in sorted(runs.rglob("*")) if p.is_file()}
+
+
+def test_the_migration_maps_every_pinned_old_key_to_its_new_key_once(tmp_path):
+    runs, expected = _cache(tmp_path)
+    assert migrate(runs) == {old: new for old, new in expected.items() if old != new}
+    assert any(old == new for old, new in expected.items())  # supervised keys: the same dict in both layouts
+    _assert_migrated(runs, expected)
+    before = _snapshot(runs)
+    assert migrate(runs) == {}  # done: the marker says so
+    assert migrate(runs, force=True) == {}  # scanned again: nothing to do
+    assert _snapshot(runs) == before
+
+
+def test_the_migration_renames_a_branch_and_its_parent(tmp_path):
+    from dtg.run_identity import dataset_fingerprint
+
+    runs = tmp_path / "runs"
+    sup = load_config(ROOT / "configs" / "testbed.yaml", ["method=supervised"])
+    child = load_config(ROOT / "configs" / "testbed.yaml", ["method=sparse"])
+    fp = dataset_fingerprint(child.data)  # the child is unfinished: the data's fingerprint now
+    p_old, c_old = flat_run_key(sup, fp), branch_key(flat_run_key(child, fp), flat_run_key(sup, fp), child.semi.burn_in)
+    for key, cfg in ((p_old, sup), (c_old, child)):
+        (runs / key).mkdir(parents=True)
+        cfg.output_dir = str(runs / key)
+        save_config(cfg, runs / key / "run.yaml")
+    p_new, c_new = run_key(sup, fp), branch_key(run_key(child, fp), run_key(sup, fp), child.semi.burn_in)
+    assert p_old == p_new and migrate(runs) == {c_old: c_new}  # a supervised key is the same in both layouts
+    assert yaml.safe_load((runs / c_new / "run.yaml").read_text())["output_dir"] == str(runs / c_new)
+
+
+def test_an_interrupted_migration_completes(tmp_path, monkeypatch):
+    import dtg.run_migration as m
+
+    runs, expected = _cache(tmp_path, {n for n in RUN_KEYS if n.startswith("testbed.yaml")})
+    real, calls = m._point_records, []
+
+    def dies_after_two(folder, cfg, old):
+        calls.append(folder)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        real(folder, cfg, old)
+
+    monkeypatch.setattr(m, "_point_records", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        migrate(runs)
+    assert not (runs / MARKER).exists() and calls[-1].name in expected.values()  # renamed, records not yet
+    monkeypatch.setattr(m, "_point_records", real)
+    migrate(runs)
+    _assert_migrated(runs, expected)
+
+
+def test_the_migration_leaves_busy_and_unknown_folders_alone(tmp_path):
+    from dtg.engine.run_folder import RunLock
+
+    runs, expected = _cache(tmp_path, {"testbed.yaml:sparse", "testbed.yaml:dtg"})
+    (runs / "0123456789ab").mkdir()  # no config: not a run of a known key
+    busy = next(iter(expected))
+    lock = RunLock(runs / busy)
+    assert lock.try_acquire()
+    migrate(runs)
+    assert (runs / busy).is_dir() and not (runs / MARKER).exists()  # a process trains there: later
+    lock.release()
+    migrate(runs)
+    assert (runs / expected[busy]).is_dir() and (runs / "0123456789ab").is_dir()
+    assert json.loads((runs / MARKER).read_text())["unmatched"] == ["0123456789ab"]

@@ -14,7 +14,7 @@ from dtg.bench.report import (
 from dtg.cli import main
 from dtg.config import save_config
 from dtg.run_exec import Run, _readiness, run_one, trained_twin
-from dtg.run_identity import NEUTRAL_KEYS, config_hash, hashed_dict, supervised_part, training_key
+from dtg.run_identity import NEUTRAL, config_hash, hashed_dict, supervised_part, training_key
 
 from conftest import tiny_config
 
@@ -315,13 +315,14 @@ def test_a_branch_waits_for_its_parents_checkpoint_and_fails_without_it(tmp_path
 
 
 def test_keys_added_later_leave_the_hash_alone_at_their_neutral_value():
-    from dtg.config import legacy_dict, load_config
+    from dtg.config import load_config, to_dict
 
     base = load_config(None, ["method=sparse"])
     data = hashed_dict(base)
-    assert "cpu_kernels" not in data and "class_thresholds" not in data["semi"]
-    for key, value in NEUTRAL_KEYS.items():  # every neutral value is the shipped default
-        node = legacy_dict(base)  # NEUTRAL_KEYS name keys of the hashed layout
+    assert "cpu_kernels" not in data and "class_thresholds" not in data["sparse"] and "dtg" not in data
+    assert NEUTRAL["dtg.rcnn.proposals"] == 0 and NEUTRAL["sparse.class_thresholds"] == []
+    for key, value in NEUTRAL.items():  # every neutral value is the shipped default (Annotated[..., Neutral(v)])
+        node = to_dict(base)
         for part in key.split("."):
             node = node[part]
         assert node == value, key

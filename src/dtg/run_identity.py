@@ -1,7 +1,8 @@
 """A run's identity and provenance: what makes two runs the same run, and what a run ran on.
 
-* Identity: :func:`config_hash` of the resolved config (without the keys that cannot change
-  what a run learns, :data:`VOLATILE_KEYS`) plus the dataset fingerprint, so that a cached run
+* Identity: :func:`config_hash` of the resolved config in today's layout (without the keys that
+  cannot change what a run learns, :data:`VOLATILE_KEYS`, and those at their neutral value,
+  :data:`NEUTRAL`) plus the dataset fingerprint, so that a cached run
   is reused only for the same config on the same data (:func:`run_key`, :func:`training_key`,
   :func:`branch_key`).
 * Provenance: :func:`provenance` records what a run ran on (git commit and dirty flag of the
@@ -14,7 +15,6 @@ training engine imports this module only.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
-from dtg.config import Config, DataConfig, DTGConfig, RcnnStageConfig, RpnStageConfig, legacy_dict, to_dict
+from dtg.config import Config, DataConfig, neutral_values, to_dict
 from dtg.data.coco import IMAGE_EXTENSIONS
 from dtg.fingerprint import files_fingerprint
 
@@ -32,54 +32,52 @@ from dtg.fingerprint import files_fingerprint
 VOLATILE_KEYS = ("output_dir", "threads", "log_period", "checkpoint_period", "checkpoint_at", "target_images")
 
 
-# Keys added after runs were first cached, with the value that keeps the code's behaviour from
-# before they existed: at that value they are left out of the hash, so those runs stay valid.
-# A new key goes here with its neutral default; a key whose default changes behaviour must not.
-# Keys of the hashed layout (:func:`dtg.config.legacy_dict`): semi.class_thresholds is sparse.class_thresholds.
-NEUTRAL_KEYS: dict[str, Any] = {
-    "cpu_kernels": "fast",
-    "semi.class_thresholds": [],
-    "semi.strong_bn_stats": True,
-    "dtg.rm_scale": "clusters",
-    "dtg.rpn_transfer": "max",
-    "dtg.rcnn_member_iou": 0.0,
-    "dtg.rcnn_member_topk": False,
-    "dtg.rcnn_proposals": 0,
-}
-
-
 def _without(data: dict[str, Any], keys: Iterable[str]) -> None:
     """Remove dotted ``keys`` from the nested dict ``data`` in place (missing ones are fine)."""
     for key in keys:
-        head, _, tail = key.partition(".")
-        (data.get(head, {}).pop(tail, None) if tail else data.pop(head, None))
+        *path, last = key.split(".")
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
 
 
-# Methods whose training never reads dtg.*: their dtg section is hashed as DTG's defaults before
-# issue 25 (what every such run cached so far had), so that a change of DTG's defaults, or a dtg.*
-# override, leaves their runs' identity alone. (Their logged target-quality figures, targets/*dtg*,
-# do read dtg.*: evaluation only, like eval_period.)
+def _get(data: dict[str, Any], key: str, default: Any = None) -> Any:
+    """The value at the dotted ``key`` of the nested dict ``data`` (``default`` when missing)."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+# Keys added after runs were cached, with the value that keeps the behaviour from before they existed
+# (declared in the schema: Annotated[..., Neutral(value)]): at that value they are left out of the hash.
+NEUTRAL: dict[str, Any] = json.loads(json.dumps(neutral_values()))
+_MISSING = object()
+
+# Methods whose training never reads dtg.*: their dtg section is left out of the hash, so that a change
+# of DTG's defaults, or a dtg.* override, leaves their runs' identity alone. (Their logged target-quality
+# figures, targets/*dtg*, do read dtg.*: evaluation only, like eval_period.)
 DTG_BLIND_METHODS = ("supervised", "sparse", "oracle")
-DTG_DEFAULTS_BEFORE_ISSUE_25 = DTGConfig(
-    rcnn=RcnnStageConfig(uncertain=0.1), rpn=RpnStageConfig(targets="dtg"), normalize="samples", rm_weight=3.0)
 
 
 def hashed_dict(cfg: Config) -> dict[str, Any]:
-    """The resolved config as hashed: in the layout before issue 21 (:func:`dtg.config.legacy_dict`, so
-    that runs cached before it keep their keys; the keys below are of that layout), without
-    :data:`VOLATILE_KEYS` and neutral :data:`NEUTRAL_KEYS`; for :data:`DTG_BLIND_METHODS` with the
-    dtg section of :data:`DTG_DEFAULTS_BEFORE_ISSUE_25`."""
+    """The resolved config as hashed, in today's layout (:func:`dtg.config.to_dict`): without
+    :data:`VOLATILE_KEYS`, without the keys at their :data:`NEUTRAL` value (so that adding a key with a
+    neutral default changes no run key), and for :data:`DTG_BLIND_METHODS` without the ``dtg`` section."""
+    data = json.loads(json.dumps(to_dict(cfg)))
     if cfg.method in DTG_BLIND_METHODS:
-        cfg = dataclasses.replace(cfg, dtg=DTG_DEFAULTS_BEFORE_ISSUE_25)
-    data = json.loads(json.dumps(legacy_dict(cfg)))
+        data.pop("dtg")
     _without(data, VOLATILE_KEYS)
-    flat = {k: data[k.split(".")[0]].get(k.split(".")[1]) if "." in k else data.get(k) for k in NEUTRAL_KEYS}
-    _without(data, [k for k, v in NEUTRAL_KEYS.items() if flat[k] == v])
+    _without(data, [k for k, v in NEUTRAL.items() if _get(data, k, _MISSING) == v])
     return data
 
 
 def config_hash(cfg: Config) -> str:
-    """12 hex digits of the resolved config without :data:`VOLATILE_KEYS` (and neutral :data:`NEUTRAL_KEYS`)."""
+    """12 hex digits of :func:`hashed_dict`."""
     return hashlib.sha1(json.dumps(hashed_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -225,11 +223,10 @@ def iteration_checkpoint(iteration: int) -> str:
     return f"iter_{iteration:07d}.pth"
 
 
-# What a supervised run never reads (keys of the hashed layout, :func:`dtg.config.legacy_dict`, where
-# the sparse.* keys lie in semi): a semi-supervised config that differs from a supervised one
+# What a supervised run never reads: a semi-supervised config that differs from a supervised one
 # only here trains exactly like it until its burn-in ends (semi.ema_momentum is read: the teacher).
-SUPERVISED_IGNORES = ("method", "checkpoint_at", "dtg", "semi", "data.batch_unlabeled", "data.weak_view",
-                      "data.strong_view")
+SUPERVISED_IGNORES = ("method", "checkpoint_at", "dtg", "semi", "sparse", "data.batch_unlabeled",
+                      "data.weak_view", "data.strong_view")
 SUPERVISED_READS = ("semi.ema_momentum",)
 
 
@@ -240,8 +237,8 @@ def supervised_part(cfg: Config, until: int | None = None) -> dict[str, Any]:
     With ``until``, only what decides its first ``until`` iterations: ``solver.max_iter``, the
     learning-rate steps at or after ``until`` and ``eval_period`` are left out too.
     """
-    full = json.loads(json.dumps(legacy_dict(cfg)))
-    kept = {key: full[key.split(".")[0]][key.split(".")[1]] for key in SUPERVISED_READS}
+    full = json.loads(json.dumps(to_dict(cfg)))
+    kept = {key: _get(full, key) for key in SUPERVISED_READS}
     data = hashed_dict(cfg)
     _without(data, SUPERVISED_IGNORES)
     if until is not None:
@@ -281,8 +278,8 @@ def run_difference(held: Config, new: Config) -> str | None:
         data = json.loads(json.dumps(to_dict(cfg)))
         _without(data, VOLATILE_KEYS)
         if both_supervised:
-            reads = {key.split(".")[1]: data[key.split(".")[0]][key.split(".")[1]] for key in SUPERVISED_READS}
-            _without(data, (*SUPERVISED_IGNORES, "sparse"))  # the sparse keys lie in semi in the hashed layout
+            reads = {key.split(".")[1]: _get(data, key) for key in SUPERVISED_READS}
+            _without(data, SUPERVISED_IGNORES)
             data["semi"] = reads
         return data
 

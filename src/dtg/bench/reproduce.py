@@ -39,6 +39,7 @@ from dtg.config import Config, load_config, to_dict
 from dtg.data.synth import DATASETS
 from dtg.run_exec import Run, branch_from, ensure_generated, execute, trained_twin
 from dtg.run_identity import branch_key, dataset_fingerprint, run_key, supervised_part
+from dtg.run_migration import migrate
 
 Paper = tuple[float, float, float]
 MAIN_ROWS = ("supervised", "sparse", "dtg", "oracle", "full-labels")
@@ -203,7 +204,8 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
     only in keys a supervised run does not read (:data:`dtg.run_identity.SUPERVISED_IGNORES`) does not
     train its own ``semi.burn_in`` iterations: it starts from the supervised run's checkpoint at
     that iteration (``dtg train --init-from``, fresh optimizer, same schedule), and its identity
-    says so (:func:`dtg.run_identity.branch_key`).
+    says so (:func:`dtg.run_identity.branch_key`). Run folders of ``out`` still named by the run keys
+    before issue 27 are renamed first (:func:`dtg.run_migration.migrate`, once).
     """
     from dtg.methods import REGISTRY
 
@@ -212,6 +214,7 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
     sup_cfgs = {seed: resolve(config, overrides, ROW_BY_NAME["supervised"], seed, curve_points, split)
                 for seed in seeds} if shared_burn_in else {}
     ensure_generated([*cfgs.values(), *sup_cfgs.values()], log)
+    migrate(out / "runs", log)  # folders cached under the run keys before issue 27 (once; dtg.run_migration)
     prints: dict[str, str] = {}
     runs: dict[str, Run] = {}
 
@@ -348,6 +351,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="train nothing: the table of the finished runs (a sweep still running, or stopped)")
     p.set_defaults(func=cmd_reproduce)
     return p
+
+
+def add_migrate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``migrate`` (the run folders of an ``--out`` to the run keys of issue 27) on bench's subparsers."""
+    p = subparsers.add_parser("migrate", help="rename the cached runs of a reproduce --out to today's run keys",
+                              description="Rename the run folders OUT/runs/<key> cached under the run keys before "
+                                          "issue 27 (hashed over the flat config layout) to today's keys, and point "
+                                          "their records at the new names. Idempotent, safe to interrupt; dtg bench "
+                                          "reproduce does it by itself once. Run it from the folder the runs' data "
+                                          "paths are relative to.")
+    p.add_argument("out", nargs="?", default="runs/reproduce", help="the reproduce output folder (default runs/reproduce)")
+    p.set_defaults(func=cmd_migrate)
+    return p
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Scan ``OUT/runs`` and rename what is named by an old key."""
+    runs = Path(args.out) / "runs"
+    if not runs.is_dir():
+        from dtg.config import ConfigError
+
+        raise ConfigError(f"{runs}: no such folder (give the --out of dtg bench reproduce)")
+    moved = migrate(runs, lambda m: print(f"[migrate] {m}", file=sys.stderr, flush=True), force=True)
+    for old, new in moved.items():
+        print(f"{old} -> {new}")
+    return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:

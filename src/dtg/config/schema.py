@@ -1,21 +1,19 @@
-"""Configuration: nested dataclasses with defaults, a YAML file over them, then ``--set a.b=c``.
+"""The configuration's schema: nested dataclasses with defaults, each numeric key with its range.
 
-Every field has a default, so ``Config()`` is a complete, runnable configuration
-(the embedded CPU default). A YAML file overrides any subset of keys; command-line
-overrides ``a.b=c`` are applied last and parsed as YAML scalars/lists. An unknown
-key or a value of the wrong type raises :class:`ConfigError` naming the key.
+Every field has a default, so ``Config()`` is a complete, runnable configuration (the embedded
+CPU default). Ranges are annotated-types metadata (checked by :mod:`dtg.config.checks` when a
+value is set); :class:`Neutral` marks a key added after runs were cached, with the value that
+keeps the behaviour from before it existed (left out of run keys at that value:
+:func:`dtg.run_identity.hashed_dict`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from annotated_types import Ge, Gt, Interval
 
 # Allowed ranges of numeric keys (annotated-types metadata, checked when a value is set).
@@ -32,8 +30,14 @@ PosInt = Annotated[int, Ge(1)]
 Layers = Annotated[int, Interval(ge=0, le=5)]
 
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, its value has the wrong type or lies outside its range."""
+@dataclass(eq=False)
+class Neutral:
+    """Annotated metadata of a key added after runs were cached: ``value`` is the one that keeps the code's
+    behaviour from before the key existed. At that value the key is left out of run keys, so that adding
+    a key with a neutral default changes no run key; its default may differ (a default change that changes
+    behaviour changes the keys of the runs that use it, as it should)."""
+
+    value: Any
 
 
 @dataclass
@@ -167,7 +171,7 @@ class SemiConfig:
     alpha_warmup: Count = 100  # iterations of linear warm-up of alpha from 0 after burn-in
     # Whether the student's trainable BatchNorm running statistics (which the EMA teacher inherits)
     # also move on the unlabeled branch's strong views; false: on labeled views only. Moot with frozen BN.
-    strong_bn_stats: bool = True
+    strong_bn_stats: Annotated[bool, Neutral(True)] = True
 
 
 @dataclass
@@ -178,7 +182,7 @@ class SparseConfig:
     pseudo_score_thresh: Prob = 0.5  # teacher detections kept as pseudo boxes
     # one threshold per class (labels 1..K, in category-id order) instead of pseudo_score_thresh;
     # [] uses pseudo_score_thresh for all. `dtg bench targets --on labeled` suggests values.
-    class_thresholds: list[Prob] = field(default_factory=list)
+    class_thresholds: Annotated[list[Prob], Neutral([])] = field(default_factory=list)
     # teacher detections with uncertain_score_thresh <= score < pseudo_score_thresh mark ignore
     # regions (background samples on them leave the loss); >= pseudo_score_thresh: off (the paper)
     uncertain_score_thresh: Prob = 0.3
@@ -217,11 +221,11 @@ class RcnnStageConfig(StageConfig):
     # members that stay positives (the rest background): those whose proposal overlaps the cluster's
     # kept box by IoU >= member_iou (0: all), then with member_topk the k best by sqrt(IoU x score),
     # k = max(1, int(sum of the 12 largest IoUs)) per cluster (the DTG authors' later PseCo)
-    member_iou: Prob = 0.0
-    member_topk: bool = False
+    member_iou: Annotated[Prob, Neutral(0.0)] = 0.0
+    member_topk: Annotated[bool, Neutral(False)] = False
     # cost switch: the teacher's proposals per image that become RoIs, the highest-objectness ones
     # (0: all of the training top-N, model.rpn_post_nms_top_n_train); the rest are not scored at all
-    proposals: Count = 0
+    proposals: Annotated[Count, Neutral(0)] = 0
 
 
 @dataclass
@@ -248,7 +252,7 @@ class RpnStageConfig(StageConfig):
     # several teacher anchors paired with one student anchor: the highest objectness decides and the others
     # are lost ("max"), or each teacher anchor, in decreasing objectness, takes its best-IoU student anchor
     # that none before it took ("one_to_one": no teacher anchor lost while its window has a free anchor)
-    transfer: Literal["max", "one_to_one"] = "max"
+    transfer: Annotated[Literal["max", "one_to_one"], Neutral("max")] = "max"
 
 
 @dataclass
@@ -275,7 +279,7 @@ class DTGConfig:
     # how L_RM is scaled against the INC losses (docs/method.md, "Rank Matching"): "inc" normalises it as
     # `normalize` normalises INC (rm_weight is then the paper's beta; every cluster counts, a one-member
     # one with 0); "clusters": the mean over clusters of >= 2 members whatever `normalize` (before issue 25)
-    rm_scale: Literal["inc", "clusters"] = "clusters"
+    rm_scale: Annotated[Literal["inc", "clusters"], Neutral("clusters")] = "clusters"
 
 
 @dataclass
@@ -296,7 +300,7 @@ class Config:
     threads: Count = 0  # torch intra-op threads; 0 leaves torch's default
     # fast: MKL's and oneDNN's CPU-specific code paths; portable: MKL_CBWR=COMPATIBLE and torch's own
     # convolutions, so that the CPU model does not pick the rounding (slower; docs/testbed.md)
-    cpu_kernels: Literal["fast", "portable"] = "fast"
+    cpu_kernels: Annotated[Literal["fast", "portable"], Neutral("fast")] = "fast"
     # Unlabeled images whose target quality (dtg bench targets) is logged to TensorBoard at each
     # evaluation when data.full_json holds their boxes; 0: off. Logging only: no effect on results.
     target_images: Count = 16
@@ -309,295 +313,15 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
-
-
-def allowed_range(meta: Any) -> str:
-    """An annotated-types bound as text: ``[0, 1]``, ``[0, 1)``, ``> 0``, ``>= 1``."""
-    b = {k: getattr(meta, k, None) for k, _ in _BOUNDS}
-    lo = ("(", b["gt"]) if b["gt"] is not None else ("[", b["ge"]) if b["ge"] is not None else None
-    hi = (b["lt"], ")") if b["lt"] is not None else (b["le"], "]") if b["le"] is not None else None
-    if lo and hi:
-        return f"{lo[0]}{lo[1]:g}, {hi[0]:g}{hi[1]}"
-    return " and ".join(f"{sym} {b[k]:g}" for k, sym in _BOUNDS if b[k] is not None)
-
-
-def _in_range(value: Any, meta: Any) -> bool:
-    b = {k: getattr(meta, k, None) for k, _ in _BOUNDS}
-    return ((b["gt"] is None or value > b["gt"]) and (b["ge"] is None or value >= b["ge"])
-            and (b["lt"] is None or value < b["lt"]) and (b["le"] is None or value <= b["le"]))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (type, then range); return it (ints widen to floats)."""
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        base, *meta = typing.get_args(tp)
-        value = _coerce(value, base, key)
-        for m in meta:
-            if not _in_range(value, m):
-                raise ConfigError(f"config key '{key}': {value!r} is out of range (allowed: {allowed_range(m)})")
-        return value
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        for e in errors:  # the right type, the wrong range: say which range
-            if "out of range" in e:
-                raise ConfigError(e)
-        raise ConfigError(f"config key '{key}': {value!r} does not have type {_type_name(tp)}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover
-
-
-def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
-    """Apply a nested dict of updates to a dataclass instance in place."""
-    if not isinstance(updates, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping")
-    hints = typing.get_type_hints(type(obj), include_extras=True)
-    names = {f.name for f in dataclasses.fields(obj)}
-    for name, value in updates.items():
-        key = f"{prefix}{name}"
-        if name not in names and key in RENAMED:
-            raise renamed_error(key)
-        if name not in names:
-            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict) and key in RENAMED:  # dtg.rpn / dtg.rcnn: once a switch
-                raise renamed_error(key)
-            _apply(current, value, key + ".")
-        else:
-            setattr(obj, name, _coerce(value, hints[name], key))
-
-
-# ----------------------------------------------------------------------------- renamed keys
-#
-# Issue 21 gave DTG one section per stage (dtg.rcnn, dtg.rpn), renamed Rank Matching's weight and
-# moved the sparse baseline's keys out of semi. An old key in a YAML file or a --set override is a
-# ConfigError naming its new key; configs stored by older runs (checkpoints, run.yaml) are read
-# through upgrade_legacy, and run identities are hashed over legacy_dict, the old flat layout.
-
-_STAGE_SWITCHES = ("inc_cls", "inc_reg", "rank_matching", "reg_target")  # once shared, with per-stage overrides
-_MOVED = {  # old key -> new key
-    "dtg.rpn": "dtg.rpn.enabled", "dtg.rcnn": "dtg.rcnn.enabled",
-    **{f"dtg.{st}_{k}": f"dtg.{st}.{k}" for st in ("rcnn", "rpn") for k in _STAGE_SWITCHES},
-    "dtg.rpn_targets": "dtg.rpn.targets", "dtg.rcnn_subsample": "dtg.rcnn.subsample",
-    "dtg.rpn_candidates": "dtg.rpn.candidates", "dtg.rpn_cls_loss": "dtg.rpn.cls_loss",
-    "dtg.tau_rpn": "dtg.rpn.tau", "dtg.tau_rcnn": "dtg.rcnn.tau",
-    "dtg.rpn_nms": "dtg.rpn.nms", "dtg.rcnn_nms": "dtg.rcnn.nms",
-    "dtg.uncertain_rpn": "dtg.rpn.uncertain", "dtg.uncertain_rcnn": "dtg.rcnn.uncertain",
-    "dtg.anchor_radius": "dtg.rpn.anchor_radius", "dtg.anchor_level": "dtg.rpn.anchor_level",
-    "dtg.anchor_ties": "dtg.rpn.anchor_ties", "dtg.beta": "dtg.rm_weight",
-    **{f"semi.{k}": f"sparse.{k}" for k in ("pseudo_score_thresh", "class_thresholds", "uncertain_score_thresh",
-                                             "unsup_cls_loss", "unsup_reg")},
-}
-# old key -> its new key(s) (a once-shared switch is now one key per stage)
-RENAMED: dict[str, tuple[str, ...]] = {
-    **{k: (v,) for k, v in _MOVED.items()},
-    **{f"dtg.{k}": (f"dtg.rcnn.{k}", f"dtg.rpn.{k}") for k in _STAGE_SWITCHES},
-}
-
-
-def renamed_error(key: str) -> ConfigError:
-    """The one-line error of an old ``key`` (:data:`RENAMED`)."""
-    new = "' and '".join(RENAMED[key])
-    return ConfigError(f"config key '{key}' was renamed: use '{new}'")
-
-
-def _is_legacy(data: dict) -> bool:
-    dtg, semi = data.get("dtg"), data.get("semi")
-    old_dtg = isinstance(dtg, dict) and any(
-        f"dtg.{k}" in RENAMED and not (k in ("rpn", "rcnn") and isinstance(v, dict)) for k, v in dtg.items())
-    return old_dtg or (isinstance(semi, dict) and any(f"semi.{k}" in RENAMED for k in semi))
-
-
-def upgrade_legacy(data: dict) -> dict:
-    """A config dict stored before issue 21 (a checkpoint's, a run's ``run.yaml``) in today's layout;
-    any other dict unchanged. A per-stage override (``dtg.rcnn_inc_reg``) wins over its shared switch."""
-    if not isinstance(data, dict) or not _is_legacy(data):
-        return data
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    dtg, semi = out.pop("dtg", None) or {}, out.get("semi") or {}
-    new_dtg: dict = {"rcnn": {}, "rpn": {}}
-    for k, v in dtg.items():
-        if k in ("rcnn", "rpn") and isinstance(v, dict):
-            new_dtg[k].update(v)
-        elif k in _STAGE_SWITCHES:
-            for st in ("rcnn", "rpn"):
-                if dtg.get(f"{st}_{k}") is None:
-                    new_dtg[st][k] = v
-        elif f"dtg.{k}" in _MOVED:
-            if v is None and k.partition("_")[2] in _STAGE_SWITCHES:
-                continue  # an unset per-stage override: the shared switch above
-            _set_path(new_dtg, _MOVED[f"dtg.{k}"].split(".")[1:], v)
-        elif k.partition("_")[0] in ("rcnn", "rpn"):  # a stage key added after issue 21 (legacy_dict)
-            stage, _, name = k.partition("_")
-            new_dtg[stage][name] = v
-        else:
-            new_dtg[k] = v
-    out["dtg"] = new_dtg
-    if semi:
-        sparse = dict(out.get("sparse") or {})
-        out["semi"] = {k: v for k, v in semi.items() if f"semi.{k}" not in _MOVED}
-        sparse.update({_MOVED[f"semi.{k}"].split(".")[1]: v for k, v in semi.items() if f"semi.{k}" in _MOVED})
-        out["sparse"] = sparse
+def neutral_values(cls: type = None, prefix: str = "") -> dict[str, Any]:  # type: ignore[assignment]
+    """Dotted key -> :class:`Neutral` value of every key that declares one (of :class:`Config` by default)."""
+    cls = Config if cls is None else cls
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(neutral_values(tp, f"{prefix}{f.name}."))
+        elif typing.get_origin(tp) is Annotated:
+            out.update({f"{prefix}{f.name}": m.value for m in typing.get_args(tp)[1:] if isinstance(m, Neutral)})
     return out
-
-
-def _set_path(node: dict, parts: list[str], value: Any) -> None:
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def legacy_dict(cfg: Config) -> dict:
-    """``cfg`` as a plain nested dict in the layout before issue 21 (flat ``dtg``, the sparse keys in
-    ``semi``): what run identities are hashed over (:mod:`dtg.run_identity`), so that a run cached
-    before the change keeps its key. Equal to that layout's ``to_dict`` for every config it could
-    express; a stage switch is written as the shared switch when both stages agree, else as the
-    differing stage's override (the shared switch at its default)."""
-    data = to_dict(cfg)
-    d, sparse = data.pop("dtg"), data.pop("sparse")
-    data["semi"] = {**data["semi"], **sparse}
-    rcnn, rpn = d.pop("rcnn"), d.pop("rpn")
-    flat: dict[str, Any] = {"rpn": rpn.pop("enabled"), "rcnn": rcnn.pop("enabled")}
-    defaults = StageConfig()
-    for k in _STAGE_SWITCHES:
-        a, b, default = rcnn.pop(k), rpn.pop(k), getattr(defaults, k)
-        if a == b:
-            flat.update({k: a, f"rcnn_{k}": None, f"rpn_{k}": None})
-        else:
-            flat.update({k: default, f"rcnn_{k}": None if a == default else a, f"rpn_{k}": None if b == default else b})
-    for old, new in _MOVED.items():
-        parts = new.split(".")
-        if parts[0] == "dtg" and len(parts) == 3 and parts[2] not in _STAGE_SWITCHES + ("enabled",):
-            flat[old.split(".", 1)[1]] = (rcnn if parts[1] == "rcnn" else rpn).pop(parts[2])
-    flat["beta"] = d.pop("rm_weight")
-    flat.update(d)  # normalize, rm_input, T
-    for stage, rest in (("rcnn", rcnn), ("rpn", rpn)):  # keys added after issue 21: "<stage>_<key>"
-        flat.update({f"{stage}_{k}": v for k, v in rest.items()})
-    data["dtg"] = flat
-    return data
-
-
-def parse_override(text: str) -> dict:
-    """``"a.b=c"`` -> ``{"a": {"b": c}}`` with ``c`` parsed as a YAML value."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key.path=value")
-    path, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    out: dict = {}
-    node = out
-    parts = path.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-PAIRS = ("data.labeled_view.short_edge", "data.weak_view.short_edge", "data.strong_view.short_edge",
-         "data.labeled_view.cutout_patches", "data.weak_view.cutout_patches", "data.strong_view.cutout_patches",
-         "data.labeled_view.cutout_frac", "data.weak_view.cutout_frac", "data.strong_view.cutout_frac",
-         "synth.image_size", "synth.object_size", "synth.objects_per_image", "synth.distractors_per_image")
-
-
-def check_relations(cfg: Config) -> None:
-    """Checks between keys (a key's own range is checked when it is set): ``[min, max]`` pairs
-    and an increasing ``solver.steps`` below ``solver.max_iter``. :class:`ConfigError` naming the key."""
-    for key in PAIRS:
-        node: Any = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        if len(node) != 2 or node[0] > node[1]:
-            raise ConfigError(f"config key '{key}': {node!r} must be a [min, max] pair with min <= max")
-    steps, max_iter = cfg.solver.steps, cfg.solver.max_iter
-    if any(b <= a for a, b in zip(steps, steps[1:])) or any(x >= max_iter for x in steps):
-        raise ConfigError(f"config key 'solver.steps': {steps!r} must be increasing and below "
-                          f"solver.max_iter ({max_iter}); a shorter schedule needs its own steps")
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then each ``key=value`` override."""
-    cfg = Config()
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        try:
-            _apply(cfg, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    for text in overrides:
-        apply_override(cfg, text)
-    check_relations(cfg)
-    return cfg
-
-
-def apply_override(cfg: Config, text: str) -> None:
-    """Apply one ``key=value`` override to ``cfg`` in place (:class:`ConfigError` on a bad key or value)."""
-    _apply(cfg, parse_override(text))
-
-
-def to_dict(cfg: Any) -> dict:
-    """A plain nested dict of a config (for YAML dumps and checkpoints)."""
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(data: dict) -> Config:
-    """Inverse of :func:`to_dict`, with the same checks as :func:`load_config`; a dict stored in the
-    layout before issue 21 (an older checkpoint or run) is read as well (:func:`upgrade_legacy`)."""
-    cfg = Config()
-    _apply(cfg, upgrade_legacy(data))
-    check_relations(cfg)
-    return cfg
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
