@@ -73,7 +73,13 @@ def hashed_dict(cfg: Config) -> dict[str, Any]:
         data.pop("dtg")
     _without(data, VOLATILE_KEYS)
     _without(data, [k for k, v in NEUTRAL.items() if _get(data, k, _MISSING) == v])
-    return data
+    return _pruned(data)
+
+
+def _pruned(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the sections left empty (a section added later whose keys are all neutral)."""
+    out = {k: _pruned(v) if isinstance(v, dict) else v for k, v in data.items()}
+    return {k: v for k, v in out.items() if v != {}}
 
 
 def config_hash(cfg: Config) -> str:
