@@ -62,8 +62,9 @@ class Row:
 
 DTG = {"method": "dtg"}
 # The rows of the paper's ablations vary DTG dense in both stages, with the defaults it had before
-# issue 25 (samples normalisation, the ignore band below dtg.rcnn.tau, Rank Matching weight 3, every teacher proposal a RoI): spelled
-# out, so that a change of `method=dtg`'s defaults leaves their meaning (and cached runs) alone.
+# issue 25 (samples normalisation, the ignore band below dtg.rcnn.tau, Rank Matching weight 3, every
+# teacher proposal a RoI): spelled out, so that a change of `method=dtg`'s defaults leaves their
+# meaning (and cached runs) alone.
 DENSE = {"method": "dtg", "dtg.rpn.targets": "dtg", "dtg.normalize": "samples", "dtg.rcnn.uncertain": 0.1,
          "dtg.rm_weight": 3.0, "dtg.rcnn.proposals": 0}
 SPARSE = {"method": "sparse"}
