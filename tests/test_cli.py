@@ -100,9 +100,10 @@ def test_train_then_eval_from_the_command_line(tiny_dataset, tmp_path, capsys):
     assert metrics["AP"] == pytest.approx(train_metrics["AP"], abs=1e-9)
 
 
-def test_demo_trains_methods_side_by_side_and_refuses_a_stale_folder(tiny_dataset, tmp_path, capsys):
-    """The main job on the tiny dataset: one table with both methods; a rerun with another
-    config into the same folder stops with one line instead of reusing old results."""
+def test_demo_trains_methods_side_by_side_and_reuses_its_runs(tiny_dataset, tmp_path, capsys):
+    """The main job on the tiny dataset: one table with both methods, the runs of reproduce's planner
+    (OUTPUT_DIR/runs/<key>, OUTPUT_DIR/<method> a link to its run); a rerun trains nothing, a run
+    folder of the layout before moves to its key, bad input stops with one line."""
     from conftest import tiny_config
     import yaml
 
@@ -131,9 +132,37 @@ def test_demo_trains_methods_side_by_side_and_refuses_a_stale_folder(tiny_datase
     assert "Time: data and weights" in err and "burn-in" in err and "methods" in err
     png = tmp_path / "demo" / "demo.png"
     assert f"written: {png}" in err and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(argv + ["--set", "solver.lr=0.001"]) == 2
+    # the planner's layout: each method's folder is a link to its keyed run folder, named on stderr
+    from dtg.bench.reproduce import method_row, plan
+
+    runs = plan([method_row(m) for m in ("supervised", "sparse")], [0], str(cfg_path), [], tmp_path / "demo", 0)
+    for m in ("supervised", "sparse"):
+        run = next(r for r in runs.values() if (m, 0) in r.uses)
+        link = tmp_path / "demo" / m
+        assert link.is_symlink() and link.resolve() == run.out.resolve() and run.out.parent == tmp_path / "demo" / "runs"
+        assert f"{m}: 2 iterations, in {run.out}" in err
+    # a second demo reuses the runs: nothing trained, the same table
+    logs = {m: (tmp_path / "demo" / m / "train.log").read_text() for m in ("supervised", "sparse")}
+    assert main(argv) == 0
+    out2, err2 = capsys.readouterr()
+    assert "2 runs: 2 cached, 0 to train" in err2 and "phase 1" not in err2
+    assert [ln for ln in out2.splitlines() if ln.startswith("|")] == [header, _, sup_row, sparse_row]
+    assert logs == {m: (tmp_path / "demo" / m / "train.log").read_text() for m in ("supervised", "sparse")}
+    # a demo folder of the per-method layout before: its run moves to its key and is reused
+    import shutil
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for m in ("supervised", "sparse"):
+        shutil.copytree((tmp_path / "demo" / m).resolve(), old / m)
+    assert main(argv + ["--set", f"output_dir={old}"]) == 0
+    out3, err3 = capsys.readouterr()
+    assert "2 runs: 2 cached, 0 to train" in err3 and err3.count("(this config's") == 2
+    assert all((old / m).is_symlink() and (old / m / "metrics.json").is_file() for m in ("supervised", "sparse"))
+    # bad input: one line
+    assert main(argv + ["--set", "solver.lr=fast"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds a run with another config" in err[0]
+    assert len(err) == 1 and "solver.lr" in err[0]
 
 
 def test_demo_preset_is_the_pretrained_regime_with_portable_kernels():

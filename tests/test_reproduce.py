@@ -314,6 +314,32 @@ def test_a_branch_waits_for_its_parents_checkpoint_and_fails_without_it(tmp_path
     assert _readiness(child, runs, {"p": "running"}) == "ready"
 
 
+def test_phased_execution_trains_the_burn_in_alone_then_the_rows_runs_side_by_side(tmp_path, monkeypatch):
+    """``dtg demo``'s executor: the shared burn-in alone with every thread (up to the checkpoint its
+    branches start from), then the runs of the rows; a parent no row reports stops at the burn-in."""
+    import dtg.run_exec as rx
+
+    calls = []
+
+    def execute(runs, jobs, threads, log):
+        calls.append(({k: r.stop_at for k, r in runs.items()}, jobs, threads))
+        return {k: "trained" for k in runs}
+
+    monkeypatch.setattr(rx, "execute", execute)
+    runs = rp.plan([rp.method_row("sparse"), rp.method_row("dtg")], [0], None, SHORT, tmp_path, 0)
+    (parent,) = [r for r in runs.values() if not r.uses]
+    assert {r.parent for r in runs.values() if r.uses} == {parent.key}
+    status, seconds = rx.execute_phased(runs, 2, 1, 2, lambda m: None)
+    assert calls == [({parent.key: 4}, 1, 2), ({k: None for k, r in runs.items() if r.uses}, 2, 1)]
+    assert parent.stop_at is None and set(seconds) == {"burn-in", "methods"} and set(status) == set(runs)
+    calls.clear()  # the burn-in checkpoint exists: no phase 1
+    parent.out.joinpath("checkpoints").mkdir(parents=True)
+    parent.out.joinpath("checkpoints", "iter_0000004.pth").write_bytes(b"x")
+    status, seconds = rx.execute_phased(runs, 2, 1, 2, lambda m: None)
+    assert calls == [({k: None for k, r in runs.items() if r.uses}, 2, 1)] and set(seconds) == {"methods"}
+    assert rp.method_row("dtg") is rp.ROW_BY_NAME["dtg"] and rp.method_row("dtg").overrides == {"method": "dtg"}
+
+
 def test_keys_added_later_leave_the_hash_alone_at_their_neutral_value():
     from dtg.config import load_config, to_dict
 

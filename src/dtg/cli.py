@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, TYPE_CHECKING, Sequence
+from typing import Any, Callable, TYPE_CHECKING, Sequence
 
 from dtg.config import Config, ConfigError, load_config
 
@@ -170,22 +170,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: generate the dataset, train the methods from one shared burn-in, print the table.
 
-    Each method is a ``python -m dtg train`` subprocess in ``OUTPUT_DIR/<method>``. When a
+    A preset of ``dtg bench reproduce``'s planner (:func:`dtg.bench.reproduce.plan`): one row per
+    method (``method=METHOD`` on the config), one seed (the config's), the runs in
+    ``OUTPUT_DIR/runs/<key>`` and ``OUTPUT_DIR/<method>`` a link to its method's run. When a
     semi-supervised method has a burn-in (``0 < semi.burn_in < solver.max_iter``), the supervised
     run trains it once, alone, with every core (phase 1, ``--stop-at``); then the supervised run
     continues and each semi-supervised method starts from its checkpoint at the end of the burn-in
     (``--init-from``), side by side (phase 2, ``--jobs`` at a time, default all, each with
-    ``max(1, cores // jobs)`` threads). A method whose ``metrics.json`` exists is not trained
-    again; one with a checkpoint is resumed.
+    ``max(1, cores // jobs)`` threads; :func:`dtg.run_exec.execute_phased`). A run whose
+    ``metrics.json`` exists is not trained again; one with a checkpoint is resumed.
     """
     import os
 
+    from dtg.bench.reproduce import method_row, plan
     from dtg.data.synth import generate, read_marker
     from dtg.engine.run_folder import check_same_run
-    from dtg.methods import REGISTRY
     from dtg.models.weights import resolve_pretrained
-    from dtg.run_exec import Run, branch_from, execute
-    from dtg.run_identity import git_state, iteration_checkpoint
+    from dtg.run_exec import execute_phased
+    from dtg.run_identity import git_state
 
     if args.config is None:
         args.config = str(DEMO_PRESET)
@@ -197,58 +199,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     resolve_pretrained(cfg.model.pretrained, cfg.model.backbone, log)  # fetched once, before the subprocesses
     phases["data and weights"] = time.perf_counter() - t_start
     methods = list(dict.fromkeys(args.methods))
-    runs: dict[str, Run] = {}
-    for method in methods:
-        run = _config(args, f"method={method}")
-        run.output_dir = str(Path(cfg.output_dir) / method)
-        runs[method] = Run(method, run, Path(run.output_dir), [(method, run.seed)])
-    burn_in = cfg.semi.burn_in
-    branching = [m for m in methods if REGISTRY[m].uses_unlabeled and 0 < burn_in < cfg.solver.max_iter]
-    parent = runs.get("supervised")
-    if branching and parent is None:  # the burn-in still comes from a supervised run, trained only that far
-        sup = _config(args, "method=supervised")
-        sup.output_dir = str(Path(cfg.output_dir) / "supervised")
-        parent = Run("supervised", sup, Path(sup.output_dir), [], stop_at=burn_in)
-    for method in branching:
-        branch_from(runs[method], parent, burn_in)
-    for run in [*runs.values(), *([parent] if parent is not None and parent.key not in runs else [])]:
+    overrides = [*args.overrides, *(["data.skip_bad=true"] if args.skip_bad else [])]
+    root = Path(cfg.output_dir)
+    runs = plan([method_row(m) for m in methods], [cfg.seed], args.config, overrides, root, 0, log)
+    by_method = {m: next(r for r in runs.values() if (m, cfg.seed) in r.uses) for m in methods}
+    for run in runs.values():
         check_same_run(run.out, run.cfg, "use another output folder (--set output_dir=DIR) or remove it")
+    _demo_links(root, {**by_method, **{r.cfg.method: r for r in runs.values() if not r.uses}}, log)
     commit, dirty = git_state(Path(__file__).resolve().parent)
     log(f"dataset {paths.root}, content fingerprint {(read_marker(paths.root) or {}).get('content', '?')}; "
         f"code {commit}{' (dirty)' if dirty else ''}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    status: dict[str, str] = {}
-    if branching and not parent.metrics_path.is_file() and not parent.out.joinpath(
-            "checkpoints", iteration_checkpoint(burn_in)).is_file():
-        log(f"phase 1: the supervised burn-in, {burn_in} iterations, {cfg.threads or cores} threads")
-        first = Run(parent.key, parent.cfg, parent.out, parent.uses or [("supervised burn-in", cfg.seed)],
-                    stop_at=burn_in)
-        t0 = time.perf_counter()
-        status.update(execute({parent.key: first}, 1, cfg.threads or cores, log))
-        phases["burn-in"] = time.perf_counter() - t0
-    jobs = max(1, min(args.jobs or len(runs), len(runs)))
-    threads = cfg.threads or max(1, cores // jobs)
-    if branching:
-        log(f"phase 2: {', '.join(runs)} side by side, {threads} thread{'s' if threads > 1 else ''} each")
-    t0 = time.perf_counter()
-    status.update(execute(runs, jobs, threads, log))
-    phases["methods"] = time.perf_counter() - t0
-    code = _demo_report(runs, status, cfg, time.perf_counter() - t_start)
+    jobs = max(1, min(args.jobs or len(by_method), len(by_method)))
+    status, seconds = execute_phased(runs, jobs, cfg.threads or max(1, cores // jobs), cfg.threads or cores, log)
+    phases.update(seconds)
+    code = _demo_report(by_method, status, cfg, time.perf_counter() - t_start)
     print("Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()), file=sys.stderr)
-    _demo_plot(runs, parent, cfg)
+    _demo_plot(by_method, runs, cfg)
     return code
 
 
-def _demo_plot(runs: dict, parent: "Run | None", cfg: Any) -> None:
+def _demo_links(root: Path, runs: dict[str, Run], log: Callable[[str], None]) -> None:
+    """``ROOT/<method>``: a link to the folder of the method's run, ``ROOT/runs/<key>``.
+
+    A folder an earlier demo trained there (before the runs moved to ``runs/<key>``) moves to the
+    key of its run when it holds this config's run and nothing is there yet, so that it is reused;
+    any other file or folder stays as it is (logged, without a link).
+    """
+    import os
+
+    from dtg.engine.run_folder import RunLock, held_run, other_config
+
+    for method, run in runs.items():
+        link, target = root / method, Path(os.path.relpath(run.out, root))
+        if link.is_symlink():
+            if Path(os.readlink(link)) == target:
+                continue
+            link.unlink()
+        elif link.exists():
+            held = held_run(link) if link.is_dir() else None
+            lock = RunLock(link) if held is not None and held.holds else None
+            if (lock is None or run.out.exists() or other_config(link, run.cfg, held) is not None
+                    or not lock.try_acquire()):
+                log(f"{link}: left as it is (not this config's run, or in use); {method}'s run is {run.out}")
+                continue
+            try:
+                run.out.parent.mkdir(parents=True, exist_ok=True)
+                link.rename(run.out)
+            finally:
+                lock.release()
+            log(f"moved {link} (this config's {method} run, from an earlier demo) to {run.out}")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target, target_is_directory=True)
+        except OSError as e:
+            log(f"{link}: no link to {run.out} ({e.strerror})")
+
+
+def _demo_plot(runs: dict[str, Run], planned: dict[str, Run], cfg: Any) -> None:
     """``OUTPUT_DIR/demo.png``: teacher AP against iteration for each method (a branched method's curve
-    starts with the supervised run's evaluations up to the burn-in it starts from)."""
+    starts with the curve of the run it branches from, up to the burn-in it starts from)."""
     from dtg.bench.report import plot_curves, read_curve
 
-    start = [p for p in read_curve(parent.out) if p[0] <= cfg.semi.burn_in] if parent is not None else []
     curves = {}
     for method, run in runs.items():
+        parent = planned.get(run.parent) if run.parent is not None else None
+        start = [p for p in read_curve(parent.out) if p[0] <= (run.branch_at or 0)] if parent is not None else []
         own = read_curve(run.out)
-        curves[method] = [(start if run.needs is not None else []) + own] if own else []
+        curves[method] = [start + own] if own else []
     path = Path(cfg.output_dir) / "demo.png"
     plot_curves(curves, path, f"dtg demo: teacher AP (%) on {cfg.data.val_json}, seed {cfg.seed}")
     print(f"written: {path}", file=sys.stderr)
@@ -257,11 +275,13 @@ def _demo_plot(runs: dict, parent: "Run | None", cfg: Any) -> None:
 DEMO_PRESET = Path(__file__).resolve().parent / "presets" / "demo.yaml"  # dtg demo's config (packaged)
 
 
-def _demo_report(runs: dict, status: dict[str, str], cfg: Any, seconds: float) -> int:
-    """The demo's closing table: teacher AP per method with the gain over supervised, and how to get the seeds."""
+def _demo_report(runs: dict[str, Run], status: dict[str, str], cfg: Any, seconds: float) -> int:
+    """The demo's closing table: teacher AP per method (``runs``: its run) with the gain over supervised, and
+    how to get the seeds; ``status`` is by run key (:func:`dtg.run_exec.execute`)."""
     from dtg.evaluation.coco_eval import format_table
 
-    rows, failed, ap = {}, [m for m in runs if status.get(m, "").startswith("failed")], {}
+    status = {m: status.get(run.key, "") for m, run in runs.items()}
+    rows, failed, ap = {}, [m for m in runs if status[m].startswith("failed")], {}
     for method, run in runs.items():
         if method in failed or not run.metrics_path.is_file():
             continue
@@ -269,7 +289,7 @@ def _demo_report(runs: dict, status: dict[str, str], cfg: Any, seconds: float) -
         reported = summary.get("reported", "teacher")
         rows[f"{method} ({reported})"] = summary[reported]
         ap[method] = 100.0 * summary[reported]["AP"]
-        print(f"{method}: {summary['iterations']} iterations", file=sys.stderr)
+        print(f"{method}: {summary['iterations']} iterations, in {run.out}", file=sys.stderr)
     if rows:
         table = format_table(rows).splitlines()
         base = ap.get("supervised")

@@ -2,7 +2,7 @@
 
 :func:`execute` trains runs as ``python -m dtg train`` subprocesses, ``jobs`` at a time; a run
 whose ``metrics.json`` exists is not trained again, one with a checkpoint is resumed. ``dtg demo``
-and ``dtg bench reproduce`` both run on it. What a run *is* (its hash, fingerprints, provenance)
+and ``dtg bench reproduce`` both run on it (``dtg demo`` in two phases, :func:`execute_phased`). What a run *is* (its hash, fingerprints, provenance)
 is :mod:`dtg.run_identity`; the training engine never imports this module.
 """
 
@@ -42,6 +42,7 @@ class Run:
     needs: Path | None = None  # that checkpoint
     stop_at: int | None = None  # train only up to this iteration (``dtg train --stop-at``); resumed later
     twin: Path | None = None  # a finished run that trained the same weights (:func:`trained_twin`): evaluate only
+    branch_at: int | None = None  # the iteration of ``parent``'s checkpoint it starts from (:func:`branch_from`)
 
     @property
     def metrics_path(self) -> Path:
@@ -79,6 +80,7 @@ def branch_from(child: Run, parent: Run, iteration: int) -> None:
     if iteration not in parent.cfg.checkpoint_at:
         parent.cfg.checkpoint_at = sorted([*parent.cfg.checkpoint_at, iteration])
     child.parent, child.needs = parent.key, parent.out / "checkpoints" / iteration_checkpoint(iteration)
+    child.branch_at = iteration
     child.extra_args = ["--init-from", str(child.needs)]
 
 
@@ -244,6 +246,47 @@ def execute(runs: dict[str, Run], jobs: int, threads: int, log: Callable[[str], 
     finally:
         monitor.stop()
     return status
+
+
+def execute_phased(runs: dict[str, Run], jobs: int, threads: int, first_threads: int,
+                   log: Callable[[str], None]) -> tuple[dict[str, str], dict[str, float]]:
+    """:func:`execute` in two phases; returns each run's status and the seconds of each phase.
+
+    Phase 1 (``"burn-in"``, only when there is one to train): each run others branch from
+    (:func:`branch_from`) whose checkpoint they start from does not exist yet and which is not
+    finished trains alone, with ``first_threads``, up to that checkpoint (``dtg train --stop-at``).
+    Phase 2 (``"methods"``): the runs that serve a row (``uses``), ``jobs`` at a time with ``threads``
+    each; the branches start from the checkpoint of phase 1 while their parent continues. A run that
+    serves no row is trained only as far as its branches need (in phase 2 only when phase 1 did not
+    train it: its checkpoints come from a twin, :func:`trained_twin`).
+    """
+    status: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    firsts: dict[str, Run] = {}
+    for child in runs.values():
+        if child.parent is None or child.branch_at is None or child.parent not in runs:
+            continue
+        parent = runs[child.parent]
+        if parent.metrics_path.is_file() or parent.twin is not None or (child.needs is not None and child.needs.is_file()):
+            continue  # finished, or copies a twin's checkpoints (phase 2), or the checkpoint is there
+        at = max(child.branch_at, firsts[parent.key].stop_at or 0) if parent.key in firsts else child.branch_at
+        firsts[parent.key] = Run(parent.key, parent.cfg, parent.out, parent.uses, stop_at=at)
+    for run in firsts.values():
+        log(f"phase 1: the {run.cfg.method} burn-in, {run.stop_at} iterations, {first_threads} thread"
+            f"{'s' if first_threads > 1 else ''}")
+    t0 = time.perf_counter()
+    if firsts:
+        status.update(execute(firsts, 1, first_threads, log))
+        seconds["burn-in"] = time.perf_counter() - t0
+    rest = {k: r for k, r in runs.items() if r.uses or (k not in firsts and any(
+        c.parent == k and c.uses and c.needs is not None and not c.needs.is_file() for c in runs.values()))}
+    if any(r.parent is not None for r in rest.values()):
+        names = dict.fromkeys(row for r in rest.values() for row, _ in r.uses)
+        log(f"phase 2: {', '.join(names)} side by side, {threads} thread{'s' if threads > 1 else ''} each")
+    t0 = time.perf_counter()
+    status.update(execute(rest, jobs, threads, log))
+    seconds["methods"] = time.perf_counter() - t0
+    return status, seconds
 
 
 def _label(run: Run) -> str:

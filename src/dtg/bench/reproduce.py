@@ -153,6 +153,13 @@ def select_rows(names: Sequence[str]) -> list[Row]:
     return [ROW_BY_NAME[n] for n in dict.fromkeys(wanted)]
 
 
+def method_row(method: str) -> Row:
+    """The row that is ``method`` alone (``method=METHOD``, no other override): the table's own row of
+    that name when it is one (supervised, sparse, dtg, oracle), else one made so. ``dtg demo``'s rows."""
+    row = ROW_BY_NAME.get(method)
+    return row if row is not None and row.overrides == {"method": method} else Row(method, {"method": method}, None, "")
+
+
 def use_tune_split(cfg: Config) -> None:
     """Point ``cfg.data`` at the tuning split of its generated dataset (docs/method.md, "Splits").
 
