@@ -68,6 +68,9 @@ DTG = {"method": "dtg"}
 DENSE = {"method": "dtg", "dtg.rpn.targets": "dtg", "dtg.normalize": "samples", "dtg.rcnn.uncertain": 0.1,
          "dtg.rm_weight": 3.0, "dtg.rcnn.proposals": 0}
 SPARSE = {"method": "sparse"}
+# Issue 25's lead (the defaults from then until the cost switch): the rows screened on it keep their meaning.
+LEAD = {**DENSE, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised", "dtg.rcnn.uncertain": 1.0,
+        "dtg.rm_weight": 0.6}
 ROWS: tuple[Row, ...] = (
     Row("supervised", {"method": "supervised"}, (26.8, 44.9, 28.4), "T2(a) row 1 (T1 5-fold: 26.90)"),
     Row(CEILING, {"method": "supervised"}, None, "T1: supervised on all of train2017, AP 40.9 (no AP50/AP75 given)"),
@@ -89,18 +92,17 @@ ROWS: tuple[Row, ...] = (
     Row("dtg-paper", {**DENSE, "dtg.normalize": "cluster", "dtg.rpn.tau": 0.9, "dtg.rpn.uncertain": 1.0,
                       "dtg.rcnn.uncertain": 1.0}, (36.3, 56.4, 38.8),
         "the paper's DTG settings (normalize cluster, dtg.rpn.tau 0.9, no ignore bands) in this frame"),
-    Row("dtg-lead", {**DENSE, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised", "dtg.rcnn.uncertain": 1.0,
-                     "dtg.rm_weight": 0.6}, None,
+    Row("dtg-lead", LEAD, None,
         "issue 25's lead: sparse RPN targets, supervised denominators, no R-CNN band, RM weight 0.6"),
-    # Issue 25, steps 5 and 7: the defaults (the lead) with one R-CNN switch each.
-    Row("dtg-sub", {**DTG, "dtg.rcnn.subsample": True}, None,
-        "the defaults + the cost switch: every member, background sampled to model.roi_batch_size_per_image"),
-    Row("dtg-p128", {**DTG, "dtg.rcnn.proposals": 128}, None,
-        "the defaults + the cost switch: the teacher's 128 highest-objectness proposals per image as RoIs"),
-    Row("dtg-miou", {**DTG, "dtg.rcnn.member_iou": 0.5}, None,
-        "the defaults + positives only for members whose proposal overlaps the kept box by IoU >= 0.5"),
-    Row("dtg-topk", {**DTG, "dtg.rcnn.member_topk": True}, None,
-        "the defaults + the DTG authors' (PseCo) top-k members by sqrt(IoU x score)"),
+    # Issue 25, steps 5 and 7: the lead with one R-CNN switch each.
+    Row("dtg-sub", {**LEAD, "dtg.rcnn.subsample": True}, None,
+        "the lead + the cost switch: every member, background sampled to model.roi_batch_size_per_image"),
+    Row("dtg-p128", {**LEAD, "dtg.rcnn.proposals": 128}, None,
+        "the lead + the cost switch: the teacher's 128 highest-objectness proposals per image as RoIs"),
+    Row("dtg-miou", {**LEAD, "dtg.rcnn.member_iou": 0.5}, None,
+        "the lead + positives only for members whose proposal overlaps the kept box by IoU >= 0.5"),
+    Row("dtg-topk", {**LEAD, "dtg.rcnn.member_topk": True}, None,
+        "the lead + the DTG authors' (PseCo) top-k members by sqrt(IoU x score)"),
     Row("hybrid-supnorm", {**DENSE, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised"}, None,
         "T2(c) hybrid, INC losses on the supervised denominators"),
     Row("dtg-rpn-only", {**DENSE, "dtg.rcnn.enabled": False}, (28.5, 47.7, 29.5), "T2(a) RPN only"),
