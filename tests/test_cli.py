@@ -133,7 +133,8 @@ def test_demo_trains_methods_side_by_side_and_reuses_its_runs(tiny_dataset, tmp_
     png = tmp_path / "demo" / "demo.png"
     assert f"written: {png}" in err and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the planner's layout: each method's folder is a link to its keyed run folder, named on stderr
-    from dtg.bench.reproduce import method_row, plan
+    from dtg.bench.reproduce import plan
+    from dtg.bench.rows import method_row
 
     runs = plan([method_row(m) for m in ("supervised", "sparse")], [0], str(cfg_path), [], tmp_path / "demo", 0)
     for m in ("supervised", "sparse"):

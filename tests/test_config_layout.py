@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # run_key(cfg, "fp") of every shipped config (under each method) and of every `dtg bench reproduce` row on
 # configs/testbed.yaml, hashed over today's layout (issue 27); the runs cached under these keys must keep them.
 #   for each configs/*.yaml: cfg = load_config(path); cfg.method = m; run_key(cfg, "fp")
-#   for each row of dtg.bench.reproduce.ROWS: run_key(load_config("configs/testbed.yaml", row.set_args()), "fp")
+#   for each row of dtg.bench.rows.ROWS: run_key(load_config("configs/testbed.yaml", row.set_args()), "fp")
 RUN_KEYS = {
     "coco_10pct.yaml:supervised": "2c275a989a5d",
     "coco_10pct.yaml:sparse": "8ff4c8c20684",
@@ -100,7 +100,7 @@ RUN_KEYS = {
 # (run_identity.DTG_BLIND_METHODS); the testbed's and embedded default's dtg keys changed with dtg's
 # defaults (issue 25); the testbed's is now that of the runs of row dtg-lead.
 #   for each configs/*.yaml: cfg = load_config(path); cfg.method = m; run_key(cfg, "fp")
-#   for each row of dtg.bench.reproduce.ROWS: run_key(load_config("configs/testbed.yaml", row.set_args()), "fp")
+#   for each row of dtg.bench.rows.ROWS: run_key(load_config("configs/testbed.yaml", row.set_args()), "fp")
 RUN_KEYS_7D0CE5E = {
     "coco_10pct.yaml:supervised": "2c275a989a5d",
     "coco_10pct.yaml:sparse": "056feb725125",  # hashed with the frozen dtg section (issue 25)
@@ -170,7 +170,7 @@ RUN_KEYS_7D0CE5E = {
 
 
 def _cases():
-    from dtg.bench.reproduce import ROWS
+    from dtg.bench.rows import ROWS
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         for method in ("supervised", "sparse", "dtg", "oracle"):

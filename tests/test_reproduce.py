@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from dtg.bench import reproduce as rp
+from dtg.bench import rows as rw
 from dtg.bench.report import (
     RowResult, convergence_table, fmt_interval, fmt_mean_std, gap_share, last_quarter_moves, gap_table, markdown_table, mean_curve, mean_std, paired_gap,
     t_interval,
@@ -138,24 +139,24 @@ def test_full_labels_row_trains_on_full_json_and_dataset_presets_move_every_path
     from dtg.config import ConfigError
     from dtg.data.synth import DATASETS
 
-    ceiling = rp.ROW_BY_NAME["full-labels"]
+    ceiling = rw.ROW_BY_NAME["full-labels"]
     cfg = rp.resolve(None, [], ceiling, 3, 0)
     assert cfg.method == "supervised" and cfg.seed == 3
     assert cfg.data.train_json == cfg.data.full_json == "data/embedded/annotations/train_full.json"
     with pytest.raises(ConfigError, match="data.full_json"):
         rp.resolve(None, ["data.full_json="], ceiling, 0, 0)
-    other = rp.resolve(None, DATASETS["shapes2"], rp.ROW_BY_NAME["dtg"], 0, 0)
+    other = rp.resolve(None, DATASETS["shapes2"], rw.ROW_BY_NAME["dtg"], 0, 0)
     paths = [other.data.train_json, other.data.train_images, other.data.unlabeled, other.data.unlabeled_images,
              other.data.val_json, other.data.val_images, other.data.full_json, other.synth.out_dir]
     assert all(p.startswith("data/shapes2") for p in paths) and other.synth.first_class == 5
-    runs = rp.plan([rp.ROW_BY_NAME["supervised"], ceiling], [0], None, ["solver.max_iter=10", "solver.steps=[7]"], tmp_path, 0)
+    runs = rp.plan([rw.ROW_BY_NAME["supervised"], ceiling], [0], None, ["solver.max_iter=10", "solver.steps=[7]"], tmp_path, 0)
     assert len(runs) == 2  # the ceiling is its own run, on the same dataset fingerprint
 
 
 def test_runs_of_different_datasets_are_not_mixed_in_one_table(tmp_path):
     from dtg.config import ConfigError
 
-    runs = rp.plan(rp.select_rows(["supervised", "dtg", "full-labels"]), [0], None, [], tmp_path, 0)
+    runs = rp.plan(rw.select_rows(["supervised", "dtg", "full-labels"]), [0], None, [], tmp_path, 0)
     a, b, ceiling = runs.values()
     assert ceiling.uses == [("full-labels", 0)]
 
@@ -176,18 +177,18 @@ def test_runs_of_different_datasets_are_not_mixed_in_one_table(tmp_path):
 
 
 def test_row_selection():
-    assert [r.name for r in rp.select_rows(["main"])] == ["supervised", "sparse", "dtg", "oracle", "full-labels"]
-    assert len(rp.select_rows(["all"])) == len(rp.ROWS)
-    assert [r.name for r in rp.select_rows(["dtg,reg-own", "dtg", "T0.5"])] == ["dtg", "reg-own", "T0.5"]
+    assert [r.name for r in rw.select_rows(["main"])] == ["supervised", "sparse", "dtg", "oracle", "full-labels"]
+    assert len(rw.select_rows(["all"])) == len(rw.ROWS)
+    assert [r.name for r in rw.select_rows(["dtg,reg-own", "dtg", "T0.5"])] == ["dtg", "reg-own", "T0.5"]
     with pytest.raises(ValueError, match="unknown row 'nope'"):
-        rp.select_rows(["nope"])
+        rw.select_rows(["nope"])
     # Every transcribed paper row has AP50 > AP75 > AP (true of all of the paper's rows).
-    for r in rp.ROWS:
+    for r in rw.ROWS:
         assert r.paper is None or r.paper[1] > r.paper[2] > r.paper[0] > 0
 
 
 def test_same_config_same_run_and_volatile_keys_do_not_count(tmp_path):
-    rows = rp.select_rows(["T1", "beta1", "dtg"])
+    rows = rw.select_rows(["T1", "beta1", "dtg"])
     runs = rp.plan(rows, [0, 1], None, ["solver.max_iter=10", "solver.steps=[7]"], tmp_path, curve_points=5)
     assert len(runs) == 4  # T1 and beta1 are one config
     shared = [r for r in runs.values() if len(r.uses) == 2]
@@ -200,7 +201,7 @@ def test_same_config_same_run_and_volatile_keys_do_not_count(tmp_path):
 
 
 def test_run_one_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch):
-    runs = rp.plan(rp.select_rows(["dtg"]), [0], None, [], tmp_path, 0)
+    runs = rp.plan(rw.select_rows(["dtg"]), [0], None, [], tmp_path, 0)
     run = next(iter(runs.values()))
     calls = []
 
@@ -267,7 +268,7 @@ SHORT = ["solver.max_iter=10", "solver.steps=[7]", "semi.burn_in=4"]
 
 
 def test_semi_rows_start_from_the_supervised_runs_checkpoint_at_burn_in(tmp_path):
-    rows = rp.select_rows(["main"])
+    rows = rw.select_rows(["main"])
     runs = rp.plan(rows, [0, 1], None, SHORT, tmp_path, 0)
     by_use = {u: r for r in runs.values() for u in r.uses}
     assert len(runs) == 10  # per seed: supervised, sparse, dtg, oracle, full-labels
@@ -282,7 +283,7 @@ def test_semi_rows_start_from_the_supervised_runs_checkpoint_at_burn_in(tmp_path
     own = rp.plan(rows, [0], None, SHORT, tmp_path / "own", 0, shared_burn_in=False)
     assert all(r.parent is None for r in own.values())
     # A semi-supervised key does not change the supervised run; it does change the runs that branch off it.
-    other = rp.plan(rp.select_rows(["supervised", "sparse"]), [0], None, [*SHORT, "semi.alpha=2"], tmp_path, 0)
+    other = rp.plan(rw.select_rows(["supervised", "sparse"]), [0], None, [*SHORT, "semi.alpha=2"], tmp_path, 0)
     assert by_use[("supervised", 0)].key in other and by_use[("sparse", 0)].key not in other
 
 
@@ -326,7 +327,7 @@ def test_phased_execution_trains_the_burn_in_alone_then_the_rows_runs_side_by_si
         return {k: "trained" for k in runs}
 
     monkeypatch.setattr(rx, "execute", execute)
-    runs = rp.plan([rp.method_row("sparse"), rp.method_row("dtg")], [0], None, SHORT, tmp_path, 0)
+    runs = rp.plan([rw.method_row("sparse"), rw.method_row("dtg")], [0], None, SHORT, tmp_path, 0)
     (parent,) = [r for r in runs.values() if not r.uses]
     assert {r.parent for r in runs.values() if r.uses} == {parent.key}
     status, seconds = rx.execute_phased(runs, 2, 1, 2, lambda m: None)
@@ -337,7 +338,7 @@ def test_phased_execution_trains_the_burn_in_alone_then_the_rows_runs_side_by_si
     parent.out.joinpath("checkpoints", "iter_0000004.pth").write_bytes(b"x")
     status, seconds = rx.execute_phased(runs, 2, 1, 2, lambda m: None)
     assert calls == [({k: None for k, r in runs.items() if r.uses}, 2, 1)] and set(seconds) == {"methods"}
-    assert rp.method_row("dtg") is rp.ROW_BY_NAME["dtg"] and rp.method_row("dtg").overrides == {"method": "dtg"}
+    assert rw.method_row("dtg") is rw.ROW_BY_NAME["dtg"] and rw.method_row("dtg").overrides == {"method": "dtg"}
 
 
 def test_keys_added_later_leave_the_hash_alone_at_their_neutral_value():

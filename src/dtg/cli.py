@@ -182,7 +182,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """
     import os
 
-    from dtg.bench.reproduce import method_row, plan
+    from dtg.bench.reproduce import plan
+    from dtg.bench.rows import method_row
     from dtg.data.synth import generate, read_marker
     from dtg.engine.run_folder import check_same_run
     from dtg.models.weights import resolve_pretrained
