@@ -67,6 +67,11 @@ RUN_KEYS = {
     "testbed.yaml:dtg-p128": "fc642e090a4d",
     "testbed.yaml:dtg-miou": "68d81b3a8379",
     "testbed.yaml:dtg-topk": "3e97c7ea5752",
+    "testbed.yaml:dtg-bg96": "4610ad792719",
+    "testbed.yaml:lead-rpn-dense": "03d280e9725a",
+    "testbed.yaml:lead-samples": "4333b7e9003d",
+    "testbed.yaml:lead-band": "a2e75f95a1b1",
+    "testbed.yaml:lead-beta3": "34253831d139",
     "testbed.yaml:hybrid-supnorm": "9849020601cc",
     "testbed.yaml:dtg-rpn-only": "86df00257dce",
     "testbed.yaml:dtg-rcnn-only": "bf0c55b86bdf",
@@ -147,6 +152,11 @@ RUN_KEYS_7D0CE5E = {
     "testbed.yaml:dtg-p128": "4f46c93b1a85",  # pinned at a66c46a, where the row was added
     "testbed.yaml:dtg-miou": "c5708474a7ee",  # pinned at 36ba32d
     "testbed.yaml:dtg-topk": "52d3df06c03d",  # pinned at 36ba32d
+    "testbed.yaml:dtg-bg96": "c00704a2c2fc",  # the rows added in issue 25's fourth session
+    "testbed.yaml:lead-rpn-dense": "68f0ec689d6c",
+    "testbed.yaml:lead-samples": "e4620a909b55",
+    "testbed.yaml:lead-band": "48f28afc9073",
+    "testbed.yaml:lead-beta3": "209345d5aa64",
     "testbed.yaml:dtg-lead": "9b997d60c274",  # pinned at e81b651, where the row was added
     "testbed.yaml:dtg-dense": "8bb5b0f54c8c",  # the dtg defaults before issue 25, spelled out: their runs
     "testbed.yaml:dtg-rpn-only": "079b7b601da5",

@@ -345,6 +345,86 @@ def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -
     assert keep_members_and_sample_background(t, 100, g).numel() == n - 2
 
 
+def test_weighted_background_draw_keeps_members_and_weighs_the_drawn_background_up() -> None:
+    from dtg.methods.dtg.image_targets import take_samples, weigh_and_sample_background
+
+    n = 40
+    cluster = torch.full((n,), -1)
+    cluster[[3, 4, 10]] = torch.tensor([0, 0, 1])
+    classes = torch.zeros(n, dtype=torch.int64)
+    classes[[3, 4, 10]] = 2
+    classes[[0, 1]] = -1  # ignored: dropped
+    t = IncTargets(classes.clone(), torch.zeros(n, 4), cluster >= 0, cluster, torch.zeros(n), 2, classes)
+    g = torch.Generator().manual_seed(0)
+    keep, weight = weigh_and_sample_background(t, 7, g)  # 35 background samples, 7 drawn: weight 5
+    assert keep.numel() == weight.numel() == 10 and {3, 4, 10} <= set(keep.tolist()) and not {0, 1} & set(keep.tolist())
+    assert torch.equal(keep, keep.sort().values) and keep.unique().numel() == 10
+    member = torch.isin(keep, torch.tensor([3, 4, 10]))
+    assert weight[member].tolist() == [1.0, 1.0, 1.0] and weight[~member].tolist() == [5.0] * 7
+    sub = take_samples(t, keep, weight)
+    assert torch.equal(sub.weight, weight) and sub.num_clusters == 2
+    assert float(sub.weight[sub.classes == 0].sum()) == 35.0  # the drawn background stands for all of it
+    assert torch.equal(take_samples(sub, torch.tensor([0, 9])).weight, weight[[0, 9]])  # weights travel along
+    # a draw of at least the background: every usable sample, weight 1
+    keep, weight = weigh_and_sample_background(t, 35, g)
+    assert keep.tolist() == list(range(2, n)) and (weight == 1).all()
+    # more members never take the background's place (unlike keep_members_and_sample_background)
+    crowded = IncTargets(classes.clone(), torch.zeros(n, 4), torch.zeros(n, dtype=torch.bool),
+                         torch.where(torch.arange(n) < 30, torch.arange(n) // 3, -1), torch.zeros(n), 10, classes)
+    keep, weight = weigh_and_sample_background(crowded, 4, g)
+    assert int((weight > 1).sum()) == 4 and float(weight[weight > 1][0]) == 10 / 4
+
+
+def test_weighted_background_loss_is_unbiased_over_draws() -> None:
+    """The mean over draws of the weighted loss equals the loss over every sample, for each normalisation."""
+    from dtg.methods.dtg.image_targets import take_samples, weigh_and_sample_background
+
+    n, k = 12, 3
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(n, k + 1, generator=g, dtype=torch.float64)
+    classes = torch.zeros(n, dtype=torch.int64)
+    cluster = torch.full((n,), -1)
+    classes[[2, 5, 6]], cluster[[2, 5, 6]] = torch.tensor([1, 3, 3]), torch.tensor([0, 1, 1])
+    t = IncTargets(classes.clone(), torch.zeros(n, 4), cluster >= 0, cluster, torch.zeros(n, dtype=torch.float64), 2,
+                   classes)
+    from itertools import combinations
+
+    background = [i for i in range(n) if cluster[i] < 0]
+    for normalize in ("supervised", "samples", "cluster"):
+        full = inc_classification_loss(logits, t, normalize, denominator=8)
+        draws = []
+        for pick in combinations(background, 3):  # every draw of 3 of the 9, equally likely
+            keep = torch.tensor(sorted([2, 5, 6, *pick]))
+            weight = torch.where(cluster[keep] >= 0, 1.0, 3.0).to(torch.float64)
+            sub = take_samples(t, keep, weight)
+            draws.append(inc_classification_loss(logits[keep], sub, normalize, denominator=8))
+        mean = torch.stack(draws).mean()  # "samples", "cluster": the weights' sum is 12 / 9 in every draw
+        assert torch.allclose(mean, full, atol=1e-12), normalize
+    keep, weight = weigh_and_sample_background(t, 3, g)
+    assert float(weight.sum()) == n  # 3 members + 3 background drawn x 3
+
+
+def test_a_sample_of_weight_two_counts_as_two_samples() -> None:
+    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    classes = torch.tensor([2, 2, 0, 0, 1])
+    cluster = torch.tensor([0, 0, -1, -1, 1])
+    t = IncTargets(classes.clone(), torch.zeros(5, 4), cluster >= 0, cluster, torch.zeros(5, dtype=torch.float64), 2,
+                   classes, weight=torch.tensor([1.0, 1.0, 2.0, 1.0, 1.0], dtype=torch.float64))
+    twice = torch.tensor([0, 1, 2, 2, 3, 4])
+    dup = IncTargets(classes[twice], torch.zeros(6, 4), cluster[twice] >= 0, cluster[twice], torch.zeros(6), 2, classes[twice])
+    for normalize in ("supervised", "samples", "cluster"):
+        assert torch.allclose(inc_classification_loss(logits, t, normalize, denominator=4),
+                              inc_classification_loss(logits[twice], dup, normalize, denominator=4), atol=1e-12)
+        x = logits[:, 1]
+        objectness = IncTargets((classes > 0).long(), t.reg_targets, t.reg_mask, cluster, t.teacher_scores, 2,
+                                weight=t.weight)
+        dup_obj = IncTargets((classes[twice] > 0).long(), dup.reg_targets, dup.reg_mask, dup.cluster, dup.teacher_scores, 2)
+        assert torch.allclose(inc_objectness_loss(x, objectness, normalize, denominator=4),
+                              inc_objectness_loss(x[twice], dup_obj, normalize, denominator=4), atol=1e-12)
+    unweighted = IncTargets(classes.clone(), torch.zeros(5, 4), cluster >= 0, cluster, torch.zeros(5), 2, classes)
+    assert not torch.allclose(inc_classification_loss(logits, t, "samples"), inc_classification_loss(logits, unweighted, "samples"))
+
+
 # ----------------------------------------------------------------------------- which members stay positives
 
 from dtg.methods.dtg.targets import keep_members, rank_within  # noqa: E402

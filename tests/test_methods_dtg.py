@@ -530,6 +530,38 @@ def test_rcnn_subsample_scores_every_member_and_a_background_sample(switches, de
     assert differ(losses, base, ["unsup_rcnn_cls"]) and same(losses, base, RPN_KEYS)
 
 
+def test_rcnn_background_scores_every_member_and_a_weighted_background_draw(switches, default):
+    tg, base, _ = default
+    backgrounds = [int(((im.targets.classes == 0) & (im.targets.cluster < 0)).sum()) for im in tg.rcnn.images]
+    num = min(backgrounds) // 3
+    t, losses, stats = switches.run(f"dtg.rcnn.background={num}")
+    for full, rois, b in zip(tg.rcnn.images, t.rcnn.rois, backgrounds):
+        members = int((full.targets.cluster >= 0).sum())
+        assert len(rois) == members + num < len(full.rois)
+    sub, all_ = t.rcnn.targets, tg.rcnn.targets
+    assert (sub.labels >= 0).all() and sub.weight is not None  # ignored RoIs are not scored
+    assert (sub.weight[sub.cluster >= 0] == 1).all()
+    assert float(sub.weight[sub.cluster < 0].sum()) == pytest.approx(sum(backgrounds))  # stands for all of it
+    assert int((sub.cluster >= 0).sum()) == int((all_.cluster >= 0).sum()) and sub.num_clusters == all_.num_clusters
+    assert stats["rcnn_clusters_per_image"] == default[2]["rcnn_clusters_per_image"]
+    assert differ(losses, base, ["unsup_rcnn_cls"]) and same(losses, base, RPN_KEYS)
+    # members' terms are untouched: the regression and Rank Matching losses are the full run's (under
+    # "samples", divided by the weighted count of labelled RoIs, the full run's count)
+    for key in ("unsup_rcnn_reg", "unsup_rcnn_rm"):
+        assert torch.allclose(losses[key], base[key], atol=1e-6), key
+    # a draw of at least every background RoI: the full run's classification loss (ignored RoIs dropped)
+    _, every, _ = switches.run(f"dtg.rcnn.background={max(backgrounds)}")
+    assert torch.allclose(every["unsup_rcnn_cls"], base["unsup_rcnn_cls"], atol=1e-6)
+
+
+def test_rcnn_background_and_subsample_together_are_refused(switches):
+    from dtg.config import ConfigError, check_relations
+
+    cfg = switches.config("dtg.rcnn.background=64", "dtg.rcnn.subsample=true")
+    with pytest.raises(ConfigError, match=r"^config key 'dtg.rcnn.background': 64 cannot be combined"):
+        check_relations(cfg)
+
+
 def test_rcnn_proposals_keeps_the_teacher_s_highest_objectness_proposals_only(switches, default):
     tg, base, _ = default
     counts = [len(p) for p in tg.teacher.dense.proposals]

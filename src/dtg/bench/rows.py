@@ -73,6 +73,13 @@ ROWS: tuple[Row, ...] = (
         "the lead + positives only for members whose proposal overlaps the kept box by IoU >= 0.5"),
     Row("dtg-topk", {**LEAD, "dtg.rcnn.member_topk": True}, None,
         "the lead + the DTG authors' (PseCo) top-k members by sqrt(IoU x score)"),
+    Row("dtg-bg96", {**LEAD, "dtg.rcnn.background": 96}, None,
+        "the lead + the cost switch: every member and 96 background RoIs per image, weighted up (unbiased)"),
+    # Issue 25, step 3: the lead with one of its four overrides undone each.
+    Row("lead-rpn-dense", {**LEAD, "dtg.rpn.targets": "dtg"}, None, "the lead with DTG's own (dense) RPN stage"),
+    Row("lead-samples", {**LEAD, "dtg.normalize": "samples"}, None, "the lead with INC averaged over samples"),
+    Row("lead-band", {**LEAD, "dtg.rcnn.uncertain": 0.1}, None, "the lead with the R-CNN ignore band [0.1, tau)"),
+    Row("lead-beta3", {**LEAD, "dtg.rm_weight": 3.0}, None, "the lead with Rank Matching weight 3"),
     Row("hybrid-supnorm", {**DENSE, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised"}, None,
         "T2(c) hybrid, INC losses on the supervised denominators"),
     Row("dtg-rpn-only", {**DENSE, "dtg.rcnn.enabled": False}, (28.5, 47.7, 29.5), "T2(a) RPN only"),

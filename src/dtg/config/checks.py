@@ -104,14 +104,17 @@ PAIRS = ("data.labeled_view.short_edge", "data.weak_view.short_edge", "data.stro
 
 
 def check_relations(cfg: Config) -> None:
-    """Checks between keys (a key's own range is checked when it is set): ``[min, max]`` pairs
-    and an increasing ``solver.steps`` below ``solver.max_iter``. :class:`ConfigError` naming the key."""
+    """Checks between keys (a key's own range is checked when it is set): ``[min, max]`` pairs,
+    at most one background cut in DTG's R-CNN stage, and an increasing ``solver.steps`` below ``solver.max_iter``. :class:`ConfigError` naming the key."""
     for key in PAIRS:
         node: Any = cfg
         for part in key.split("."):
             node = getattr(node, part)
         if len(node) != 2 or node[0] > node[1]:
             raise ConfigError(f"config key '{key}': {node!r} must be a [min, max] pair with min <= max")
+    if cfg.dtg.rcnn.subsample and cfg.dtg.rcnn.background:
+        raise ConfigError(f"config key 'dtg.rcnn.background': {cfg.dtg.rcnn.background} cannot be combined with "
+                          "dtg.rcnn.subsample=true (two ways of cutting the background RoIs); set one of them")
     steps, max_iter = cfg.solver.steps, cfg.solver.max_iter
     if any(b <= a for a, b in zip(steps, steps[1:])) or any(x >= max_iter for x in steps):
         raise ConfigError(f"config key 'solver.steps': {steps!r} must be increasing and below "

@@ -226,6 +226,9 @@ class RcnnStageConfig(StageConfig):
     # cost switch: the teacher's proposals per image that become RoIs, the highest-objectness ones
     # (0: all of the training top-N, model.rpn_post_nms_top_n_train); the rest are not scored at all
     proposals: Annotated[Count, Neutral(0)] = 0
+    # cost switch: every member and this many background RoIs per image drawn at random, each weighted
+    # by (background RoIs / drawn) so that the background loss stays an unbiased estimate (0: all RoIs)
+    background: Annotated[Count, Neutral(0)] = 0
 
 
 @dataclass

@@ -4,7 +4,8 @@
 :mod:`dtg.methods.dtg.targets` with the view correspondence (proposals mapped into the student view,
 teacher anchors paired with student anchors) and the stage's config of a run
 (:class:`dtg.config.RcnnStageConfig` ``dtg.rcnn``, :class:`dtg.config.RpnStageConfig` ``dtg.rpn``);
-:func:`concat_targets`, :func:`ignore_samples`, :func:`keep_members_and_sample_background` and
+:func:`concat_targets`, :func:`ignore_samples`, :func:`keep_members_and_sample_background`,
+:func:`weigh_and_sample_background` and
 :func:`take_samples` combine and select targets. Called alike by
 the stages of :class:`dtg.methods.dtg.DTGMethod`, ``dtg explain``, ``dtg bench targets`` and the benchmarks.
 """
@@ -130,10 +131,14 @@ def concat_targets(parts: list[IncTargets]) -> IncTargets:
         clusters.append(torch.where(p.cluster >= 0, p.cluster + offset, p.cluster))
         offset += int(p.cluster.max()) + 1 if p.cluster.numel() else 0  # max is -1 without members
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    weight = None
+    if any(p.weight is not None for p in parts):
+        weight = torch.cat([p.weight if p.weight is not None else p.teacher_scores.new_ones(p.labels.shape)
+                            for p in parts])
     return IncTargets(
         labels=cat("labels"), reg_targets=cat("reg_targets"), reg_mask=cat("reg_mask"),
         cluster=torch.cat(clusters), teacher_scores=cat("teacher_scores"),
-        num_clusters=sum(p.num_clusters for p in parts), classes=cat("classes"),
+        num_clusters=sum(p.num_clusters for p in parts), classes=cat("classes"), weight=weight,
     )
 
 
@@ -175,11 +180,44 @@ def keep_members_and_sample_background(t: IncTargets, num: int, generator: torch
     return torch.cat([members, background]).sort().values
 
 
-def take_samples(t: IncTargets, index: Tensor) -> IncTargets:
-    """The targets of the samples at ``index`` (cluster ids unchanged)."""
+def weigh_and_sample_background(t: IncTargets, num: int,
+                                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Indices and weights of the samples one image keeps under ``dtg.rcnn.background`` (a cost switch).
+
+    Every cluster member is kept with weight 1; ignored samples are dropped (they carry no loss);
+    ``num`` of the B background samples (label 0) are drawn at random, without replacement, each
+    with weight ``B / num`` (all of them, weight 1, when ``B <= num``). The weighted background
+    loss is then an unbiased estimate of the loss over all B, whatever the number of members:
+    unlike :func:`keep_members_and_sample_background`, more members never take the negatives' place.
+
+    Args:
+        t: one image's :class:`IncTargets` over N samples.
+        num: background samples drawn per image (>= 1).
+        generator: random source (default: torch's global one, seeded by the run).
+
+    Returns:
+        ``(index, weight)``: (K,) int64 sorted indices into the N samples, ``K = members + min(B, num)``,
+        and (K,) float weights in the dtype of ``t.teacher_scores``.
+    """
+    members = (t.cluster >= 0).nonzero().squeeze(1)
+    background = ((t.classes == 0) & (t.cluster < 0)).nonzero().squeeze(1)
+    scale = 1.0
+    if background.numel() > num:
+        scale = background.numel() / num
+        background = background[torch.randperm(background.numel(), generator=generator, device=background.device)[:num]]
+    index, order = torch.cat([members, background]).sort()
+    weight = torch.cat([t.teacher_scores.new_ones(members.numel()), t.teacher_scores.new_full((background.numel(),), scale)])
+    return index, weight[order]
+
+
+def take_samples(t: IncTargets, index: Tensor, weight: Tensor | None = None) -> IncTargets:
+    """The targets of the samples at ``index`` (cluster ids unchanged); ``weight`` (K,), when given,
+    replaces the samples' weights (else they keep theirs)."""
     cluster = t.cluster[index]
+    if weight is None and t.weight is not None:
+        weight = t.weight[index]
     return IncTargets(
         labels=t.labels[index], reg_targets=t.reg_targets[index], reg_mask=t.reg_mask[index], cluster=cluster,
         teacher_scores=t.teacher_scores[index], num_clusters=int(cluster[cluster >= 0].unique().numel()),
-        classes=t.classes[index],
+        classes=t.classes[index], weight=weight,
     )

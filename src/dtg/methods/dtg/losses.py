@@ -14,8 +14,11 @@ INC: three normalisations (**switch** ``normalize``):
   ``rpn_batch_size_per_image`` sampled anchors for the RPN), so that a DTG positive weighs
   what a supervised (or sparse) positive weighs, whatever the number of labelled samples.
 
-Ignored samples (label -1) never contribute. Every loss returns a scalar connected to its
-input's graph (``0 * sum`` when nothing applies, so ``backward()`` works).
+Ignored samples (label -1) never contribute. With per-sample weights (``IncTargets.weight``, set by
+the background draw of ``dtg.rcnn.background``) the classification losses weigh each sample's term,
+and the ``samples`` and ``cluster`` means become weighted means (sums divided by the weights' sum).
+Every loss returns a scalar connected to its input's graph (``0 * sum`` when nothing applies, so
+``backward()`` works).
 
 Rank Matching: match the student's within-cluster score ranking to the teacher's with a KL
 divergence between per-cluster softmax distributions. For each cluster with members ``i``:
@@ -83,17 +86,34 @@ def _check_normalize(normalize: str, denominator: int | None) -> None:
         raise ValueError(f"normalize='supervised' needs a denominator >= 1, got {denominator!r}")
 
 
+def labelled_count(targets: IncTargets) -> float:
+    """The number of labelled samples (``classes >= 0``) that ``"samples"`` divides by, each counted
+    with its weight (``IncTargets.weight``; 1 without), so that a weighted draw keeps the scale."""
+    used = targets.classes >= 0
+    if targets.weight is None:
+        return float(used.sum())
+    return float(targets.weight[used].sum())
+
+
+def _weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is None:
+        return _mean(values)
+    return (values * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
 def _normalized_cls(per_sample: Tensor, labels: Tensor, cluster: Tensor, normalize: str, zero: Tensor,
-                    denominator: int | None = None) -> Tensor:
-    """Combine (M,) per-sample losses of the labelled samples (``labels`` (M,) >= 0)."""
+                    denominator: int | None = None, weight: Tensor | None = None) -> Tensor:
+    """Combine (M,) per-sample losses of the labelled samples (``labels`` (M,) >= 0), weighted by
+    ``weight`` (M,) when given (``IncTargets.weight``)."""
     if per_sample.numel() == 0:
         return zero
     if normalize == "samples":
-        return zero + per_sample.sum() / per_sample.numel()
+        return zero + _weighted_mean(per_sample, weight)
     if normalize == "supervised":
-        return zero + per_sample.sum() / denominator
+        return zero + (per_sample if weight is None else per_sample * weight).sum() / denominator
     pos = labels > 0
-    return zero + cluster_mean(per_sample[pos], cluster[pos]) + _mean(per_sample[~pos])
+    members = cluster_mean(per_sample[pos] if weight is None else per_sample[pos] * weight[pos], cluster[pos])
+    return zero + members + _weighted_mean(per_sample[~pos], None if weight is None else weight[~pos])
 
 
 def inc_classification_loss(logits: Tensor, targets: IncTargets, normalize: str = "cluster",
@@ -114,7 +134,8 @@ def inc_classification_loss(logits: Tensor, targets: IncTargets, normalize: str 
     used = (targets.labels >= 0).nonzero().squeeze(1)
     labels = targets.labels[used]
     per_sample = softmax_focal_loss(logits[used], labels, gamma, reduction="none")
-    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero, denominator)
+    weight = None if targets.weight is None else targets.weight[used].to(per_sample.dtype)
+    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero, denominator, weight)
 
 
 def inc_objectness_loss(logits: Tensor, targets: IncTargets, normalize: str = "cluster",
@@ -139,7 +160,8 @@ def inc_objectness_loss(logits: Tensor, targets: IncTargets, normalize: str = "c
     labels = targets.labels[used]
     x = logits.reshape(-1)[used]
     per_sample = sigmoid_focal_loss(x, labels.to(x.dtype), alpha=alpha, gamma=gamma, reduction="none")
-    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero, denominator)
+    weight = None if targets.weight is None else targets.weight[used].to(per_sample.dtype)
+    return _normalized_cls(per_sample, labels, targets.cluster[used], normalize, zero, denominator, weight)
 
 
 def inc_regression_loss(deltas: Tensor, targets: IncTargets, normalize: str = "cluster",
@@ -151,7 +173,7 @@ def inc_regression_loss(deltas: Tensor, targets: IncTargets, normalize: str = "c
             :func:`select_class_deltas` with ``targets.classes``) or the anchor's (RPN).
         targets: :class:`IncTargets`; only ``reg_mask`` rows are used.
         normalize: ``"cluster"``: mean within each cluster (over its members with a target),
-            then over clusters; ``"samples"``: sum / number of labelled samples (``classes >= 0``);
+            then over clusters; ``"samples"``: sum / number of labelled samples (:func:`labelled_count`);
             ``"supervised"``: sum / ``denominator`` (as torchvision divides its box loss).
         beta: smooth L1 beta (torchvision's R-CNN uses 1/9).
 
@@ -166,7 +188,7 @@ def inc_regression_loss(deltas: Tensor, targets: IncTargets, normalize: str = "c
     target = targets.reg_targets[idx].to(deltas.dtype)
     per_sample = F.smooth_l1_loss(deltas[idx], target, beta=beta, reduction="none").sum(dim=1)
     if normalize == "samples":
-        return zero + per_sample.sum() / max(int((targets.classes >= 0).sum()), 1)
+        return zero + per_sample.sum() / max(labelled_count(targets), 1.0)
     if normalize == "supervised":
         return zero + per_sample.sum() / denominator
     return zero + cluster_mean(per_sample, targets.cluster[idx])
@@ -264,7 +286,7 @@ RM_SCALES = ("inc", "clusters")
 
 def inc_rank_matching_loss(student_scores: Tensor, teacher_scores: Tensor, cluster: Tensor,
                            normalize: str = "cluster", T: float = 1.0, scale: str = "inc",
-                           denominator: int | None = None, labelled: int = 0) -> Tensor:
+                           denominator: int | None = None, labelled: float = 0) -> Tensor:
     """Rank Matching over clusters, on the scale of the INC losses (docs/method.md, "Rank Matching").
 
     ``scale="inc"`` combines the per-cluster KL ``L_j`` (:func:`cluster_kl`) the way ``normalize``
@@ -280,7 +302,7 @@ def inc_rank_matching_loss(student_scores: Tensor, teacher_scores: Tensor, clust
             (or its objectness); teacher_scores: (M,) the teacher's (no gradient reaches them).
         cluster: (M,) int64 cluster id of each member (``IncTargets.cluster`` of the members).
         denominator: the supervised denominator; ``"supervised"`` only.
-        labelled: the number of labelled samples (``IncTargets.classes >= 0``); ``"samples"`` only.
+        labelled: the number of labelled samples (:func:`labelled_count`); ``"samples"`` only.
 
     Returns:
         A scalar attached to ``student_scores``'s graph.
@@ -296,5 +318,5 @@ def inc_rank_matching_loss(student_scores: Tensor, teacher_scores: Tensor, clust
     kl, counts = cluster_kl(student_scores, teacher_scores, cluster, T)
     if normalize == "cluster":
         return zero + kl.mean()
-    den = denominator if normalize == "supervised" else max(labelled, 1)
+    den = denominator if normalize == "supervised" else max(labelled, 1.0)
     return zero + (kl * counts.to(kl.dtype)).sum() / den

@@ -31,9 +31,11 @@ from dtg.methods.base import BoxTargets, TargetFigure
 from dtg.methods.dtg.correspondence import anchor_grid
 from dtg.methods.dtg.image_targets import (
     concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets, take_samples,
+    weigh_and_sample_background,
 )
 from dtg.methods.dtg.losses import (
-    inc_classification_loss, inc_objectness_loss, inc_rank_matching_loss, inc_regression_loss, select_class_deltas,
+    inc_classification_loss, inc_objectness_loss, inc_rank_matching_loss, inc_regression_loss, labelled_count,
+    select_class_deltas,
 )
 from dtg.methods.dtg.targets import IncTargets
 from dtg.methods.dtg.teacher import DTGTargets, RcnnTargets, RpnTargets
@@ -111,7 +113,7 @@ class IncStage:
             member = tgt.cluster >= 0
             p_s, p_t = self.rm_scores(logits, rt, member)
             out["rm"] = inc_rank_matching_loss(p_s, p_t, tgt.cluster[member], d.normalize, d.T, d.rm_scale,
-                                               den, labelled=int((tgt.classes >= 0).sum()))
+                                               den, labelled=labelled_count(tgt))
         n = max(images, 1)
         stats = {f"{self.name}_clusters_per_image": tgt.num_clusters / n,
                  f"{self.name}_members_per_image": float((tgt.cluster >= 0).sum()) / n}
@@ -148,7 +150,8 @@ class RcnnStage(IncStage):
     def targets(self, teacher: Detector, tt: DTGTargets, items: list[dict[str, Any]]) -> RcnnTargets:
         """The teacher's proposals mapped into the strong views as RoIs, and their INC targets
         (:func:`rcnn_image_targets` per image; ``dtg.rcnn.subsample``: every member, background
-        sampled to ``model.roi_batch_size_per_image`` RoIs per image, from torch's global generator)."""
+        sampled to ``model.roi_batch_size_per_image`` RoIs per image; ``dtg.rcnn.background``: every
+        member and that many background RoIs, weighted up; both draw from torch's global generator)."""
         t = tt.teacher.dense
         counts = [len(p) for p in t.proposals]
         images, rois, parts, t_used = [], [], [], []
@@ -159,6 +162,9 @@ class RcnnStage(IncStage):
             if self.stage.subsample:  # the cost switch: every member, background sampled to the RoI budget
                 keep = keep_members_and_sample_background(tg_i, self.batch_per_image)
                 rois_i, tg_i, logits = rois_i[keep], take_samples(tg_i, keep), logits[keep]
+            elif self.stage.background:  # the cost switch: every member, a weighted background draw
+                keep, weight = weigh_and_sample_background(tg_i, self.stage.background)
+                rois_i, tg_i, logits = rois_i[keep], take_samples(tg_i, keep, weight), logits[keep]
             images.append(built)
             rois.append(rois_i)
             parts.append(tg_i)

@@ -49,6 +49,9 @@ class IncTargets:
         classes: (N,) int64 the assignment ``labels`` holds with the classification switch on
             (members' class, 0, -1), whatever the switch: use it to pick class-specific deltas
             (:func:`select_class_deltas`). Defaults to ``labels`` when not given.
+        weight: (N,) float weight of each sample's classification term, or None (all 1). Set by
+            the background draw of ``dtg.rcnn.background`` (a drawn background sample stands for
+            the ones not drawn: weight = background samples / drawn ones), so the loss stays unbiased.
     """
 
     labels: Tensor
@@ -58,6 +61,7 @@ class IncTargets:
     teacher_scores: Tensor
     num_clusters: int
     classes: Tensor | None = None
+    weight: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.classes is None:
