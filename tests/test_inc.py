@@ -425,6 +425,41 @@ def test_a_sample_of_weight_two_counts_as_two_samples() -> None:
     assert not torch.allclose(inc_classification_loss(logits, t, "samples"), inc_classification_loss(logits, unweighted, "samples"))
 
 
+def test_append_kept_boxes_adds_one_exact_roi_per_cluster() -> None:
+    from dtg.methods.dtg.image_targets import append_kept_boxes
+
+    kept = {0: torch.tensor([10.0, 10.0, 50.0, 50.0]), 1: torch.tensor([100.0, 100.0, 140.0, 150.0])}
+    rois = torch.tensor([[12, 9, 52, 48], [8, 12, 47, 55], [0, 0, 20, 20], [98, 104, 139, 146],
+                         [60, 60, 80, 80], [101, 99, 142, 151]], dtype=torch.float32)
+    cluster = torch.tensor([0, 0, -1, 1, -1, 1])
+    classes = torch.tensor([2, 2, 0, 1, -1, 1])
+    scores = torch.tensor([0.7, 0.9, 0.0, 0.8, 0.0, 0.6])
+    reg_mask = cluster >= 0
+    reg = torch.zeros(6, 4)
+    for i in range(6):
+        if cluster[i] >= 0:
+            reg[i] = RCNN_CODER.encode_single(kept[int(cluster[i])][None], rois[i][None])[0]
+    t = IncTargets(classes.clone(), reg, reg_mask, cluster, scores, 2, classes)
+    out_rois, out, source = append_kept_boxes(rois, t, RCNN_CODER)
+    assert out_rois.shape == (8, 4) and torch.equal(out_rois[:6], rois)
+    assert source.tolist() == [0, 1, 2, 3, 4, 5, 1, 3]  # the top member of cluster 0 (0.9) then of cluster 1 (0.8)
+    assert torch.allclose(out_rois[6], kept[0], atol=1e-4) and torch.allclose(out_rois[7], kept[1], atol=1e-4)
+    assert out.labels[6:].tolist() == [2, 1] and out.classes[6:].tolist() == [2, 1] and out.cluster[6:].tolist() == [0, 1]
+    assert out.reg_mask[6:].all() and (out.reg_targets[6:] == 0).all() and out.num_clusters == 2
+    assert out.teacher_scores[6:].tolist() == pytest.approx([0.9, 0.8]) and out.weight is None
+    assert torch.equal(out.labels[:6], t.labels) and torch.equal(out.reg_targets[:6], t.reg_targets)
+    # a cluster whose members have no regression target gets no RoI; no member at all: unchanged
+    t2 = IncTargets(classes.clone(), reg, reg_mask & (cluster != 1), cluster, scores, 2, classes)
+    assert append_kept_boxes(rois, t2, RCNN_CODER)[2].tolist() == [0, 1, 2, 3, 4, 5, 1]
+    none = IncTargets(torch.zeros(6, dtype=torch.int64), reg, torch.zeros(6, dtype=torch.bool), torch.full((6,), -1),
+                      torch.zeros(6), 0)
+    r, same_t, src = append_kept_boxes(rois, none, RCNN_CODER)
+    assert r is rois and same_t is none and src.tolist() == list(range(6))
+    # weights travel: the appended samples weigh 1
+    weighted = IncTargets(classes.clone(), reg, reg_mask, cluster, scores, 2, classes, weight=torch.full((6,), 2.0))
+    assert append_kept_boxes(rois, weighted, RCNN_CODER)[1].weight.tolist() == [2.0] * 6 + [1.0, 1.0]
+
+
 # ----------------------------------------------------------------------------- which members stay positives
 
 from dtg.methods.dtg.targets import keep_members, rank_within  # noqa: E402

@@ -554,6 +554,21 @@ def test_rcnn_background_scores_every_member_and_a_weighted_background_draw(swit
     assert torch.allclose(every["unsup_rcnn_cls"], base["unsup_rcnn_cls"], atol=1e-6)
 
 
+def test_rcnn_append_kept_adds_each_cluster_s_kept_box_as_a_roi(switches, default):
+    tg, base, _ = default
+    t, losses, stats = switches.run("dtg.rcnn.append_kept=true")
+    for full, rois in zip(tg.rcnn.images, t.rcnn.rois):
+        ft = full.targets
+        with_target = ft.cluster[(ft.cluster >= 0) & ft.reg_mask].unique().numel()
+        assert len(rois) == len(full.rois) + with_target and torch.equal(rois[:len(full.rois)], full.rois)
+    app, all_ = t.rcnn.targets, tg.rcnn.targets
+    assert int((app.cluster >= 0).sum()) == int((all_.cluster >= 0).sum()) + sum(
+        im.targets.cluster[(im.targets.cluster >= 0) & im.targets.reg_mask].unique().numel() for im in tg.rcnn.images)
+    assert app.num_clusters == all_.num_clusters and stats["rcnn_clusters_per_image"] == default[2]["rcnn_clusters_per_image"]
+    assert len(t.rcnn.teacher_logits) == len(app.labels)  # one teacher row per RoI (rm_input=logit)
+    assert differ(losses, base, RCNN_KEYS) and same(losses, base, RPN_KEYS)
+
+
 def test_rcnn_background_and_subsample_together_are_refused(switches):
     from dtg.config import ConfigError, check_relations
 

@@ -171,8 +171,10 @@ def load_models(ckpt: dict[str, Any], path: str | Path) -> tuple[Config, Detecto
 def rcnn_method(cfg: Config, tau: float, device: torch.device) -> DTGMethod:
     """The registry's DTG method for the R-CNN stage of ``cfg`` (any method's checkpoint), with
     ``dtg.rcnn.tau=tau``: its R-CNN stage is ``cfg``'s (``dtg.rcnn``); the RPN stage and
-    ``dtg.rcnn.subsample`` and ``dtg.rcnn.background`` are off (every RoI is drawn, no global random state is used)."""
-    d = replace(cfg.dtg, rcnn=replace(cfg.dtg.rcnn, tau=tau, enabled=True, subsample=False, background=0),
+    ``dtg.rcnn.subsample``, ``dtg.rcnn.background`` and ``dtg.rcnn.append_kept`` are off (every RoI is
+    drawn, no global random state is used)."""
+    d = replace(cfg.dtg, rcnn=replace(cfg.dtg.rcnn, tau=tau, enabled=True, subsample=False, background=0,
+                                      append_kept=False),
                 rpn=replace(cfg.dtg.rpn, enabled=False))
     method = build_method(replace(cfg, method="dtg", dtg=d), device)
     assert isinstance(method, DTGMethod)

@@ -75,6 +75,8 @@ ROWS: tuple[Row, ...] = (
         "the lead + the DTG authors' (PseCo) top-k members by sqrt(IoU x score)"),
     Row("dtg-bg96", {**LEAD, "dtg.rcnn.background": 96}, None,
         "the lead + the cost switch: every member and 96 background RoIs per image, weighted up (unbiased)"),
+    Row("dtg-append", {**LEAD, "dtg.rcnn.append_kept": True}, None,
+        "the lead + each cluster's kept box appended as one more RoI (as sparse appends its pseudo boxes)"),
     # Issue 25, step 3: the lead with one of its four overrides undone each.
     Row("lead-rpn-dense", {**LEAD, "dtg.rpn.targets": "dtg"}, None, "the lead with DTG's own (dense) RPN stage"),
     Row("lead-samples", {**LEAD, "dtg.normalize": "samples"}, None, "the lead with INC averaged over samples"),

@@ -229,6 +229,9 @@ class RcnnStageConfig(StageConfig):
     # cost switch: every member and this many background RoIs per image drawn at random, each weighted
     # by (background RoIs / drawn) so that the background loss stays an unbiased estimate (0: all RoIs)
     background: Annotated[Count, Neutral(0)] = 0
+    # each cluster's kept box appended as one more RoI of its cluster (zero regression target), as
+    # Faster R-CNN appends the ground truth to its proposals and sparse its pseudo boxes
+    append_kept: Annotated[bool, Neutral(False)] = False
 
 
 @dataclass

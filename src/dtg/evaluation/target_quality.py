@@ -121,13 +121,15 @@ def _views(rec: ImageRecord, labels: LabelMap, cfg: Config, seed: int, device: t
 def scoring_methods(cfg: Config, device: torch.device) -> tuple[Any, Any]:
     """The registry's ``dtg`` and ``sparse`` methods for ``cfg`` (a checkpoint of any method), whose
     ``teacher_targets`` give the targets scored: DTG with both stages on, its RPN stage its own
-    (``dtg.rpn.targets=dtg``) and every RoI kept (``dtg.rcnn.subsample`` and ``dtg.rcnn.background`` off: no global random state
+    (``dtg.rpn.targets=dtg``) and every RoI kept (``dtg.rcnn.subsample``, ``dtg.rcnn.background`` and
+    ``dtg.rcnn.append_kept`` off: no global random state
     is used); each stage with its own keys (``dtg.rcnn``, ``dtg.rpn``)."""
     from dataclasses import replace
 
     from dtg.methods import build_method
 
-    d = replace(cfg.dtg, rcnn=replace(cfg.dtg.rcnn, enabled=True, subsample=False, background=0),
+    d = replace(cfg.dtg, rcnn=replace(cfg.dtg.rcnn, enabled=True, subsample=False, background=0,
+                                      append_kept=False),
                 rpn=replace(cfg.dtg.rpn, enabled=True, targets="dtg"))
     return build_method(replace(cfg, method="dtg", dtg=d), device), build_method(replace(cfg, method="sparse"), device)
 

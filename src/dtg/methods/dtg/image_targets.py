@@ -5,7 +5,7 @@
 teacher anchors paired with student anchors) and the stage's config of a run
 (:class:`dtg.config.RcnnStageConfig` ``dtg.rcnn``, :class:`dtg.config.RpnStageConfig` ``dtg.rpn``);
 :func:`concat_targets`, :func:`ignore_samples`, :func:`keep_members_and_sample_background`,
-:func:`weigh_and_sample_background` and
+:func:`weigh_and_sample_background`, :func:`append_kept_boxes` and
 :func:`take_samples` combine and select targets. Called alike by
 the stages of :class:`dtg.methods.dtg.DTGMethod`, ``dtg explain``, ``dtg bench targets`` and the benchmarks.
 """
@@ -204,10 +204,56 @@ def weigh_and_sample_background(t: IncTargets, num: int,
     scale = 1.0
     if background.numel() > num:
         scale = background.numel() / num
-        background = background[torch.randperm(background.numel(), generator=generator, device=background.device)[:num]]
+        draw = torch.randperm(background.numel(), generator=generator, device=background.device)[:num]
+        background = background[draw]
     index, order = torch.cat([members, background]).sort()
-    weight = torch.cat([t.teacher_scores.new_ones(members.numel()), t.teacher_scores.new_full((background.numel(),), scale)])
+    weight = torch.cat([t.teacher_scores.new_ones(members.numel()),
+                        t.teacher_scores.new_full((background.numel(),), scale)])
     return index, weight[order]
+
+
+def append_kept_boxes(rois: Tensor, t: IncTargets, box_coder: BoxCoder) -> tuple[Tensor, IncTargets, Tensor]:
+    """Each cluster's target box appended as one more RoI of that cluster (``dtg.rcnn.append_kept``).
+
+    As Faster R-CNN appends the ground-truth boxes to the proposals (and sparse its pseudo boxes),
+    the student then scores one RoI per cluster that *is* the kept box: a positive whose
+    regression target is zero deltas and that the student should score highest in its cluster.
+    The box is decoded from the cluster's highest-scoring member with a regression target (every
+    member regresses toward the kept box with ``reg_target=kept``; with ``own`` the top member is
+    the kept proposal itself whenever it stayed a member). Clusters with no such member get none.
+
+    Args:
+        rois: (N, 4) xyxy student RoIs; t: their :class:`IncTargets` (one image).
+        box_coder: the R-CNN box coder the targets were encoded with.
+
+    Returns:
+        ``(rois, targets, source)``: (N + C', 4) RoIs and targets, the C' appended samples last
+        (label and class the cluster's, its cluster id, zero regression targets, the source
+        member's teacher score and weight 1), and (N + C',) int64 the sample each row copies its
+        teacher outputs from (``arange(N)`` then the source members).
+    """
+    n = rois.shape[0]
+    cand = (t.reg_mask & (t.cluster >= 0)).nonzero().squeeze(1)
+    if cand.numel() == 0:
+        return rois, t, torch.arange(n, device=rois.device)
+    # the top member of each cluster: sort by score (descending), then stably by cluster, first of each
+    by_score = cand[torch.argsort(t.teacher_scores[cand], descending=True, stable=True)]
+    by_cluster = by_score[torch.argsort(t.cluster[by_score], stable=True)]
+    first = torch.ones_like(by_cluster, dtype=torch.bool)
+    first[1:] = t.cluster[by_cluster[1:]] != t.cluster[by_cluster[:-1]]
+    src = by_cluster[first]
+    boxes = box_coder.decode_single(t.reg_targets[src].to(rois.dtype), rois[src])
+    weight = t.weight
+    if weight is not None:
+        weight = torch.cat([weight, weight.new_ones(src.numel())])
+    both = lambda x, tail: torch.cat([x, tail])  # noqa: E731
+    extended = IncTargets(
+        labels=both(t.labels, t.labels[src]), reg_targets=both(t.reg_targets, torch.zeros_like(t.reg_targets[src])),
+        reg_mask=both(t.reg_mask, torch.ones_like(t.reg_mask[src])), cluster=both(t.cluster, t.cluster[src]),
+        teacher_scores=both(t.teacher_scores, t.teacher_scores[src]), num_clusters=t.num_clusters,
+        classes=both(t.classes, t.classes[src]), weight=weight,
+    )
+    return torch.cat([rois, boxes]), extended, torch.cat([torch.arange(n, device=rois.device), src])
 
 
 def take_samples(t: IncTargets, index: Tensor, weight: Tensor | None = None) -> IncTargets:

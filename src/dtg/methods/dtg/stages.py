@@ -30,8 +30,8 @@ from dtg.losses.pseudo_label import background_to_ignore
 from dtg.methods.base import BoxTargets, TargetFigure
 from dtg.methods.dtg.correspondence import anchor_grid
 from dtg.methods.dtg.image_targets import (
-    concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets, take_samples,
-    weigh_and_sample_background,
+    append_kept_boxes, concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets,
+    take_samples, weigh_and_sample_background,
 )
 from dtg.methods.dtg.losses import (
     inc_classification_loss, inc_objectness_loss, inc_rank_matching_loss, inc_regression_loss, labelled_count,
@@ -151,7 +151,8 @@ class RcnnStage(IncStage):
         """The teacher's proposals mapped into the strong views as RoIs, and their INC targets
         (:func:`rcnn_image_targets` per image; ``dtg.rcnn.subsample``: every member, background
         sampled to ``model.roi_batch_size_per_image`` RoIs per image; ``dtg.rcnn.background``: every
-        member and that many background RoIs, weighted up; both draw from torch's global generator)."""
+        member and that many background RoIs, weighted up; both draw from torch's global generator;
+        ``dtg.rcnn.append_kept``: each cluster's kept box appended as one more RoI)."""
         t = tt.teacher.dense
         counts = [len(p) for p in t.proposals]
         images, rois, parts, t_used = [], [], [], []
@@ -165,6 +166,9 @@ class RcnnStage(IncStage):
             elif self.stage.background:  # the cost switch: every member, a weighted background draw
                 keep, weight = weigh_and_sample_background(tg_i, self.stage.background)
                 rois_i, tg_i, logits = rois_i[keep], take_samples(tg_i, keep, weight), logits[keep]
+            if self.stage.append_kept:  # each cluster's kept box as one more RoI of the cluster
+                rois_i, tg_i, source = append_kept_boxes(rois_i, tg_i, teacher.rcnn_box_coder)
+                logits = logits[source]
             images.append(built)
             rois.append(rois_i)
             parts.append(tg_i)

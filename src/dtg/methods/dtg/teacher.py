@@ -62,7 +62,8 @@ class RcnnTargets:
         images: per image the full :class:`RcnnImageTargets` (every teacher proposal mapped into
             the strong view as a RoI, its INC targets, the clustering, the RoIs that left the view).
         rois: per image (R_i, 4) the RoIs the student scores: all of ``images[i].rois`` or, with
-            ``dtg.rcnn.subsample``, the members and a background sample of them.
+            ``dtg.rcnn.subsample`` / ``dtg.rcnn.background``, the members and a background sample of
+            them; with ``dtg.rcnn.append_kept`` each cluster's kept box appended.
         targets: INC targets over ``cat(rois)`` (R = sum R_i), clusters numbered across the batch.
         teacher_logits: (R, K + 1) the teacher's logits of those RoIs' proposals (``dtg.rm_input=logit``).
     """
