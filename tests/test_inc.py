@@ -345,6 +345,24 @@ def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -
     assert keep_members_and_sample_background(t, 100, g).numel() == n - 2
 
 
+def test_sample_as_supervised_ignores_what_the_draw_leaves_out() -> None:
+    from dtg.methods.dtg.image_targets import sample_as_supervised
+
+    n = 40
+    cluster = torch.full((n,), -1)
+    cluster[[3, 4, 10]] = torch.tensor([0, 0, 1])
+    classes = torch.zeros(n, dtype=torch.int64)
+    classes[[3, 4, 10]] = 1
+    classes[[0, 1]] = -1
+    t = IncTargets(classes.clone(), torch.zeros(n, 4), cluster >= 0, cluster, torch.zeros(n), 2, classes)
+    out = sample_as_supervised(t, 16, torch.Generator().manual_seed(0))
+    assert out.labels.shape == (n,) and int((out.labels >= 0).sum()) == 16  # one row per anchor, 16 labelled
+    assert out.labels[[3, 4, 10]].tolist() == [1, 1, 1] and torch.equal(out.cluster, t.cluster)
+    assert int((out.labels == 0).sum()) == 13 and out.num_clusters == 2 and out.labels[[0, 1]].tolist() == [-1, -1]
+    assert torch.equal(out.reg_mask, t.reg_mask)
+    assert int((sample_as_supervised(t, 100).labels >= 0).sum()) == n - 2  # a budget above the anchors: all
+
+
 def test_weighted_background_draw_keeps_members_and_weighs_the_drawn_background_up() -> None:
     from dtg.methods.dtg.image_targets import take_samples, weigh_and_sample_background
 

@@ -569,6 +569,20 @@ def test_rcnn_append_kept_adds_each_cluster_s_kept_box_as_a_roi(switches, defaul
     assert differ(losses, base, RCNN_KEYS) and same(losses, base, RPN_KEYS)
 
 
+def test_rpn_subsample_labels_the_supervised_sampler_s_budget_per_image(switches, default):
+    tg, base, _ = default
+    t, losses, stats = switches.run("dtg.rpn.subsample=true")
+    budget = switches.cfg.model.rpn_batch_size_per_image
+    for full, cut in zip(tg.rpn.images, t.rpn.images):
+        members = int((full.cluster >= 0).sum())
+        usable = int((full.labels >= 0).sum())
+        assert int((cut.labels >= 0).sum()) == min(usable, max(budget, members)) < usable
+        assert torch.equal(cut.cluster, full.cluster) and torch.equal(cut.labels[full.cluster >= 0], full.labels[full.cluster >= 0])
+    assert stats["rpn_clusters_per_image"] == default[2]["rpn_clusters_per_image"]
+    assert differ(losses, base, ["unsup_rpn_cls"]) and same_targets(t.rcnn.targets, tg.rcnn.targets)
+    assert same(losses, base, RCNN_KEYS)
+
+
 def test_rcnn_background_and_subsample_together_are_refused(switches):
     from dtg.config import ConfigError, check_relations
 

@@ -74,14 +74,15 @@ _VOLATILE = ("output_dir", "threads", "log_period", "checkpoint_period", "checkp
 _NEUTRAL = {  # keys of the flat layout
     "cpu_kernels": "fast", "semi.class_thresholds": [], "semi.strong_bn_stats": True, "dtg.rm_scale": "clusters",
     "dtg.rpn_transfer": "max", "dtg.rcnn_member_iou": 0.0, "dtg.rcnn_member_topk": False, "dtg.rcnn_proposals": 0,
-    "dtg.rcnn_background": 0, "dtg.rcnn_append_kept": False,
+    "dtg.rcnn_background": 0, "dtg.rcnn_append_kept": False, "dtg.rpn_subsample": False,
 }
 _DTG_BLIND = ("supervised", "sparse", "oracle")
 # every key whose default may change spelled out, so that this stays what the old code hashed
 _DTG_BEFORE_ISSUE_25 = DTGConfig(
     rcnn=RcnnStageConfig(uncertain=0.1, subsample=False, member_iou=0.0, member_topk=False, proposals=0,
                           background=0, append_kept=False),
-    rpn=RpnStageConfig(targets="dtg", transfer="max"), normalize="samples", rm_weight=3.0, rm_scale="clusters")
+    rpn=RpnStageConfig(targets="dtg", transfer="max", subsample=False), normalize="samples", rm_weight=3.0,
+    rm_scale="clusters")
 _SUPERVISED_IGNORES = ("method", "checkpoint_at", "dtg", "semi", "data.batch_unlabeled", "data.weak_view",
                        "data.strong_view")
 

@@ -82,6 +82,9 @@ ROWS: tuple[Row, ...] = (
     Row("lead-samples", {**LEAD, "dtg.normalize": "samples"}, None, "the lead with INC averaged over samples"),
     Row("lead-band", {**LEAD, "dtg.rcnn.uncertain": 0.1}, None, "the lead with the R-CNN ignore band [0.1, tau)"),
     Row("lead-beta3", {**LEAD, "dtg.rm_weight": 3.0}, None, "the lead with Rank Matching weight 3"),
+    # Issue 25, step 4: a dense RPN stage whose objectness loss sees what the supervised RPN's sampler lets it see.
+    Row("lead-rpn-sampled", {**LEAD, "dtg.rpn.targets": "dtg", "dtg.rpn.subsample": True}, None,
+        "the lead with DTG's dense RPN stage, its loss over members + background sampled to 256 anchors per image"),
     Row("hybrid-supnorm", {**DENSE, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised"}, None,
         "T2(c) hybrid, INC losses on the supervised denominators"),
     Row("dtg-rpn-only", {**DENSE, "dtg.rcnn.enabled": False}, (28.5, 47.7, 29.5), "T2(a) RPN only"),

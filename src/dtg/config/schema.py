@@ -259,6 +259,10 @@ class RpnStageConfig(StageConfig):
     # are lost ("max"), or each teacher anchor, in decreasing objectness, takes its best-IoU student anchor
     # that none before it took ("one_to_one": no teacher anchor lost while its window has a free anchor)
     transfer: Annotated[Literal["max", "one_to_one"], Neutral("max")] = "max"
+    # the unlabeled objectness loss over anchors sampled as the supervised RPN samples them: every
+    # member and background drawn at random to fill model.rpn_batch_size_per_image per image, the
+    # rest ignored (without it every one of the ~10k background anchors per image is a negative)
+    subsample: Annotated[bool, Neutral(False)] = False
 
 
 @dataclass

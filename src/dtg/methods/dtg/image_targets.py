@@ -5,7 +5,7 @@
 teacher anchors paired with student anchors) and the stage's config of a run
 (:class:`dtg.config.RcnnStageConfig` ``dtg.rcnn``, :class:`dtg.config.RpnStageConfig` ``dtg.rpn``);
 :func:`concat_targets`, :func:`ignore_samples`, :func:`keep_members_and_sample_background`,
-:func:`weigh_and_sample_background`, :func:`append_kept_boxes` and
+:func:`weigh_and_sample_background`, :func:`sample_as_supervised`, :func:`append_kept_boxes` and
 :func:`take_samples` combine and select targets. Called alike by
 the stages of :class:`dtg.methods.dtg.DTGMethod`, ``dtg explain``, ``dtg bench targets`` and the benchmarks.
 """
@@ -178,6 +178,20 @@ def keep_members_and_sample_background(t: IncTargets, num: int, generator: torch
         pick = torch.randperm(background.numel(), generator=generator, device=background.device)[:room]
         background = background[pick]
     return torch.cat([members, background]).sort().values
+
+
+def sample_as_supervised(t: IncTargets, num: int, generator: torch.Generator | None = None) -> IncTargets:
+    """One image's targets with every sample outside a supervised-style draw ignored (``dtg.rpn.subsample``).
+
+    The draw is :func:`keep_members_and_sample_background` (every member, background drawn at
+    random to fill ``num``); the samples it leaves out get label -1, so the loss sees what the
+    supervised RPN's sampler lets it see (``model.rpn_batch_size_per_image`` anchors per image)
+    while the tensors keep one row per anchor.
+    """
+    keep = keep_members_and_sample_background(t, num, generator)
+    out = torch.ones_like(t.labels, dtype=torch.bool)
+    out[keep] = False
+    return ignore_samples(t, out)
 
 
 def weigh_and_sample_background(t: IncTargets, num: int,

@@ -31,7 +31,7 @@ from dtg.methods.base import BoxTargets, TargetFigure
 from dtg.methods.dtg.correspondence import anchor_grid
 from dtg.methods.dtg.image_targets import (
     append_kept_boxes, concat_targets, keep_members_and_sample_background, rcnn_image_targets, rpn_image_targets,
-    take_samples, weigh_and_sample_background,
+    sample_as_supervised, take_samples, weigh_and_sample_background,
 )
 from dtg.methods.dtg.losses import (
     inc_classification_loss, inc_objectness_loss, inc_rank_matching_loss, inc_regression_loss, labelled_count,
@@ -210,7 +210,9 @@ class RpnStage(IncStage):
     def targets(self, teacher: Detector, tt: DTGTargets, items: list[dict[str, Any]]) -> RpnTargets:
         """The student's anchors (from the strong views' sizes, :meth:`Detector.dense_layout`, in the
         dtype and on the device of the teacher's features, as the student's pass makes them) and
-        their INC targets from the teacher's dense RPN outputs (:func:`rpn_image_targets` per image)."""
+        their INC targets from the teacher's dense RPN outputs (:func:`rpn_image_targets` per image;
+        ``dtg.rpn.subsample``: every member and background anchors drawn to ``model.rpn_batch_size_per_image``
+        per image from torch's global generator, the other anchors ignored)."""
         t = tt.teacher.dense
         feat = next(iter(t.features.values()))
         layout = teacher.dense_layout(tt.student_sizes, feat.dtype, feat.device)
@@ -221,6 +223,8 @@ class RpnStage(IncStage):
                               self.stage)
             for i, m in enumerate(tt.mats)
         ]
+        if self.stage.subsample:  # as the supervised RPN samples: members + background to the budget, rest ignored
+            parts = [sample_as_supervised(p, self.batch_per_image) for p in parts]
         return RpnTargets(layout, grid, parts, concat_targets(parts), t.rpn.anchors)
 
     def student_outputs(self, student: Detector, s: DenseOutputs, rt: RpnTargets) -> tuple[Tensor, Tensor, int]:
