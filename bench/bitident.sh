@@ -64,7 +64,7 @@ echo "| run | config | student sha256 | teacher sha256 | logged per image (mean)
 echo "|---|---|---|---|---|"
 run supervised method=supervised
 run sparse method=sparse
-DENSE=(method=dtg dtg.rpn.targets=dtg dtg.normalize=samples dtg.rm_weight=3.0 dtg.rcnn.proposals=0 dtg.rcnn.member_iou=0.0)  # dtg's defaults before issue 25
+DENSE=(method=dtg dtg.rpn.targets=dtg dtg.normalize=samples dtg.rm_weight=3.0 dtg.rcnn.proposals=0 dtg.rcnn.member_iou=0.0 dtg.rcnn.background=0)  # dtg's defaults before issue 25
 run dtg method=dtg
 run dtg-dense "${DENSE[@]}"
 run oracle method=oracle

@@ -36,7 +36,7 @@ DTG = {"method": "dtg"}
 # teacher proposal a RoI): spelled out, so that a change of `method=dtg`'s defaults leaves their
 # meaning (and cached runs) alone.
 DENSE = {"method": "dtg", "dtg.rpn.targets": "dtg", "dtg.normalize": "samples", "dtg.rcnn.uncertain": 0.1,
-         "dtg.rm_weight": 3.0, "dtg.rcnn.proposals": 0, "dtg.rcnn.member_iou": 0.0}
+         "dtg.rm_weight": 3.0, "dtg.rcnn.proposals": 0, "dtg.rcnn.member_iou": 0.0, "dtg.rcnn.background": 0}
 SPARSE = {"method": "sparse"}
 # Issue 25's lead (the defaults from then until the cost switch): the rows screened on it keep their meaning.
 LEAD = {**DENSE, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised", "dtg.rcnn.uncertain": 1.0,
