@@ -239,6 +239,27 @@ def test_a_config_stored_in_the_flat_layout_reads_back():
     assert from_dict(flat_dict(Config())) == Config()
 
 
+def test_a_stored_config_without_a_later_key_reads_its_neutral_value_whatever_today_s_default(monkeypatch):
+    import dtg.config.load as load
+
+    def departed():  # today's defaults, as if they had left the neutral values since
+        cfg = Config()
+        cfg.dtg.rcnn.background, cfg.dtg.rcnn.member_iou, cfg.cpu_kernels = 96, 0.5, "portable"
+        return cfg
+
+    stored = to_dict(load_config(None, ["method=dtg", "dtg.rcnn.subsample=true"]))
+    for section, key in ((stored["dtg"]["rcnn"], "background"), (stored["dtg"]["rcnn"], "member_iou"),
+                         (stored, "cpu_kernels")):
+        del section[key]  # written before the key existed
+    monkeypatch.setattr(load, "Config", departed)
+    cfg = load.from_dict(stored)  # subsample with background 0: no conflict
+    assert (cfg.dtg.rcnn.background, cfg.dtg.rcnn.member_iou, cfg.cpu_kernels) == (0, 0.0, "fast")
+    assert cfg.dtg.rcnn.subsample and cfg.method == "dtg"
+    spelled = to_dict(load_config(None, ["dtg.rcnn.member_iou=0.3"]))
+    assert load.from_dict(spelled).dtg.rcnn.member_iou == 0.3  # a stored value wins
+    assert load.from_dict(to_dict(Config())) == Config()  # a dict that spells every key: as stored
+
+
 def test_defaults_are_the_effective_values_of_the_flat_config():
     d = Config().dtg
     assert (d.rpn.tau, d.rpn.nms, d.rpn.uncertain, d.rcnn.tau, d.rcnn.nms, d.rcnn.uncertain) == (0.7, 0.7, 0.3, 0.45, 0.5, 1.0)

@@ -9,6 +9,7 @@ run keys, :mod:`dtg.run_migration`, hashes it to recognise the keys before issue
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from dtg.config.checks import ConfigError, _coerce, check_relations
-from dtg.config.schema import Config
+from dtg.config.schema import Config, neutral_values
 
 
 def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
@@ -171,11 +172,36 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Inverse of :func:`to_dict`, with the same checks as :func:`load_config`; a dict stored in the
-    layout before issue 21 (an older checkpoint or run) is read as well (:func:`upgrade_legacy`)."""
+    layout before issue 21 (an older checkpoint or run) is read as well (:func:`upgrade_legacy`).
+
+    A key the stored dict lacks that declares a neutral value (``Annotated[..., Neutral(v)]``) reads
+    as that value, not as today's default: the dict was written before the key existed, so its run
+    behaved as the neutral value does (a default changed later must not change an old run on resume).
+    """
     cfg = Config()
-    _apply(cfg, upgrade_legacy(data))
+    _apply(cfg, with_neutral_values(upgrade_legacy(data)))
     check_relations(cfg)
     return cfg
+
+
+def with_neutral_values(data: dict) -> dict:
+    """``data`` (a stored config dict) with every absent key that declares a neutral value set to it."""
+    if not isinstance(data, dict):
+        return data
+    out = copy.deepcopy(data)
+    for key, value in neutral_values().items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):  # a malformed section: left for _apply to name
+                break
+            node = child
+        else:
+            node.setdefault(parts[-1], copy.deepcopy(value))
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
