@@ -587,7 +587,7 @@ def test_rcnn_background_and_subsample_together_are_refused(switches):
     from dtg.config import ConfigError, check_relations
 
     cfg = switches.config("dtg.rcnn.background=64", "dtg.rcnn.subsample=true")
-    with pytest.raises(ConfigError, match=r"^config key 'dtg.rcnn.background': 64 cannot be combined"):
+    with pytest.raises(ConfigError, match=r"^config key 'dtg.rcnn.subsample': true needs dtg.rcnn.background=0 \(it is 64;"):
         check_relations(cfg)
 
 

@@ -113,8 +113,8 @@ def check_relations(cfg: Config) -> None:
         if len(node) != 2 or node[0] > node[1]:
             raise ConfigError(f"config key '{key}': {node!r} must be a [min, max] pair with min <= max")
     if cfg.dtg.rcnn.subsample and cfg.dtg.rcnn.background:
-        raise ConfigError(f"config key 'dtg.rcnn.background': {cfg.dtg.rcnn.background} cannot be combined with "
-                          "dtg.rcnn.subsample=true (two ways of cutting the background RoIs); set one of them")
+        raise ConfigError(f"config key 'dtg.rcnn.subsample': true needs dtg.rcnn.background=0 (it is "
+                          f"{cfg.dtg.rcnn.background}; two ways of cutting the background RoIs, use one)")
     steps, max_iter = cfg.solver.steps, cfg.solver.max_iter
     if any(b <= a for a, b in zip(steps, steps[1:])) or any(x >= max_iter for x in steps):
         raise ConfigError(f"config key 'solver.steps': {steps!r} must be increasing and below "
