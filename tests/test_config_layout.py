@@ -68,6 +68,7 @@ RUN_KEYS = {
     "testbed.yaml:dtg-miou": "68d81b3a8379",
     "testbed.yaml:dtg-topk": "3e97c7ea5752",
     "testbed.yaml:dtg-bg96": "4610ad792719",
+    "testbed.yaml:dtg-bg96-miou": "658fe94dbdb5",
     "testbed.yaml:dtg-append": "a3529e233503",
     "testbed.yaml:lead-rpn-sampled": "e33a7005e561",
     "testbed.yaml:lead-rpn-dense": "03d280e9725a",
@@ -155,6 +156,7 @@ RUN_KEYS_7D0CE5E = {
     "testbed.yaml:dtg-miou": "c5708474a7ee",  # pinned at 36ba32d
     "testbed.yaml:dtg-topk": "52d3df06c03d",  # pinned at 36ba32d
     "testbed.yaml:dtg-bg96": "c00704a2c2fc",  # the rows added in issue 25's fourth session
+    "testbed.yaml:dtg-bg96-miou": "6508ab11eddd",
     "testbed.yaml:dtg-append": "bb284d32630b",
     "testbed.yaml:lead-rpn-sampled": "1913cc633276",
     "testbed.yaml:lead-rpn-dense": "68f0ec689d6c",

@@ -75,6 +75,8 @@ ROWS: tuple[Row, ...] = (
         "the lead + the DTG authors' (PseCo) top-k members by sqrt(IoU x score)"),
     Row("dtg-bg96", {**LEAD, "dtg.rcnn.background": 96}, None,
         "the lead + the cost switch: every member and 96 background RoIs per image, weighted up (unbiased)"),
+    Row("dtg-bg96-miou", {**LEAD, "dtg.rcnn.background": 96, "dtg.rcnn.member_iou": 0.5}, None,
+        "the lead + the unbiased background draw (96 per image) + positives only for members of proposal IoU >= 0.5"),
     Row("dtg-append", {**LEAD, "dtg.rcnn.append_kept": True}, None,
         "the lead + each cluster's kept box appended as one more RoI (as sparse appends its pseudo boxes)"),
     # Issue 25, step 3: the lead with one of its four overrides undone each.
