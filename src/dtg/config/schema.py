@@ -227,8 +227,9 @@ class RcnnStageConfig(StageConfig):
     # (0: all of the training top-N, model.rpn_post_nms_top_n_train); the rest are not scored at all
     proposals: Annotated[Count, Neutral(0)] = 0
     # cost switch: every member and this many background RoIs per image drawn at random, each weighted
-    # by (background RoIs / drawn) so that the background loss stays an unbiased estimate (0: all RoIs)
-    background: Annotated[Count, Neutral(0)] = 0
+    # by (background RoIs / drawn) so that the background loss stays an unbiased estimate (0: all RoIs);
+    # set it to 0 to use `subsample`
+    background: Annotated[Count, Neutral(0)] = 96  # the paper: 0 (every RoI); 96 since issue 25 (the cost)
     # each cluster's kept box appended as one more RoI of its cluster (zero regression target), as
     # Faster R-CNN appends the ground truth to its proposals and sparse its pseudo boxes
     append_kept: Annotated[bool, Neutral(False)] = False
