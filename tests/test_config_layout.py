@@ -232,6 +232,7 @@ def test_an_old_key_names_its_new_key(old, tmp_path):
 def test_a_config_stored_in_the_flat_layout_reads_back():
     cfg = load_config(None, ["method=dtg", "dtg.rcnn.inc_reg=false", "dtg.rpn.tau=0.9", "dtg.rm_weight=1.0",
                              "sparse.pseudo_score_thresh=0.8", "dtg.rpn.anchor_level=area", "dtg.rcnn.subsample=true",
+                             "dtg.rcnn.background=0",
                              "dtg.rm_scale=inc", "dtg.rpn.transfer=one_to_one"])
     old = flat_dict(cfg)
     assert old["dtg"]["rm_scale"] == "inc" and old["dtg"]["rpn_transfer"] == "one_to_one"  # keys added after issue 21
@@ -249,7 +250,7 @@ def test_a_stored_config_without_a_later_key_reads_its_neutral_value_whatever_to
         cfg.dtg.rcnn.background, cfg.dtg.rcnn.member_iou, cfg.cpu_kernels = 96, 0.5, "portable"
         return cfg
 
-    stored = to_dict(load_config(None, ["method=dtg", "dtg.rcnn.subsample=true"]))
+    stored = to_dict(load_config(None, ["method=dtg", "dtg.rcnn.subsample=true", "dtg.rcnn.background=0"]))
     for section, key in ((stored["dtg"]["rcnn"], "background"), (stored["dtg"]["rcnn"], "member_iou"),
                          (stored, "cpu_kernels")):
         del section[key]  # written before the key existed

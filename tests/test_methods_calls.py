@@ -96,7 +96,8 @@ def _trainer(tiny_dataset, tmp_path, *overrides):
 DTG_CASES = {
     "default": [],
     "rpn_sparse_hybrid": ["dtg.rpn.targets=sparse"],
-    "rcnn_subsample_logit_rm": ["dtg.rcnn.subsample=true", "dtg.rm_input=logit", "dtg.rpn.rank_matching=false"],
+    "rcnn_subsample_logit_rm": ["dtg.rcnn.subsample=true", "dtg.rcnn.background=0", "dtg.rm_input=logit",
+                                "dtg.rpn.rank_matching=false"],
     "per_stage": ["dtg.rcnn.reg_target=own", "dtg.rpn.inc_cls=false"],
 }
 
@@ -175,7 +176,8 @@ def test_per_stage_overrides_reach_bench_targets_and_explain():
     from dtg.bench.explain import rcnn_method
 
     cfg = load_config(None, ["method=sparse", "dtg.rcnn.reg_target=own", "dtg.rpn.inc_cls=false",
-                             "dtg.rcnn.subsample=true", "dtg.rpn.targets=sparse", "dtg.rpn.enabled=false"])
+                             "dtg.rcnn.subsample=true", "dtg.rcnn.background=0", "dtg.rpn.targets=sparse",
+                             "dtg.rpn.enabled=false"])
     dtg, sparse = scoring_methods(cfg, torch.device("cpu"))
     assert (dtg.name, sparse.name) == ("dtg", "sparse")
     assert (dtg.d.rcnn.reg_target, dtg.d.rpn.reg_target) == ("own", "kept")

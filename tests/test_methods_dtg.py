@@ -50,9 +50,9 @@ def test_map_anchors_is_unclipped_projection():
     assert torch.allclose(map_anchors(boxes, flip), torch.tensor([[80.0, 5.0, 110.0, 25.0]]))
 
 
-# DTG dense in both stages, as the paper has it (the default's RPN stage is the sparse hybrid): the base
-# every switch below is varied on
-DENSE = ["dtg.rpn.targets=dtg"]
+# DTG dense in both stages, as the paper has it (the default's RPN stage is the sparse hybrid), every
+# background RoI scored (the default draws 96 per image): the base every switch below is varied on
+DENSE = ["dtg.rpn.targets=dtg", "dtg.rcnn.background=0"]
 ABLATIONS = {
     "default": [],
     "rpn_only": ["dtg.rcnn.enabled=false"],
