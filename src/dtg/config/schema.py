@@ -276,8 +276,10 @@ class DTGConfig:
     RPN stage collapsed or taught noisy labels there), INC losses on the supervised losses'
     denominators (``normalize="supervised"``; the paper's ``cluster`` let the RPN collapse),
     Rank Matching at ``rm_weight`` 0.6 on the ``clusters`` scale (beta ~1.6 on the paper's), and
-    no R-CNN ignore band (``rcnn.uncertain`` 1.0, as the paper). The paper configs set the paper's
-    values explicitly.
+    every R-CNN member but only 96 background RoIs per image scored, each weighted up so that the
+    background loss stays unbiased (``rcnn.background``, the cost switch; the paper scores every
+    proposal); no R-CNN ignore band (``rcnn.uncertain`` 1.0, as the paper). The paper configs set
+    the paper's values explicitly.
     """
 
     rcnn: RcnnStageConfig = field(default_factory=RcnnStageConfig)
