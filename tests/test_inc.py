@@ -324,16 +324,22 @@ def test_uncertain_band_is_ignored_not_background() -> None:
     assert rpn_case(tau=0.9, uncertain=0.6).labels.tolist() == [1, 1, 0, 1, 1, 1, -1, -1]
 
 
-def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -> None:
-    from dtg.methods.dtg.image_targets import keep_members_and_sample_background, take_samples
-
+def forty_samples(member_class: int = 2) -> tuple[int, IncTargets]:
+    """40 samples of one image: members 3, 4 (cluster 0) and 10 (cluster 1) of ``member_class``,
+    0 and 1 ignored, the other 35 background."""
     n = 40
     cluster = torch.full((n,), -1)
     cluster[[3, 4, 10]] = torch.tensor([0, 0, 1])
     classes = torch.zeros(n, dtype=torch.int64)
-    classes[[3, 4, 10]] = 2
+    classes[[3, 4, 10]] = member_class
     classes[[0, 1]] = -1  # ignored: dropped
-    t = IncTargets(classes.clone(), torch.zeros(n, 4), cluster >= 0, cluster, torch.zeros(n), 2, classes)
+    return n, IncTargets(classes.clone(), torch.zeros(n, 4), cluster >= 0, cluster, torch.zeros(n), 2, classes)
+
+
+def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -> None:
+    from dtg.methods.dtg.image_targets import keep_members_and_sample_background, take_samples
+
+    n, t = forty_samples()
     g = torch.Generator().manual_seed(0)
     keep = keep_members_and_sample_background(t, 16, g)
     assert keep.numel() == 16 and {3, 4, 10} <= set(keep.tolist()) and not {0, 1} & set(keep.tolist())
@@ -348,13 +354,7 @@ def test_cost_switch_keeps_every_member_and_samples_background_to_the_budget() -
 def test_sample_as_supervised_ignores_what_the_draw_leaves_out() -> None:
     from dtg.methods.dtg.image_targets import sample_as_supervised
 
-    n = 40
-    cluster = torch.full((n,), -1)
-    cluster[[3, 4, 10]] = torch.tensor([0, 0, 1])
-    classes = torch.zeros(n, dtype=torch.int64)
-    classes[[3, 4, 10]] = 1
-    classes[[0, 1]] = -1
-    t = IncTargets(classes.clone(), torch.zeros(n, 4), cluster >= 0, cluster, torch.zeros(n), 2, classes)
+    n, t = forty_samples(member_class=1)
     out = sample_as_supervised(t, 16, torch.Generator().manual_seed(0))
     assert out.labels.shape == (n,) and int((out.labels >= 0).sum()) == 16  # one row per anchor, 16 labelled
     assert out.labels[[3, 4, 10]].tolist() == [1, 1, 1] and torch.equal(out.cluster, t.cluster)
@@ -366,13 +366,8 @@ def test_sample_as_supervised_ignores_what_the_draw_leaves_out() -> None:
 def test_weighted_background_draw_keeps_members_and_weighs_the_drawn_background_up() -> None:
     from dtg.methods.dtg.image_targets import take_samples, weigh_and_sample_background
 
-    n = 40
-    cluster = torch.full((n,), -1)
-    cluster[[3, 4, 10]] = torch.tensor([0, 0, 1])
-    classes = torch.zeros(n, dtype=torch.int64)
-    classes[[3, 4, 10]] = 2
-    classes[[0, 1]] = -1  # ignored: dropped
-    t = IncTargets(classes.clone(), torch.zeros(n, 4), cluster >= 0, cluster, torch.zeros(n), 2, classes)
+    n, t = forty_samples()
+    classes = t.classes
     g = torch.Generator().manual_seed(0)
     keep, weight = weigh_and_sample_background(t, 7, g)  # 35 background samples, 7 drawn: weight 5
     assert keep.numel() == weight.numel() == 10 and {3, 4, 10} <= set(keep.tolist()) and not {0, 1} & set(keep.tolist())
