@@ -394,3 +394,17 @@ def test_a_supervised_run_trained_for_another_split_is_only_evaluated(tiny_datas
     run_one(plain, threads=1)
     c = load_checkpoint(plain.out / "checkpoints" / "last.pth")
     assert all(torch.equal(a["student"][k], c["student"][k]) for k in a["student"])
+
+
+def test_the_longer_unlabeled_phase_branches_from_the_same_supervised_checkpoint(tmp_path):
+    """Rows sparse-u2000 / dtg-u2000 (issue 25, step 5): only steps after the burn-in differ, so they
+    start from the supervised run's checkpoint at semi.burn_in instead of training their own."""
+    runs = rp.plan(rw.select_rows(["supervised", "sparse", "sparse-u2000", "dtg-u2000"]), [0], None, [], tmp_path, 0)
+    sup = next(r for r in runs.values() if r.uses == [("supervised", 0)])
+    long_runs = [r for r in runs.values() if r.uses[0][0].endswith("-u2000")]
+    assert len(runs) == 4 and len(long_runs) == 2
+    for run in long_runs:
+        assert run.parent == sup.key and run.cfg.solver.max_iter == 3000 and run.cfg.solver.steps == [2700, 2900]
+        assert run.needs is not None and run.needs.name == f"iter_{run.cfg.semi.burn_in:07d}.pth"
+    short = next(r for r in runs.values() if r.uses == [("sparse", 0)])
+    assert short.parent == sup.key and short.key not in {r.key for r in long_runs}
