@@ -73,6 +73,8 @@ RUN_KEYS = {
     "testbed.yaml:lead-rpn-sampled": "e33a7005e561",
     "testbed.yaml:sparse-u2000": "e7a78803349e",
     "testbed.yaml:dtg-u2000": "7455a08bb166",
+    "testbed.yaml:supervised-3000": "565432d5e21c",  # base and ceiling on the -u2000 rows' schedule: one config
+    "testbed.yaml:full-labels-3000": "565432d5e21c",  # (the ceiling's full_json is put in by `dtg bench reproduce`)
     "testbed.yaml:lead-rpn-dense": "03d280e9725a",
     "testbed.yaml:lead-samples": "4333b7e9003d",
     "testbed.yaml:lead-band": "a2e75f95a1b1",
@@ -163,6 +165,8 @@ RUN_KEYS_7D0CE5E = {
     "testbed.yaml:lead-rpn-sampled": "1913cc633276",
     "testbed.yaml:sparse-u2000": "cd3c44305b77",  # issue 25, step 5: the rows with a longer unlabeled phase
     "testbed.yaml:dtg-u2000": "c8d463d5262e",
+    "testbed.yaml:supervised-3000": "565432d5e21c",  # flat = today's: supervised runs hash no dtg.* / sparse keys
+    "testbed.yaml:full-labels-3000": "565432d5e21c",
     "testbed.yaml:lead-rpn-dense": "68f0ec689d6c",
     "testbed.yaml:lead-samples": "e4620a909b55",
     "testbed.yaml:lead-band": "48f28afc9073",

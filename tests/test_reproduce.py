@@ -408,3 +408,31 @@ def test_the_longer_unlabeled_phase_branches_from_the_same_supervised_checkpoint
         assert run.needs is not None and run.needs.name == f"iter_{run.cfg.semi.burn_in:07d}.pth"
     short = next(r for r in runs.values() if r.uses == [("sparse", 0)])
     assert short.parent == sup.key and short.key not in {r.key for r in long_runs}
+
+
+def test_the_longer_schedule_has_its_own_base_ceiling_and_share(tmp_path):
+    """Rows supervised-3000 / full-labels-3000: the -u2000 rows' share of the gap is taken between a base
+    and a ceiling trained on their schedule, not against the 2000-iteration supervised and full-labels."""
+    names = ["supervised", "full-labels", "sparse-u2000", "dtg-u2000", "supervised-3000", "full-labels-3000"]
+    runs = rp.plan(rw.select_rows(names), [0, 1], None, [], tmp_path, 0)
+    by_use = {use: run for run in runs.values() for use in run.uses}
+    for seed in (0, 1):
+        base, top = by_use[("supervised-3000", seed)], by_use[("full-labels-3000", seed)]
+        assert base.parent is None and top.parent is None  # trained from scratch on the long schedule
+        assert base.cfg.solver.max_iter == top.cfg.solver.max_iter == 3000
+        assert top.cfg.data.train_json == top.cfg.data.full_json != base.cfg.data.train_json
+        assert top.key != by_use[("full-labels", seed)].key and base.key != by_use[("supervised", seed)].key
+    assert len(runs) == 12
+    aps = {"supervised": 60.0, "full-labels": 80.0, "supervised-3000": 62.0, "full-labels-3000": 82.0,
+           "sparse-u2000": 72.0, "dtg-u2000": 76.0}
+    for (name, seed), run in by_use.items():
+        run.out.mkdir(parents=True, exist_ok=True)
+        ap = (aps[name] + seed) / 100.0
+        run.metrics_path.write_text(json.dumps({"teacher": {"AP": ap, "AP50": ap, "AP75": ap}}))
+    text = rp.report(rw.select_rows(names), runs, tmp_path / "out", "header")
+    assert "| headroom: full-labels - supervised | 2 | 20.00 ± 0.00 |" in text
+    assert "| headroom: full-labels-3000 - supervised-3000 | 2 | 20.00 ± 0.00 |" in text
+    assert "| dtg-u2000 | 2 | 14.00 ± 0.00 | [+14.00, +14.00] | 70 % |" in text  # (76 - 62) / (82 - 62)
+    assert "| sparse-u2000 | 2 | 10.00 ± 0.00 | [+10.00, +10.00] | 50 % |" in text
+    assert "| dtg-u2000 - sparse-u2000 | 2 | 4.00 ± 0.00 |" in text
+    assert "| full-labels-3000 - " not in text  # a ceiling is not a variant of the supervised row

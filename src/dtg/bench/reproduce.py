@@ -15,7 +15,8 @@ config share runs, a run whose ``metrics.json`` exists is not trained again, and
 subprocesses (``python -m dtg train``), ``--jobs`` at a time, each with ``threads = cores // jobs``.
 Row ``full-labels`` is the fully-labeled ceiling: supervised on ``data.full_json`` (every train
 image with its boxes), same schedule; the report gives the share of the supervised-to-ceiling
-gap each method recovers. Gaps are paired by seed, with 95 % Student-t intervals.
+gap each method recovers (and, for the rows with a longer schedule, the share between
+``supervised-3000`` and ``full-labels-3000``: :data:`dtg.bench.rows.SHARE_FRAMES`). Gaps are paired by seed, with 95 % Student-t intervals.
 ``--dataset NAME`` prefixes the overrides of a generated dataset (:data:`dtg.data.synth.DATASETS`);
 ``--split tune`` evaluates on its tuning split (``tune_val``, carved from the train images) instead
 of ``val``: choose defaults there, report on ``val``.
@@ -38,7 +39,7 @@ from dtg.config import Config, load_config, to_dict
 from dtg.data.synth import DATASETS
 from dtg.run_exec import Run, branch_from, ensure_generated, execute, trained_twin
 from dtg.run_identity import branch_key, dataset_fingerprint, run_key, supervised_part
-from dtg.bench.rows import CEILING, MAIN_ROWS, NOTES, ROW_BY_NAME, Row, select_rows
+from dtg.bench.rows import CEILINGS, MAIN_ROWS, NOTES, ROW_BY_NAME, SHARE_FRAMES, Row, select_rows
 from dtg.run_migration import migrate
 
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -74,11 +75,11 @@ def resolve(config: str | None, overrides: Sequence[str], row: Row, seed: int, c
     cfg = load_config(config, [*overrides, *row.set_args(), f"seed={seed}"])
     if split == "tune":
         use_tune_split(cfg)
-    if row.name == CEILING:
+    if row.name in CEILINGS:
         from dtg.config import ConfigError
 
         if not cfg.data.full_json:
-            raise ConfigError("config key 'data.full_json' is empty: row full-labels needs a json of every "
+            raise ConfigError(f"config key 'data.full_json' is empty: row {row.name} needs a json of every "
                               "train image with its boxes")
         cfg.data.train_json = cfg.data.full_json
     if curve_points > 0 and cfg.eval_period == 0 and not any(o.startswith("eval_period=") for o in overrides):
@@ -122,7 +123,7 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
 
     for (name, seed), cfg in cfgs.items():
         sup = sup_cfgs.get(seed)
-        branch = (sup is not None and name != CEILING and REGISTRY[cfg.method].uses_unlabeled
+        branch = (sup is not None and name not in CEILINGS and REGISTRY[cfg.method].uses_unlabeled
                   and 0 < cfg.semi.burn_in < cfg.solver.max_iter
                   and supervised_part(cfg, cfg.semi.burn_in) == supervised_part(sup, cfg.semi.burn_in))
         if not branch:
@@ -154,7 +155,7 @@ def check_provenance(runs: dict[str, Run]) -> str:
         if not run.metrics_path.is_file():
             continue
         prov = json.loads(run.metrics_path.read_text()).get("provenance", {})
-        group = "ceiling" if all(row == CEILING for row, _ in run.uses) else "main"
+        group = "ceiling" if all(row in CEILINGS for row, _ in run.uses) else "main"
         seen[group].setdefault(prov.get("dataset_fingerprint", "unrecorded"), str(run.out))
         seen["val"].setdefault(prov.get("val_fingerprint", "unrecorded"), str(run.out))
     for group, prints in seen.items():
@@ -187,12 +188,14 @@ def report(rows: Sequence[Row], runs: dict[str, Run], out: Path, header: str) ->
     results, curves = collect(rows, runs)
     by_name = {r.name: r for r in results}
     variants = [(r.name, r.overrides["method"]) for r in rows
-                if r.name not in MAIN_ROWS and r.overrides.get("method") in by_name and r.name != r.overrides["method"]]
+                if r.name not in MAIN_ROWS and r.name not in CEILINGS and r.overrides.get("method") in by_name
+                and r.name != r.overrides["method"]]
     gaps = gap_table(by_name, [("sparse", "supervised"), ("dtg", "supervised"), ("dtg", "sparse"),
-                               ("oracle", "supervised"), *variants])
+                               ("oracle", "supervised"), ("dtg-u2000", "sparse-u2000"), *variants])
     if gaps.count("\n") < 2:
         gaps = "(none: they need the dtg row and the supervised or sparse row)"
-    share = gap_share(by_name, "supervised", CEILING, ["sparse", "dtg", "oracle"])
+    share = "\n\n".join(table for base, ceiling, methods in SHARE_FRAMES
+                         if (table := gap_share(by_name, base, ceiling, methods)))
     parts = [f"# DTG-SSOD reproduction: teacher AP (%)\n\n{header}", markdown_table(results),
              "Gaps (ours paired by seed, 95 % Student-t interval of the mean AP difference):\n\n" + gaps]
     if share:

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 Paper = tuple[float, float, float]
 MAIN_ROWS = ("supervised", "sparse", "dtg", "oracle", "full-labels")
 CEILING = "full-labels"
+# Rows trained on data.full_json (every train image with its boxes) instead of data.train_json.
+CEILINGS = frozenset({CEILING, "full-labels-3000"})
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,11 @@ ROWS: tuple[Row, ...] = (
     Row("sparse-u2000", {**SPARSE, **LONG}, None, "sparse with 2000 unlabeled iterations (max_iter 3000)"),
     Row("dtg-u2000", {**LEAD, "dtg.rcnn.background": 96, **LONG}, None,
         "the dtg defaults (= dtg-bg96) with 2000 unlabeled iterations (max_iter 3000)"),
+    # ... and the base and ceiling on that schedule, so that a share of the gap compares like with like.
+    Row("supervised-3000", {"method": "supervised", **LONG}, None,
+        "supervised on the -u2000 rows' schedule (max_iter 3000): their share's base"),
+    Row("full-labels-3000", {"method": "supervised", **LONG}, None,
+        "full labels on the -u2000 rows' schedule (max_iter 3000): their share's ceiling"),
     Row("hybrid-supnorm", {**DENSE, "dtg.rpn.targets": "sparse", "dtg.normalize": "supervised"}, None,
         "T2(c) hybrid, INC losses on the supervised denominators"),
     Row("dtg-rpn-only", {**DENSE, "dtg.rcnn.enabled": False}, (28.5, 47.7, 29.5), "T2(a) RPN only"),
@@ -120,6 +127,11 @@ ROWS: tuple[Row, ...] = (
     Row("tau0.50", {**DENSE, "dtg.rcnn.tau": 0.50}, (33.9, 53.1, 36.3), "T5 (tau_rcnn)"),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS}
+# The frames a share of the supervised-to-full gap is given in: (base, ceiling, the methods on their schedule).
+SHARE_FRAMES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("supervised", CEILING, ("sparse", "dtg", "oracle")),
+    ("supervised-3000", "full-labels-3000", ("sparse-u2000", "dtg-u2000")),
+)
 NOTES = """\
 Paper: teacher mAP on COCO val2017 with 10 % of train2017 labeled, one data fold (the ablation
 setting of tables 2, 3 and 5; R50-FPN, 180k iterations on 8 GPUs). Table 1's 5-fold means at 10 %
