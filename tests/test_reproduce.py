@@ -412,13 +412,16 @@ def test_the_longer_unlabeled_phase_branches_from_the_same_supervised_checkpoint
 
 def test_the_longer_schedule_has_its_own_base_ceiling_and_share(tmp_path):
     """Rows supervised-3000 / full-labels-3000: the -u2000 rows' share of the gap is taken between a base
-    and a ceiling trained on their schedule, not against the 2000-iteration supervised and full-labels."""
+    and a ceiling trained on their schedule, not against the 2000-iteration supervised and full-labels.
+    The base branches at semi.burn_in from the supervised row, as the -u2000 rows do; the ceiling
+    (other labeled data) trains from scratch."""
     names = ["supervised", "full-labels", "sparse-u2000", "dtg-u2000", "supervised-3000", "full-labels-3000"]
     runs = rp.plan(rw.select_rows(names), [0, 1], None, [], tmp_path, 0)
     by_use = {use: run for run in runs.values() for use in run.uses}
     for seed in (0, 1):
         base, top = by_use[("supervised-3000", seed)], by_use[("full-labels-3000", seed)]
-        assert base.parent is None and top.parent is None  # trained from scratch on the long schedule
+        assert base.parent == by_use[("supervised", seed)].key and top.parent is None
+        assert base.needs is not None and base.needs.name == f"iter_{base.cfg.semi.burn_in:07d}.pth"
         assert base.cfg.solver.max_iter == top.cfg.solver.max_iter == 3000
         assert top.cfg.data.train_json == top.cfg.data.full_json != base.cfg.data.train_json
         assert top.key != by_use[("full-labels", seed)].key and base.key != by_use[("supervised", seed)].key

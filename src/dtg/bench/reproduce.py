@@ -94,8 +94,9 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
 
     Generated datasets are made (or remade when stale) first, so that their fingerprints are current.
     With ``shared_burn_in`` a semi-supervised run whose config differs from the supervised row's
-    only in keys a supervised run does not read (:data:`dtg.run_identity.SUPERVISED_IGNORES`) does not
-    train its own ``semi.burn_in`` iterations: it starts from the supervised run's checkpoint at
+    only in keys a supervised run does not read (:data:`dtg.run_identity.SUPERVISED_IGNORES`), or a
+    supervised run that differs from it only after ``semi.burn_in`` (e.g. a longer schedule, row
+    ``supervised-3000``), does not train its own ``semi.burn_in`` iterations: it starts from the supervised run's checkpoint at
     that iteration (``dtg train --init-from``, fresh optimizer, same schedule), and its identity
     says so (:func:`dtg.run_identity.branch_key`). Run folders of ``out`` still named by the run keys
     before issue 27 are renamed first (:func:`dtg.run_migration.migrate`, once).
@@ -123,7 +124,8 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
 
     for (name, seed), cfg in cfgs.items():
         sup = sup_cfgs.get(seed)
-        branch = (sup is not None and name not in CEILINGS and REGISTRY[cfg.method].uses_unlabeled
+        branch = (sup is not None and name not in CEILINGS
+                  and (REGISTRY[cfg.method].uses_unlabeled or key_of(cfg) != key_of(sup))
                   and 0 < cfg.semi.burn_in < cfg.solver.max_iter
                   and supervised_part(cfg, cfg.semi.burn_in) == supervised_part(sup, cfg.semi.burn_in))
         if not branch:
