@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from dtg.config import RENAMED, Config, ConfigError, from_dict, load_config, save_config, to_dict
-from dtg.run_identity import branch_key, config_hash, run_key
-from dtg.run_migration import MARKER, flat_dict, flat_run_key, migrate
+from dtg.run_identity import branch_key, config_hash, run_key, start_key
+from dtg.run_migration import LAYOUT, MARKER, flat_dict, flat_run_key, migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -358,9 +358,35 @@ def test_the_migration_renames_a_branch_and_its_parent(tmp_path):
         (runs / key).mkdir(parents=True)
         cfg.output_dir = str(runs / key)
         save_config(cfg, runs / key / "run.yaml")
-    p_new, c_new = run_key(sup, fp), branch_key(run_key(child, fp), run_key(sup, fp), child.semi.burn_in)
+    at = child.semi.burn_in
+    p_new, c_new = run_key(sup, fp), branch_key(run_key(child, fp), start_key(child, fp, at), at)
     assert p_old == p_new and migrate(runs) == {c_old: c_new}  # a supervised key is the same in both layouts
     assert yaml.safe_load((runs / c_new / "run.yaml").read_text())["output_dir"] == str(runs / c_new)
+    assert json.loads((runs / MARKER).read_text())["layout"] == LAYOUT
+
+
+def test_the_migration_renames_a_branch_keyed_by_its_parent_run_to_its_start(tmp_path):
+    """Until issue 25 a branch's key named the whole supervised run it started from; a marker of that scan
+    does not stop the rename. A folder of a run with another supervised part is not its parent."""
+    from dtg.run_identity import dataset_fingerprint
+
+    runs = tmp_path / "runs"
+    testbed = ROOT / "configs" / "testbed.yaml"
+    sup = load_config(testbed, ["method=supervised"])
+    other = load_config(testbed, ["method=supervised", "solver.lr=0.001"])
+    child = load_config(testbed, ["method=sparse"])
+    fp, at = dataset_fingerprint(child.data), child.semi.burn_in
+    by_parent = branch_key(run_key(child, fp), run_key(sup, fp), at)
+    by_other = branch_key(run_key(child, fp), run_key(other, fp), at)
+    for key, cfg in ((run_key(sup, fp), sup), (run_key(other, fp), other), (by_parent, child), (by_other, child)):
+        (runs / key).mkdir(parents=True)
+        cfg.output_dir = str(runs / key)
+        save_config(cfg, runs / key / "run.yaml")
+    (runs / MARKER).write_text(json.dumps({"layout": "issue 27: run keys over today's config layout"}))
+    today = branch_key(run_key(child, fp), start_key(child, fp, at), at)
+    assert today != by_parent and migrate(runs) == {by_parent: today}
+    assert (runs / by_other).is_dir() and json.loads((runs / MARKER).read_text())["unmatched"] == [by_other]
+    assert migrate(runs, force=True) == {}
 
 
 def test_an_interrupted_migration_completes(tmp_path, monkeypatch):

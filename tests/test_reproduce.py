@@ -15,7 +15,7 @@ from dtg.bench.report import (
 from dtg.cli import main
 from dtg.config import save_config
 from dtg.run_exec import Run, _readiness, run_one, trained_twin
-from dtg.run_identity import NEUTRAL, config_hash, hashed_dict, supervised_part, training_key
+from dtg.run_identity import NEUTRAL, config_hash, hashed_dict, start_key, supervised_part, training_key
 
 from conftest import tiny_config
 
@@ -299,6 +299,29 @@ def test_a_branch_needs_the_same_first_iterations():
         changed = load_config(None, ["method=sparse", "solver.max_iter=200", "solver.steps=[150]", "semi.burn_in=50",
                                      key])
         assert supervised_part(changed, 50) != supervised_part(sup, 50), key
+
+
+def test_a_start_is_what_decides_the_first_iterations_not_the_run_s_length():
+    from dtg.config import load_config
+
+    sup = load_config(None, ["solver.max_iter=100", "solver.steps=[70, 90]", "semi.burn_in=50"])
+    longer = load_config(None, ["solver.max_iter=300", "solver.steps=[270, 290]", "semi.burn_in=50"])
+    semi = load_config(None, ["method=dtg", "solver.max_iter=300", "solver.steps=[270, 290]", "semi.burn_in=50"])
+    assert start_key(sup, "fp", 50) == start_key(longer, "fp", 50) == start_key(semi, "fp", 50)
+    assert start_key(sup, "fp", 50) not in {start_key(sup, "other", 50), start_key(sup, "fp", 60),
+                                            start_key(load_config(None, ["solver.lr=0.02"]), "fp", 50)}
+
+
+def test_a_branch_keeps_its_key_when_the_supervised_run_it_starts_from_trains_longer(tmp_path):
+    """sparse-u2000 on the 2000-iteration schedule and sparse on a 3000-iteration one are one config that starts from
+    one checkpoint (the supervised run's at semi.burn_in, the same first iterations): one run, one key."""
+    long = ["solver.max_iter=3000", "solver.steps=[2700, 2900]"]
+    a = rp.plan(rw.select_rows(["supervised", "sparse-u2000"]), [0], None, [], tmp_path, 0)
+    b = rp.plan(rw.select_rows(["supervised", "sparse"]), [0], None, long, tmp_path, 0)
+    child_a = next(r for r in a.values() if r.uses == [("sparse-u2000", 0)])
+    child_b = next(r for r in b.values() if r.uses == [("sparse", 0)])
+    assert child_a.key == child_b.key and child_a.parent != child_b.parent
+    assert child_a.cfg.solver.max_iter == child_b.cfg.solver.max_iter == 3000
 
 
 def test_a_branch_waits_for_its_parents_checkpoint_and_fails_without_it(tmp_path):

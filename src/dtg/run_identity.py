@@ -4,7 +4,7 @@
   cannot change what a run learns, :data:`VOLATILE_KEYS`, and those at their neutral value,
   :data:`NEUTRAL`) plus the dataset fingerprint, so that a cached run
   is reused only for the same config on the same data (:func:`run_key`, :func:`training_key`,
-  :func:`branch_key`).
+  :func:`branch_key` over :func:`start_key`).
 * Provenance: :func:`provenance` records what a run ran on (git commit and dirty flag of the
   source tree, dataset fingerprint, library versions, threads, CPU); the trainer writes it
   into ``metrics.json``.
@@ -302,6 +302,17 @@ def run_difference(held: Config, new: Config) -> str | None:
     return first(view(held), view(new), "")
 
 
-def branch_key(key: str, parent: str, iteration: int) -> str:
-    """The identity of a run that starts from ``parent``'s checkpoint at ``iteration`` instead of its own burn-in."""
-    return hashlib.sha1(f"{key}:from {parent}@{iteration}".encode()).hexdigest()[:12]
+def start_key(cfg: Config, fingerprint: str, iteration: int) -> str:
+    """The identity of the weights a supervised run of ``cfg`` holds after its first ``iteration`` iterations on the
+    data of ``fingerprint``: what decides them (:func:`supervised_part` with ``until``), not how long the run goes on
+    after them, so that a supervised run of 2000 iterations and one of 3000 with the same first ``iteration`` give
+    one start. ``cfg`` may be the branch's own config: a branch starts only where its supervised part is the parent's."""
+    part = hashlib.sha1(json.dumps(supervised_part(cfg, iteration), sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha1(f"supervised:{part}@{iteration}:{fingerprint}".encode()).hexdigest()[:12]
+
+
+def branch_key(key: str, start: str, iteration: int) -> str:
+    """The identity of a run of key ``key`` that starts from the weights of :func:`start_key` ``start`` (a supervised
+    run's checkpoint at ``iteration``) instead of training its own burn-in. (Until issue 25's schedule change,
+    ``start`` was the key of the whole supervised run the checkpoint came from: :mod:`dtg.run_migration`.)"""
+    return hashlib.sha1(f"{key}:from {start}@{iteration}".encode()).hexdigest()[:12]

@@ -1,4 +1,4 @@
-"""The one-time move of cached runs to the run keys of today's config layout (issue 27).
+"""The moves of cached runs to today's run keys: the config layout (issue 27), a branch's start (issue 25).
 
 Until issue 27 run keys were hashed over the flat layout from before issue 21 (flat ``dtg.*``, the
 sparse keys in ``semi``; :func:`flat_dict`), with the keys added later listed at their neutral values
@@ -10,6 +10,12 @@ what the folder records at its new name (``output_dir`` in ``run.yaml`` / ``conf
 ``provenance.config_hash`` in ``metrics.json``). The old hashing lives here only, frozen, to
 recognise the old names: a folder is renamed only when its name is the old key of the config it
 holds, on the dataset fingerprint its ``metrics.json`` recorded or the data's fingerprint now.
+
+Until issue 25 moved the testbed to 3000 iterations, a branch's key named the whole supervised run
+it started from (:func:`dtg.run_identity.run_key` of the parent); today it names the weights it
+starts from (:func:`dtg.run_identity.start_key`), which a 2000- and a 3000-iteration supervised run
+share at ``semi.burn_in``. A branch under its parent-named key (in either layout, the parent a
+plain run in the same folder with the same supervised part up to the branch point) is renamed too.
 
 Safe to interrupt and idempotent: each folder is one ``os.rename`` (skipped while a process trains
 in it: its lock is held) and each rewritten file one ``os.replace``; a folder already under its new
@@ -32,10 +38,10 @@ import yaml
 from dtg.config import Config, DTGConfig, RcnnStageConfig, RpnStageConfig, StageConfig, from_dict, to_dict
 from dtg.config.load import _MOVED, _STAGE_SWITCHES
 from dtg.engine.run_folder import RunLock
-from dtg.run_identity import branch_key, config_hash, dataset_fingerprint, run_key
+from dtg.run_identity import branch_key, config_hash, dataset_fingerprint, run_key, start_key, supervised_part
 
 MARKER = ".run-keys"  # in RUNS: its folders are named by today's run keys
-LAYOUT = "issue 27: run keys over today's config layout"
+LAYOUT = "issue 27: run keys over today's config layout; issue 25: branch keys name their start"
 
 
 def flat_dict(cfg: Config) -> dict:
@@ -165,10 +171,19 @@ def _point_records(folder: Path, cfg: Config, old: str) -> None:
         _write(path, json.dumps(metrics, indent=2))
 
 
+def _marked(marker: Path) -> bool:
+    """Whether ``marker`` says its folder was migrated to today's keys (:data:`LAYOUT`; an older marker: not yet)."""
+    try:
+        return json.loads(marker.read_text()).get("layout") == LAYOUT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def plan_migration(runs_dir: Path) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """``(current name -> (old key, key of today), unmatched names)`` of the run folders under ``runs_dir``: a folder is
-    matched when its name is the old or the new key of the config it holds (a branch: over the keys of
-    any plain run there as its parent), on its recorded dataset fingerprint or the data's now."""
+    matched when its name is the old or the new key of the config it holds (a branch: today's key over its
+    start, or a key over the old or new key of a plain run there as its parent), on its recorded dataset
+    fingerprint or the data's now."""
     folders = sorted(p for p in Path(runs_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
     prints: dict[str, str] = {}
 
@@ -180,7 +195,7 @@ def plan_migration(runs_dir: Path) -> tuple[dict[str, tuple[str, str]], list[str
 
     cfgs = {f.name: (f, _stored_config(f)) for f in folders}
     target: dict[str, tuple[str, str]] = {}
-    parents: list[tuple[str, str]] = []  # (old key, new key) of every plain run
+    parents: list[tuple[str, str, Config]] = []  # (old key, new key, config) of every plain run
     rest: list[str] = []
     for name, (folder, cfg) in cfgs.items():
         if cfg is None:
@@ -190,7 +205,7 @@ def plan_migration(runs_dir: Path) -> tuple[dict[str, tuple[str, str]], list[str
             old, new = flat_run_key(cfg, fp), run_key(cfg, fp)
             if name in (old, new):
                 target[name] = (old, new)
-                parents.append((old, new))
+                parents.append((old, new, cfg))
                 break
         else:
             rest.append(name)
@@ -199,12 +214,17 @@ def plan_migration(runs_dir: Path) -> tuple[dict[str, tuple[str, str]], list[str
         folder, cfg = cfgs[name]
         found = False
         if cfg is not None:
+            at = cfg.semi.burn_in
             for fp in fingerprints(folder, cfg):
                 old, new = flat_run_key(cfg, fp), run_key(cfg, fp)
-                for p_old, p_new in parents:
-                    b_old, b_new = branch_key(old, p_old, cfg.semi.burn_in), branch_key(new, p_new, cfg.semi.burn_in)
-                    if name in (b_old, b_new):
-                        target[name], found = (b_old, b_new), True
+                today = branch_key(new, start_key(cfg, fp, at), at)
+                if name == today:
+                    target[name], found = (today, today), True
+                    break
+                for p_old, p_new, p_cfg in parents:
+                    b_old, b_new = branch_key(old, p_old, at), branch_key(new, p_new, at)
+                    if name in (b_old, b_new) and supervised_part(cfg, at) == supervised_part(p_cfg, at):
+                        target[name], found = (b_old, today), True
                         break
                 if found:
                     break
@@ -219,7 +239,7 @@ def migrate(runs_dir: str | Path, log: Callable[[str], None] = lambda m: None, f
     ``runs_dir/.run-keys`` says it was done, unless ``force``."""
     runs_dir = Path(runs_dir)
     marker = runs_dir / MARKER
-    if not runs_dir.is_dir() or (marker.is_file() and not force):
+    if not runs_dir.is_dir() or (_marked(marker) and not force):
         return {}
     target, unmatched = plan_migration(runs_dir)
     moved: dict[str, str] = {}
@@ -243,7 +263,8 @@ def migrate(runs_dir: str | Path, log: Callable[[str], None] = lambda m: None, f
         if cfg is not None:
             _point_records(dst, cfg, old)
     if moved:
-        log(f"{len(moved)} run folders in {runs_dir} renamed to the run keys of today's config layout (issue 27)")
+        log(f"{len(moved)} run folders in {runs_dir} renamed to today's run keys (issue 27's config layout, issue 25's "
+            "branch starts)")
     for item in pending:
         log(f"not renamed yet: {item}")
     if unmatched:

@@ -38,7 +38,7 @@ from dtg.bench.report import (
 from dtg.config import Config, load_config, to_dict
 from dtg.data.synth import DATASETS
 from dtg.run_exec import Run, branch_from, ensure_generated, execute, trained_twin
-from dtg.run_identity import branch_key, dataset_fingerprint, run_key, supervised_part
+from dtg.run_identity import branch_key, dataset_fingerprint, run_key, start_key, supervised_part
 from dtg.bench.rows import CEILINGS, MAIN_ROWS, NOTES, ROW_BY_NAME, SHARE_FRAMES, Row, select_rows
 from dtg.run_migration import migrate
 
@@ -98,7 +98,8 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
     supervised run that differs from it only after ``semi.burn_in`` (e.g. a longer schedule, row
     ``supervised-3000``), does not train its own ``semi.burn_in`` iterations: it starts from the supervised run's checkpoint at
     that iteration (``dtg train --init-from``, fresh optimizer, same schedule), and its identity
-    says so (:func:`dtg.run_identity.branch_key`). Run folders of ``out`` still named by the run keys
+    says so (:func:`dtg.run_identity.branch_key`): it names the weights it starts from
+    (:func:`dtg.run_identity.start_key`), not the supervised run's length after them. Run folders of ``out`` still named by the run keys
     before issue 27 are renamed first (:func:`dtg.run_migration.migrate`, once).
     """
     from dtg.methods import REGISTRY
@@ -112,11 +113,14 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
     prints: dict[str, str] = {}
     runs: dict[str, Run] = {}
 
-    def key_of(cfg: Config) -> str:
+    def print_of(cfg: Config) -> str:
         data_key = json.dumps(to_dict(cfg.data), sort_keys=True)
         if data_key not in prints:
             prints[data_key] = dataset_fingerprint(cfg.data)
-        return run_key(cfg, prints[data_key])
+        return prints[data_key]
+
+    def key_of(cfg: Config) -> str:
+        return run_key(cfg, print_of(cfg))
 
     def add(cfg: Config, key: str) -> Run:
         cfg.output_dir = str(out / "runs" / key)
@@ -132,7 +136,8 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
             add(cfg, key_of(cfg)).uses.append((name, seed))
             continue
         parent = add(sup, key_of(sup))
-        child = add(cfg, branch_key(key_of(cfg), parent.key, cfg.semi.burn_in))
+        start = start_key(sup, print_of(sup), cfg.semi.burn_in)
+        child = add(cfg, branch_key(key_of(cfg), start, cfg.semi.burn_in))
         branch_from(child, parent, cfg.semi.burn_in)
         child.uses.append((name, seed))
     for run in runs.values():  # a supervised run trained for another split: evaluate its weights only
@@ -251,10 +256,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_migrate_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``migrate`` (the run folders of an ``--out`` to the run keys of issue 27) on bench's subparsers."""
+    """Register ``migrate`` (the run folders of an ``--out`` to today's run keys) on bench's subparsers."""
     p = subparsers.add_parser("migrate", help="rename the cached runs of a reproduce --out to today's run keys",
                               description="Rename the run folders OUT/runs/<key> cached under the run keys before "
-                                          "issue 27 (hashed over the flat config layout) to today's keys, and point "
+                                          "issue 27 (hashed over the flat config layout), and branches keyed by their "
+                                          "parent run before issue 25, to today's keys, and point "
                                           "their records at the new names. Idempotent, safe to interrupt; dtg bench "
                                           "reproduce does it by itself once. Run it from the folder the runs' data "
                                           "paths are relative to.")
