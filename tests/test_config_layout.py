@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # run_key(cfg, "fp") of every shipped config (under each method) and of every `dtg bench reproduce` row on
 # configs/testbed.yaml, hashed over today's layout (issue 27); the runs cached under these keys must keep them.
+# The testbed's entries were re-pinned when issue 25 moved configs/testbed.yaml from 2000 to 3000 iterations:
+# the runs of the 2000-iteration schedule keep their keys, now those of rows sparse-u1000, dtg-u1000 and
+# supervised-2000 (= full-labels-2000: the ceiling's json is put in by `dtg bench reproduce`); the main rows'
+# keys are those the rows sparse-u2000, dtg-u2000 and supervised-3000 had.
 #   for each configs/*.yaml: cfg = load_config(path); cfg.method = m; run_key(cfg, "fp")
 #   for each row of dtg.bench.rows.ROWS: run_key(load_config("configs/testbed.yaml", row.set_args()), "fp")
 RUN_KEYS = {
@@ -41,10 +45,10 @@ RUN_KEYS = {
     "embedded.yaml:sparse": "f92b38d2139a",
     "embedded.yaml:dtg": "8fac81a488c0",  # dtg.rcnn.background 96 by default (issue 25, the cost)
     "embedded.yaml:oracle": "021f68a2bedf",
-    "testbed.yaml:supervised": "cc261e382703",
-    "testbed.yaml:sparse": "a903076bd8fd",
-    "testbed.yaml:dtg": "4610ad792719",  # = row dtg-bg96 (issue 25: the cost switch became a default)
-    "testbed.yaml:oracle": "67db0394d1f9",
+    "testbed.yaml:supervised": "565432d5e21c",
+    "testbed.yaml:sparse": "e7a78803349e",
+    "testbed.yaml:dtg": "7455a08bb166",
+    "testbed.yaml:oracle": "7eac956f9df4",
     "voc07_12.yaml:supervised": "cace5051a181",
     "voc07_12.yaml:sparse": "e7079144a3dc",
     "voc07_12.yaml:dtg": "b59445101300",
@@ -53,50 +57,50 @@ RUN_KEYS = {
     "voc07_12_1gpu.yaml:sparse": "fb47264e3372",
     "voc07_12_1gpu.yaml:dtg": "9a25980c1722",
     "voc07_12_1gpu.yaml:oracle": "4a5ee6eeb351",
-    "testbed.yaml:full-labels": "cc261e382703",
-    "testbed.yaml:dtg-dense": "17757904151a",
-    "testbed.yaml:sparse-t0.9": "3efcf4771f24",
-    "testbed.yaml:sparse-noreg": "6560d355e27c",
-    "testbed.yaml:sparse-nogeo": "a903076bd8fd",
-    "testbed.yaml:sparse-geo": "76b3830f7d5e",
-    "testbed.yaml:sparse-ema0.998": "c8f93eec14e3",
-    "testbed.yaml:sparse-constlr": "e3dc9290a2ae",
-    "testbed.yaml:dtg-paper": "c320e77276f5",
-    "testbed.yaml:dtg-lead": "d9ce01dc5dfa",
-    "testbed.yaml:dtg-sub": "8a36ffa64c44",
-    "testbed.yaml:dtg-p128": "fc642e090a4d",
-    "testbed.yaml:dtg-miou": "68d81b3a8379",
-    "testbed.yaml:dtg-topk": "3e97c7ea5752",
-    "testbed.yaml:dtg-bg96": "4610ad792719",
-    "testbed.yaml:dtg-bg96-miou": "658fe94dbdb5",
-    "testbed.yaml:dtg-append": "a3529e233503",
-    "testbed.yaml:lead-rpn-sampled": "e33a7005e561",
-    "testbed.yaml:sparse-u2000": "e7a78803349e",
-    "testbed.yaml:dtg-u2000": "7455a08bb166",
-    "testbed.yaml:supervised-3000": "565432d5e21c",  # base and ceiling on the -u2000 rows' schedule: one config
-    "testbed.yaml:full-labels-3000": "565432d5e21c",  # (the ceiling's full_json is put in by `dtg bench reproduce`)
-    "testbed.yaml:lead-rpn-dense": "03d280e9725a",
-    "testbed.yaml:lead-samples": "4333b7e9003d",
-    "testbed.yaml:lead-band": "a2e75f95a1b1",
-    "testbed.yaml:lead-beta3": "34253831d139",
-    "testbed.yaml:hybrid-supnorm": "9849020601cc",
-    "testbed.yaml:dtg-rpn-only": "86df00257dce",
-    "testbed.yaml:dtg-rcnn-only": "bf0c55b86bdf",
-    "testbed.yaml:hybrid": "5a80fc2a8649",
-    "testbed.yaml:norm-supervised": "f70065c0ced6",
-    "testbed.yaml:anchor-area": "2cd175255b02",
-    "testbed.yaml:rpn-bce": "eb2ba0578b0c",
-    "testbed.yaml:dtg-subsample": "d3d2d6c666af",
-    "testbed.yaml:inc-cls": "662530893ae9",
-    "testbed.yaml:inc-cls-reg": "731c4ff5e4ac",
-    "testbed.yaml:reg-own": "9241c7987ddd",
-    "testbed.yaml:T0.5": "a5aa08fb3592",
-    "testbed.yaml:T1": "b1a71830113f",
-    "testbed.yaml:T5": "f46349c5bd97",
-    "testbed.yaml:beta1": "b1a71830113f",
-    "testbed.yaml:beta5": "734da1792546",
-    "testbed.yaml:tau0.40": "8fb227b2bff0",
-    "testbed.yaml:tau0.50": "157efb340c65",
+    "testbed.yaml:full-labels": "565432d5e21c",
+    "testbed.yaml:dtg-dense": "b81f0a0e4c8e",
+    "testbed.yaml:sparse-t0.9": "8951fa3d1ef6",
+    "testbed.yaml:sparse-noreg": "f0ff766f8964",
+    "testbed.yaml:sparse-nogeo": "e7a78803349e",
+    "testbed.yaml:sparse-geo": "7b340551a9aa",
+    "testbed.yaml:sparse-ema0.998": "16e2cd0c4c65",
+    "testbed.yaml:sparse-constlr": "37e92c4d94b1",
+    "testbed.yaml:dtg-paper": "101365966028",
+    "testbed.yaml:dtg-lead": "a3bad4f972d6",
+    "testbed.yaml:dtg-sub": "875cd1a62fd2",
+    "testbed.yaml:dtg-p128": "ca4795fac118",
+    "testbed.yaml:dtg-miou": "38a9f7f55c08",
+    "testbed.yaml:dtg-topk": "85417e21eaea",
+    "testbed.yaml:dtg-bg96": "7455a08bb166",
+    "testbed.yaml:dtg-bg96-miou": "086b2a2805c6",
+    "testbed.yaml:dtg-append": "04ac816cf8b1",
+    "testbed.yaml:lead-rpn-sampled": "eba832e6e2d8",
+    "testbed.yaml:lead-rpn-dense": "c371b30683ef",
+    "testbed.yaml:lead-samples": "8aa10bddfc34",
+    "testbed.yaml:lead-band": "a47cd35f12e1",
+    "testbed.yaml:lead-beta3": "aefd517ef8f5",
+    "testbed.yaml:hybrid-supnorm": "60bb7e162c9b",
+    "testbed.yaml:dtg-rpn-only": "c8393f149329",
+    "testbed.yaml:dtg-rcnn-only": "e6dbe76ce122",
+    "testbed.yaml:hybrid": "45780b6d2d97",
+    "testbed.yaml:norm-supervised": "0b1848815360",
+    "testbed.yaml:anchor-area": "6d8fbb8c7205",
+    "testbed.yaml:rpn-bce": "81693d131c8b",
+    "testbed.yaml:dtg-subsample": "49571d584bb4",
+    "testbed.yaml:inc-cls": "f2d1bf457893",
+    "testbed.yaml:inc-cls-reg": "1dac5618fc60",
+    "testbed.yaml:reg-own": "4aa847930e21",
+    "testbed.yaml:T0.5": "ca3f89a2dd61",
+    "testbed.yaml:T1": "e98ce6a3caaf",
+    "testbed.yaml:T5": "04589312059a",
+    "testbed.yaml:beta1": "e98ce6a3caaf",
+    "testbed.yaml:beta5": "c2010bc3bd90",
+    "testbed.yaml:tau0.40": "098ce707869b",
+    "testbed.yaml:tau0.50": "ff92b0acee49",
+    "testbed.yaml:sparse-u1000": "a903076bd8fd",
+    "testbed.yaml:dtg-u1000": "4610ad792719",
+    "testbed.yaml:supervised-2000": "cc261e382703",
+    "testbed.yaml:full-labels-2000": "cc261e382703",
 }
 
 # The same keys before issue 27 (hashed over the flat layout), computed by the code of commit 7d0ce5e
@@ -113,6 +117,8 @@ RUN_KEYS = {
 # defaults (issue 25); the testbed's is now that of the runs of row dtg-lead.
 #   for each configs/*.yaml: cfg = load_config(path); cfg.method = m; run_key(cfg, "fp")
 #   for each row of dtg.bench.rows.ROWS: run_key(load_config("configs/testbed.yaml", row.set_args()), "fp")
+# The testbed's entries: re-pinned (run_migration.flat_run_key, the frozen old hashing) when issue 25 moved the
+# testbed to 3000 iterations, as above; a comment "pinned at" stays only on the lines whose key did not change.
 RUN_KEYS_7D0CE5E = {
     "coco_10pct.yaml:supervised": "2c275a989a5d",
     "coco_10pct.yaml:sparse": "056feb725125",  # hashed with the frozen dtg section (issue 25)
@@ -134,10 +140,10 @@ RUN_KEYS_7D0CE5E = {
     "embedded.yaml:sparse": "6f6be93f1efe",
     "embedded.yaml:dtg": "b0374abb8815",  # issue 25 changed dtg's defaults (last: dtg.rcnn.background 96)
     "embedded.yaml:oracle": "a3df0839e336",
-    "testbed.yaml:supervised": "cc261e382703",
-    "testbed.yaml:sparse": "6fbb403f9074",
-    "testbed.yaml:dtg": "c00704a2c2fc",  # issue 25: dtg's new defaults, = row dtg-bg96 (before: dtg-lead)
-    "testbed.yaml:oracle": "12a92db7826d",
+    "testbed.yaml:supervised": "565432d5e21c",
+    "testbed.yaml:sparse": "cd3c44305b77",
+    "testbed.yaml:dtg": "c8d463d5262e",
+    "testbed.yaml:oracle": "db694c029479",
     "voc07_12.yaml:supervised": "cace5051a181",
     "voc07_12.yaml:sparse": "fe1bf33b32a4",  # hashed with the frozen dtg section (issue 25)
     "voc07_12.yaml:dtg": "bc389be88e0a",  # rm_scale / rpn.transfer set (issue 25)
@@ -146,50 +152,50 @@ RUN_KEYS_7D0CE5E = {
     "voc07_12_1gpu.yaml:sparse": "7b5fbaaf8a75",  # hashed with the frozen dtg section (issue 25)
     "voc07_12_1gpu.yaml:dtg": "2b5b434699b4",  # rm_scale / rpn.transfer set (issue 25)
     "voc07_12_1gpu.yaml:oracle": "832bf87a5e50",  # hashed with the frozen dtg section (issue 25)
-    "testbed.yaml:full-labels": "cc261e382703",
-    "testbed.yaml:sparse-t0.9": "463d1d9f9507",
-    "testbed.yaml:sparse-noreg": "fb62b1a2c5c6",
-    "testbed.yaml:sparse-nogeo": "6fbb403f9074",
-    "testbed.yaml:sparse-geo": "3cb8f7ec39e5",
-    "testbed.yaml:sparse-ema0.998": "4938fc0e9e65",
-    "testbed.yaml:sparse-constlr": "7c1b1ae41b9a",
-    "testbed.yaml:dtg-paper": "0473a2ef4176",
-    "testbed.yaml:hybrid-supnorm": "f9c7a6003a0d",
-    "testbed.yaml:dtg-sub": "e347932dda41",  # pinned at 36ba32d, where the row was added
-    "testbed.yaml:dtg-p128": "4f46c93b1a85",  # pinned at a66c46a, where the row was added
-    "testbed.yaml:dtg-miou": "c5708474a7ee",  # pinned at 36ba32d
-    "testbed.yaml:dtg-topk": "52d3df06c03d",  # pinned at 36ba32d
-    "testbed.yaml:dtg-bg96": "c00704a2c2fc",  # the rows added in issue 25's fourth session
-    "testbed.yaml:dtg-bg96-miou": "6508ab11eddd",
-    "testbed.yaml:dtg-append": "bb284d32630b",
-    "testbed.yaml:lead-rpn-sampled": "1913cc633276",
-    "testbed.yaml:sparse-u2000": "cd3c44305b77",  # issue 25, step 5: the rows with a longer unlabeled phase
-    "testbed.yaml:dtg-u2000": "c8d463d5262e",
-    "testbed.yaml:supervised-3000": "565432d5e21c",  # flat = today's: supervised runs hash no dtg.* / sparse keys
-    "testbed.yaml:full-labels-3000": "565432d5e21c",
-    "testbed.yaml:lead-rpn-dense": "68f0ec689d6c",
-    "testbed.yaml:lead-samples": "e4620a909b55",
-    "testbed.yaml:lead-band": "48f28afc9073",
-    "testbed.yaml:lead-beta3": "209345d5aa64",
-    "testbed.yaml:dtg-lead": "9b997d60c274",  # pinned at e81b651, where the row was added
-    "testbed.yaml:dtg-dense": "8bb5b0f54c8c",  # the dtg defaults before issue 25, spelled out: their runs
-    "testbed.yaml:dtg-rpn-only": "079b7b601da5",
-    "testbed.yaml:dtg-rcnn-only": "75f1eb8a8008",
-    "testbed.yaml:hybrid": "9350db672924",
-    "testbed.yaml:norm-supervised": "6b3399023411",
-    "testbed.yaml:anchor-area": "b92cec11562a",
-    "testbed.yaml:rpn-bce": "caab7d5a46b5",
-    "testbed.yaml:dtg-subsample": "f5a19875903a",
-    "testbed.yaml:inc-cls": "12533d6d1c40",
-    "testbed.yaml:inc-cls-reg": "e173f53e91bf",
-    "testbed.yaml:reg-own": "dc6e826fc93c",
-    "testbed.yaml:T0.5": "e47cdb78498d",
-    "testbed.yaml:T1": "030a27dccd22",
-    "testbed.yaml:T5": "e641e6da7090",
-    "testbed.yaml:beta1": "030a27dccd22",
-    "testbed.yaml:beta5": "821fcc7aac40",
-    "testbed.yaml:tau0.40": "614deb2d9978",
-    "testbed.yaml:tau0.50": "ed7807af675e",
+    "testbed.yaml:full-labels": "565432d5e21c",
+    "testbed.yaml:sparse-t0.9": "849dbe72b181",
+    "testbed.yaml:sparse-noreg": "a17ff6c79e49",
+    "testbed.yaml:sparse-nogeo": "cd3c44305b77",
+    "testbed.yaml:sparse-geo": "ee54b21141fa",
+    "testbed.yaml:sparse-ema0.998": "0baf0c19e303",
+    "testbed.yaml:sparse-constlr": "1a0f161e3a5c",
+    "testbed.yaml:dtg-paper": "7111a13aca06",
+    "testbed.yaml:hybrid-supnorm": "0d1b3a80e7c7",
+    "testbed.yaml:dtg-sub": "7bbac70d6d3b",
+    "testbed.yaml:dtg-p128": "758190c792bc",
+    "testbed.yaml:dtg-miou": "822cf97f4068",
+    "testbed.yaml:dtg-topk": "fde3784cae14",
+    "testbed.yaml:dtg-bg96": "c8d463d5262e",
+    "testbed.yaml:dtg-bg96-miou": "2491fece3bbe",
+    "testbed.yaml:dtg-append": "f314de236692",
+    "testbed.yaml:lead-rpn-sampled": "8bd096d4a75a",
+    "testbed.yaml:lead-rpn-dense": "8416d2b3f028",
+    "testbed.yaml:lead-samples": "94526bf5ecb5",
+    "testbed.yaml:lead-band": "6d2738cb70a6",
+    "testbed.yaml:lead-beta3": "062e786bde8f",
+    "testbed.yaml:dtg-lead": "d33e04dc5f6b",
+    "testbed.yaml:dtg-dense": "4798dc1e2be4",
+    "testbed.yaml:dtg-rpn-only": "d215d46e7c3b",
+    "testbed.yaml:dtg-rcnn-only": "7a3163b70a16",
+    "testbed.yaml:hybrid": "9e6b6d9ab225",
+    "testbed.yaml:norm-supervised": "e02b4900152d",
+    "testbed.yaml:anchor-area": "800deacd8d84",
+    "testbed.yaml:rpn-bce": "7a61995c0a1f",
+    "testbed.yaml:dtg-subsample": "f7da05b6f232",
+    "testbed.yaml:inc-cls": "ce0650bcd11e",
+    "testbed.yaml:inc-cls-reg": "e541050e7938",
+    "testbed.yaml:reg-own": "8d96d1ce1fcb",
+    "testbed.yaml:T0.5": "86d3e24a4a17",
+    "testbed.yaml:T1": "4837bae339b7",
+    "testbed.yaml:T5": "b012b3db5b02",
+    "testbed.yaml:beta1": "4837bae339b7",
+    "testbed.yaml:beta5": "a3e854494a11",
+    "testbed.yaml:tau0.40": "9eed06f47784",
+    "testbed.yaml:tau0.50": "4d41300eef87",
+    "testbed.yaml:sparse-u1000": "6fbb403f9074",
+    "testbed.yaml:dtg-u1000": "c00704a2c2fc",
+    "testbed.yaml:supervised-2000": "cc261e382703",
+    "testbed.yaml:full-labels-2000": "cc261e382703",
 }
 
 

@@ -313,15 +313,16 @@ def test_a_start_is_what_decides_the_first_iterations_not_the_run_s_length():
 
 
 def test_a_branch_keeps_its_key_when_the_supervised_run_it_starts_from_trains_longer(tmp_path):
-    """sparse-u2000 on the 2000-iteration schedule and sparse on a 3000-iteration one are one config that starts from
-    one checkpoint (the supervised run's at semi.burn_in, the same first iterations): one run, one key."""
-    long = ["solver.max_iter=3000", "solver.steps=[2700, 2900]"]
-    a = rp.plan(rw.select_rows(["supervised", "sparse-u2000"]), [0], None, [], tmp_path, 0)
-    b = rp.plan(rw.select_rows(["supervised", "sparse"]), [0], None, long, tmp_path, 0)
-    child_a = next(r for r in a.values() if r.uses == [("sparse-u2000", 0)])
+    """Row sparse-u1000 (a 2000-iteration schedule) beside a 1000-iteration supervised run, and row sparse with
+    every run on the 2000-iteration schedule, are one config that starts from one checkpoint (the supervised
+    run's at semi.burn_in, the same first iterations): one run, one key."""
+    short = ["solver.max_iter=2000", "solver.steps=[1700, 1900]"]
+    a = rp.plan(rw.select_rows(["supervised", "sparse-u1000"]), [0], None, [], tmp_path, 0)
+    b = rp.plan(rw.select_rows(["supervised", "sparse"]), [0], None, short, tmp_path, 0)
+    child_a = next(r for r in a.values() if r.uses == [("sparse-u1000", 0)])
     child_b = next(r for r in b.values() if r.uses == [("sparse", 0)])
     assert child_a.key == child_b.key and child_a.parent != child_b.parent
-    assert child_a.cfg.solver.max_iter == child_b.cfg.solver.max_iter == 3000
+    assert child_a.cfg.solver.max_iter == child_b.cfg.solver.max_iter == 2000
 
 
 def test_a_branch_waits_for_its_parents_checkpoint_and_fails_without_it(tmp_path):
@@ -419,46 +420,46 @@ def test_a_supervised_run_trained_for_another_split_is_only_evaluated(tiny_datas
     assert all(torch.equal(a["student"][k], c["student"][k]) for k in a["student"])
 
 
-def test_the_longer_unlabeled_phase_branches_from_the_same_supervised_checkpoint(tmp_path):
-    """Rows sparse-u2000 / dtg-u2000 (issue 25, step 5): only steps after the burn-in differ, so they
-    start from the supervised run's checkpoint at semi.burn_in instead of training their own."""
-    runs = rp.plan(rw.select_rows(["supervised", "sparse", "sparse-u2000", "dtg-u2000"]), [0], None, [], tmp_path, 0)
+def test_the_shorter_unlabeled_phase_branches_from_the_same_supervised_checkpoint(tmp_path):
+    """Rows sparse-u1000 / dtg-u1000 (issue 25, step 5: the testbed's schedule before it): only steps after the
+    burn-in differ, so they start from the supervised run's checkpoint at semi.burn_in instead of training their own."""
+    runs = rp.plan(rw.select_rows(["supervised", "sparse", "sparse-u1000", "dtg-u1000"]), [0], None, [], tmp_path, 0)
     sup = next(r for r in runs.values() if r.uses == [("supervised", 0)])
-    long_runs = [r for r in runs.values() if r.uses[0][0].endswith("-u2000")]
+    long_runs = [r for r in runs.values() if r.uses[0][0].endswith("-u1000")]
     assert len(runs) == 4 and len(long_runs) == 2
     for run in long_runs:
-        assert run.parent == sup.key and run.cfg.solver.max_iter == 3000 and run.cfg.solver.steps == [2700, 2900]
+        assert run.parent == sup.key and run.cfg.solver.max_iter == 2000 and run.cfg.solver.steps == [1700, 1900]
         assert run.needs is not None and run.needs.name == f"iter_{run.cfg.semi.burn_in:07d}.pth"
     short = next(r for r in runs.values() if r.uses == [("sparse", 0)])
     assert short.parent == sup.key and short.key not in {r.key for r in long_runs}
 
 
-def test_the_longer_schedule_has_its_own_base_ceiling_and_share(tmp_path):
-    """Rows supervised-3000 / full-labels-3000: the -u2000 rows' share of the gap is taken between a base
-    and a ceiling trained on their schedule, not against the 2000-iteration supervised and full-labels.
-    The base branches at semi.burn_in from the supervised row, as the -u2000 rows do; the ceiling
+def test_another_schedule_has_its_own_base_ceiling_and_share(tmp_path):
+    """Rows supervised-2000 / full-labels-2000: the -u1000 rows' share of the gap is taken between a base
+    and a ceiling trained on their schedule, not against the testbed's supervised and full-labels.
+    The base branches at semi.burn_in from the supervised row, as the -u1000 rows do; the ceiling
     (other labeled data) trains from scratch."""
-    names = ["supervised", "full-labels", "sparse-u2000", "dtg-u2000", "supervised-3000", "full-labels-3000"]
+    names = ["supervised", "full-labels", "sparse-u1000", "dtg-u1000", "supervised-2000", "full-labels-2000"]
     runs = rp.plan(rw.select_rows(names), [0, 1], None, [], tmp_path, 0)
     by_use = {use: run for run in runs.values() for use in run.uses}
     for seed in (0, 1):
-        base, top = by_use[("supervised-3000", seed)], by_use[("full-labels-3000", seed)]
+        base, top = by_use[("supervised-2000", seed)], by_use[("full-labels-2000", seed)]
         assert base.parent == by_use[("supervised", seed)].key and top.parent is None
         assert base.needs is not None and base.needs.name == f"iter_{base.cfg.semi.burn_in:07d}.pth"
-        assert base.cfg.solver.max_iter == top.cfg.solver.max_iter == 3000
+        assert base.cfg.solver.max_iter == top.cfg.solver.max_iter == 2000
         assert top.cfg.data.train_json == top.cfg.data.full_json != base.cfg.data.train_json
         assert top.key != by_use[("full-labels", seed)].key and base.key != by_use[("supervised", seed)].key
     assert len(runs) == 12
-    aps = {"supervised": 60.0, "full-labels": 80.0, "supervised-3000": 62.0, "full-labels-3000": 82.0,
-           "sparse-u2000": 72.0, "dtg-u2000": 76.0}
+    aps = {"supervised": 60.0, "full-labels": 80.0, "supervised-2000": 62.0, "full-labels-2000": 82.0,
+           "sparse-u1000": 72.0, "dtg-u1000": 76.0}
     for (name, seed), run in by_use.items():
         run.out.mkdir(parents=True, exist_ok=True)
         ap = (aps[name] + seed) / 100.0
         run.metrics_path.write_text(json.dumps({"teacher": {"AP": ap, "AP50": ap, "AP75": ap}}))
     text = rp.report(rw.select_rows(names), runs, tmp_path / "out", "header")
     assert "| headroom: full-labels - supervised | 2 | 20.00 ± 0.00 |" in text
-    assert "| headroom: full-labels-3000 - supervised-3000 | 2 | 20.00 ± 0.00 |" in text
-    assert "| dtg-u2000 | 2 | 14.00 ± 0.00 | [+14.00, +14.00] | 70 % |" in text  # (76 - 62) / (82 - 62)
-    assert "| sparse-u2000 | 2 | 10.00 ± 0.00 | [+10.00, +10.00] | 50 % |" in text
-    assert "| dtg-u2000 - sparse-u2000 | 2 | 4.00 ± 0.00 |" in text
-    assert "| full-labels-3000 - " not in text  # a ceiling is not a variant of the supervised row
+    assert "| headroom: full-labels-2000 - supervised-2000 | 2 | 20.00 ± 0.00 |" in text
+    assert "| dtg-u1000 | 2 | 14.00 ± 0.00 | [+14.00, +14.00] | 70 % |" in text  # (76 - 62) / (82 - 62)
+    assert "| sparse-u1000 | 2 | 10.00 ± 0.00 | [+10.00, +10.00] | 50 % |" in text
+    assert "| dtg-u1000 - sparse-u1000 | 2 | 4.00 ± 0.00 |" in text
+    assert "| full-labels-2000 - " not in text  # a ceiling is not a variant of the supervised row

@@ -15,8 +15,8 @@ config share runs, a run whose ``metrics.json`` exists is not trained again, and
 subprocesses (``python -m dtg train``), ``--jobs`` at a time, each with ``threads = cores // jobs``.
 Row ``full-labels`` is the fully-labeled ceiling: supervised on ``data.full_json`` (every train
 image with its boxes), same schedule; the report gives the share of the supervised-to-ceiling
-gap each method recovers (and, for the rows with a longer schedule, the share between
-``supervised-3000`` and ``full-labels-3000``: :data:`dtg.bench.rows.SHARE_FRAMES`). Gaps are paired by seed, with 95 % Student-t intervals.
+gap each method recovers (and, for the rows of another schedule, the share between
+``supervised-2000`` and ``full-labels-2000``: :data:`dtg.bench.rows.SHARE_FRAMES`). Gaps are paired by seed, with 95 % Student-t intervals.
 ``--dataset NAME`` prefixes the overrides of a generated dataset (:data:`dtg.data.synth.DATASETS`);
 ``--split tune`` evaluates on its tuning split (``tune_val``, carved from the train images) instead
 of ``val``: choose defaults there, report on ``val``.
@@ -95,8 +95,8 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
     Generated datasets are made (or remade when stale) first, so that their fingerprints are current.
     With ``shared_burn_in`` a semi-supervised run whose config differs from the supervised row's
     only in keys a supervised run does not read (:data:`dtg.run_identity.SUPERVISED_IGNORES`), or a
-    supervised run that differs from it only after ``semi.burn_in`` (e.g. a longer schedule, row
-    ``supervised-3000``), does not train its own ``semi.burn_in`` iterations: it starts from the supervised run's checkpoint at
+    supervised run that differs from it only after ``semi.burn_in`` (e.g. another schedule, row
+    ``supervised-2000``), does not train its own ``semi.burn_in`` iterations: it starts from the supervised run's checkpoint at
     that iteration (``dtg train --init-from``, fresh optimizer, same schedule), and its identity
     says so (:func:`dtg.run_identity.branch_key`): it names the weights it starts from
     (:func:`dtg.run_identity.start_key`), not the supervised run's length after them. Run folders of ``out`` still named by the run keys
@@ -198,7 +198,7 @@ def report(rows: Sequence[Row], runs: dict[str, Run], out: Path, header: str) ->
                 if r.name not in MAIN_ROWS and r.name not in CEILINGS and r.overrides.get("method") in by_name
                 and r.name != r.overrides["method"]]
     gaps = gap_table(by_name, [("sparse", "supervised"), ("dtg", "supervised"), ("dtg", "sparse"),
-                               ("oracle", "supervised"), ("dtg-u2000", "sparse-u2000"), *variants])
+                               ("oracle", "supervised"), ("dtg-u1000", "sparse-u1000"), *variants])
     if gaps.count("\n") < 2:
         gaps = "(none: they need the dtg row and the supervised or sparse row)"
     share = "\n\n".join(table for base, ceiling, methods in SHARE_FRAMES
