@@ -32,17 +32,25 @@ def test_training_without_a_terminal_writes_progress_json_and_plain_lines(tiny_d
     assert state["iteration"] == state["total"] == 2 and state["method"] == "supervised" and "loss" in state["losses"]
 
 
+def _write_progress(folder, state):
+    """``progress.json`` written atomically, as the trainer writes it: the monitor's thread reads it meanwhile,
+    and a half-written file (read under load) would be a run "starting"."""
+    tmp = folder / "progress.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(folder / "progress.json")
+
+
 def test_monitor_prints_one_line_per_running_run(tmp_path):
     a, b = Run("a", Config(), tmp_path / "a", [("dtg", 0)]), Run("b", Config(), tmp_path / "b", [("sparse", 1)])
     a.out.mkdir()
-    (a.out / "progress.json").write_text(json.dumps(progress_state("dtg", 5, 10, 2.0, 5, {"loss": 1.0})))
+    _write_progress(a.out, progress_state("dtg", 5, 10, 2.0, 5, {"loss": 1.0}))
     lines: list[str] = []
     monitor = ProgressMonitor({"a": a, "b": b}, lines.append, every=0.05)
     assert monitor.lines() == ["dtg/seed 0 5/10 (50 %), 2.50 it/s, ETA 0:02, loss 1.000", "sparse/seed 1: starting"]
     monitor.last.clear()
     monitor.start()
     time.sleep(0.3)  # several rounds, nothing moved: each run's line is logged once
-    (a.out / "progress.json").write_text(json.dumps(progress_state("dtg", 6, 10, 2.4, 6, {"loss": 0.9})))
+    _write_progress(a.out, progress_state("dtg", 6, 10, 2.4, 6, {"loss": 0.9}))
     time.sleep(0.3)  # run a moved: its new line, once
     monitor.say("trained a")
     monitor.stop()
@@ -56,8 +64,7 @@ def test_monitor_prints_each_note_of_a_run_once(tmp_path):
     each, before the progress lines, and those a run wrote after the last round when it ends."""
     a = Run("a", Config(), tmp_path / "a", [("dtg", 0)])
     a.out.mkdir()
-    write = lambda it, notes: (a.out / "progress.json").write_text(  # noqa: E731
-        json.dumps(progress_state("dtg", it, 10, 1.0, it, {"loss": 1.0}, notes)))
+    write = lambda it, notes: _write_progress(a.out, progress_state("dtg", it, 10, 1.0, it, {"loss": 1.0}, notes))  # noqa: E731
     write(5, ["start line"])
     lines: list[str] = []
     monitor = ProgressMonitor({"a": a}, lines.append, every=0.05)
