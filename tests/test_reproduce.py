@@ -365,6 +365,27 @@ def test_phased_execution_trains_the_burn_in_alone_then_the_rows_runs_side_by_si
     assert rw.method_row("dtg") is rw.ROW_BY_NAME["dtg"] and rw.method_row("dtg").overrides == {"method": "dtg"}
 
 
+def test_a_burn_in_no_row_reports_trains_only_while_and_as_far_as_a_branch_needs_it(tmp_path):
+    """``--rows sparse dtg``: the supervised run they branch from serves no row; it trains up to their
+    checkpoint only, not at all once that checkpoint or both branches exist, while a supervised row's run
+    still trains its whole schedule."""
+    runs = rp.plan([rw.method_row("sparse"), rw.method_row("dtg")], [0], None, SHORT, tmp_path, 0)
+    (parent,) = [r for r in runs.values() if not r.uses]
+    kept = rp.trim_burn_ins(runs)
+    assert set(kept) == set(runs) and parent.stop_at == 4  # nothing trained: up to the branch point only
+    branches = [r for r in runs.values() if r.uses]
+    for r in branches:  # both branches finished: the burn-in is not needed at all
+        r.out.mkdir(parents=True)
+        r.metrics_path.write_text("{}")
+    assert set(rp.trim_burn_ins(runs)) == {r.key for r in branches}
+    branches[0].metrics_path.unlink()  # one unfinished, but the checkpoint it starts from exists
+    parent.out.joinpath("checkpoints").mkdir(parents=True)
+    parent.out.joinpath("checkpoints", "iter_0000004.pth").write_bytes(b"x")
+    assert set(rp.trim_burn_ins(runs)) == {r.key for r in branches}
+    with_row = rp.plan(rw.select_rows(["supervised", "sparse"]), [0], None, SHORT, tmp_path / "row", 0)
+    assert rp.trim_burn_ins(with_row) == with_row and all(r.stop_at is None for r in with_row.values())
+
+
 def test_keys_added_later_leave_the_hash_alone_at_their_neutral_value():
     from dtg.config import load_config, to_dict
 

@@ -145,6 +145,26 @@ def plan(rows: Sequence[Row], seeds: Sequence[int], config: str | None, override
     return runs
 
 
+def trim_burn_ins(runs: dict[str, Run]) -> dict[str, Run]:
+    """The planned runs worth training: every run that serves a row, and a run that serves none (a
+    supervised burn-in that branches start from, when no supervised row was asked for) only while an
+    unfinished branch still lacks its checkpoint; such a burn-in then trains only up to the latest of
+    those checkpoints (``stop_at``; a later plan resumes it), or, when it has a ``twin``, only evaluates.
+    Without this a burn-in whose branches are all cached would train its whole schedule for nothing.
+    Reads which files exist; changes nothing but the kept burn-ins' ``stop_at``."""
+    kept: dict[str, Run] = {}
+    for key, run in runs.items():
+        if not run.uses:
+            points = [c.branch_at for c in runs.values() if c.parent == key and c.branch_at is not None
+                      and not c.metrics_path.is_file() and c.needs is not None and not c.needs.is_file()]
+            if not points or run.metrics_path.is_file():
+                continue
+            if run.twin is None:
+                run.stop_at = max(points)
+        kept[key] = run
+    return kept
+
+
 def check_provenance(runs: dict[str, Run]) -> str:
     """The dataset fingerprint the finished runs share ("-" when none finished).
 
@@ -300,14 +320,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out)
     log = lambda m: print(f"[reproduce] {m}", file=sys.stderr, flush=True)  # noqa: E731
     overrides = [*DATASETS[args.dataset], *args.overrides]
-    runs = plan(rows, args.seeds, args.config, overrides, out, args.curve_points, log, args.split,
-                shared_burn_in=not args.own_burn_in)
+    runs = trim_burn_ins(plan(rows, args.seeds, args.config, overrides, out, args.curve_points, log, args.split,
+                              shared_burn_in=not args.own_burn_in))
     if args.dry_run:
         for run in runs.values():
             state = "cached" if run.metrics_path.is_file() else "to train"
             src = f" (from {run.parent} at {run.cfg.semi.burn_in})" if run.parent else ""
             src += f" (evaluates the weights of {run.twin.name})" if run.twin else ""
-            print(f"{run.key}  {state:8s}  {', '.join(f'{r}/seed {s}' for r, s in run.uses) or 'burn-in'}{src}")
+            what = ', '.join(f'{r}/seed {s}' for r, s in run.uses) or f'burn-in to {run.stop_at or run.cfg.solver.max_iter}'
+            print(f"{run.key}  {state:8s}  {what}{src}")
         return 0
     if args.report_only:
         status = {k: ("cached" if r.metrics_path.is_file() else "not trained") for k, r in runs.items()}
