@@ -382,6 +382,9 @@ def test_a_burn_in_no_row_reports_trains_only_while_and_as_far_as_a_branch_needs
     parent.out.joinpath("checkpoints").mkdir(parents=True)
     parent.out.joinpath("checkpoints", "iter_0000004.pth").write_bytes(b"x")
     assert set(rp.trim_burn_ins(runs)) == {r.key for r in branches}
+    parent.out.joinpath("checkpoints", "iter_0000004.pth").unlink()  # needed again, but a twin trained it:
+    parent.stop_at, parent.twin = None, tmp_path / "twin"  # evaluated whole, its checkpoints copied
+    assert parent.key in rp.trim_burn_ins(runs) and parent.stop_at is None
     with_row = rp.plan(rw.select_rows(["supervised", "sparse"]), [0], None, SHORT, tmp_path / "row", 0)
     assert rp.trim_burn_ins(with_row) == with_row and all(r.stop_at is None for r in with_row.values())
 
