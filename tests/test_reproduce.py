@@ -385,6 +385,11 @@ def test_a_burn_in_no_row_reports_trains_only_while_and_as_far_as_a_branch_needs
     parent.out.joinpath("checkpoints", "iter_0000004.pth").unlink()  # needed again, but a twin trained it:
     parent.stop_at, parent.twin = None, tmp_path / "twin"  # evaluated whole, its checkpoints copied
     assert parent.key in rp.trim_burn_ins(runs) and parent.stop_at is None
+    parent.twin = None  # finished without the checkpoint: kept, so that its branch fails saying so
+    parent.metrics_path.write_text("{}")
+    assert parent.key in rp.trim_burn_ins(runs) and parent.stop_at is None
+    status = {k: ("cached" if r.metrics_path.is_file() else "pending") for k, r in runs.items()}
+    assert "does not exist: remove" in _readiness(branches[0], runs, status)
     with_row = rp.plan(rw.select_rows(["supervised", "sparse"]), [0], None, SHORT, tmp_path / "row", 0)
     assert rp.trim_burn_ins(with_row) == with_row and all(r.stop_at is None for r in with_row.values())
 

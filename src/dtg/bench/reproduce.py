@@ -157,9 +157,9 @@ def trim_burn_ins(runs: dict[str, Run]) -> dict[str, Run]:
         if not run.uses:
             points = [c.branch_at for c in runs.values() if c.parent == key and c.branch_at is not None
                       and not c.metrics_path.is_file() and c.needs is not None and not c.needs.is_file()]
-            if not points or run.metrics_path.is_file():
+            if not points:
                 continue
-            if run.twin is None:
+            if run.twin is None and not run.metrics_path.is_file():  # a finished one stays: its branch says what is missing
                 run.stop_at = max(points)
         kept[key] = run
     return kept
